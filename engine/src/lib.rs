@@ -1,0 +1,5 @@
+//! # blksnap-engine
+#![warn(missing_docs)]
+
+pub mod io;
+pub mod sync;
