@@ -15,7 +15,7 @@ mod backend {
     pub use std::sync::atomic;
     pub use std::sync::Arc;
     pub use std::thread;
-    pub(super) use std::sync::{
+    pub use std::sync::{
         Condvar as RawCondvar, Mutex as RawMutex, MutexGuard, RwLock as RawRwLock,
         RwLockReadGuard, RwLockWriteGuard,
     };
@@ -26,7 +26,7 @@ mod backend {
     pub use loom::sync::atomic;
     pub use loom::sync::Arc;
     pub use loom::thread;
-    pub(super) use loom::sync::{
+    pub use loom::sync::{
         Condvar as RawCondvar, Mutex as RawMutex, MutexGuard, RwLock as RawRwLock,
         RwLockReadGuard, RwLockWriteGuard,
     };
@@ -37,7 +37,7 @@ mod backend {
     pub use shuttle::sync::atomic;
     pub use shuttle::sync::Arc;
     pub use shuttle::thread;
-    pub(super) use shuttle::sync::{
+    pub use shuttle::sync::{
         Condvar as RawCondvar, Mutex as RawMutex, MutexGuard, RwLock as RawRwLock,
         RwLockReadGuard, RwLockWriteGuard,
     };

@@ -1,0 +1,132 @@
+//! Chunks and chunk permits (kernel: `chunk.c`).
+//!
+//! A chunk is the unit of copy-on-write. Its metadata exists only once the chunk is touched
+//! (the diff area's map is lazy), so a take costs nothing per chunk.
+//!
+//! The kernel protects a chunk with a binary semaphore held across asynchronous I/O and released
+//! by the completion. Here that is a [`ChunkPermit`]: an owned value (Send) that can move into
+//! whatever completes the I/O, and releases the chunk exactly once, when dropped — on every
+//! path, success or error. A permit also holds one reference on its diff area, so a completion
+//! always has a live diff area until it releases (the kernel's v4 fix of the seed's bug a).
+//!
+//! State machine: New → Stored (pre-image in the storage at `location`, written once, never
+//! moved) or New → Failed (the diff area is then corrupted). Stored and Failed are terminal.
+
+use crate::diff_area::DiffArea;
+use crate::diff_storage::Location;
+use crate::kref::Kref;
+use crate::sync::atomic::{AtomicBool, Ordering};
+use crate::sync::{Condvar, Mutex};
+
+/// A chunk's state.
+#[derive(Clone, Debug)]
+pub enum ChunkState {
+    /// Not copied: the image reads the origin.
+    New,
+    /// Copied: the image reads and writes the storage here.
+    Stored(Location),
+    /// A copy failed; the diff area is corrupted.
+    Failed,
+}
+
+#[derive(Debug)]
+struct Slot {
+    locked: bool,
+    state: ChunkState,
+}
+
+/// One chunk's metadata.
+#[derive(Debug)]
+pub struct Chunk {
+    slot: Mutex<Slot>,
+    released: Condvar,
+    /// Mirrors `state` being Stored, readable without the permit: origin writes to copied
+    /// chunks skip the permit entirely (Release/Acquire pairs with `set_stored`).
+    stored: AtomicBool,
+}
+
+impl Chunk {
+    /// A New, unlocked chunk.
+    pub fn new() -> Chunk {
+        Chunk {
+            slot: Mutex::new(Slot { locked: false, state: ChunkState::New }),
+            released: Condvar::new(),
+            stored: AtomicBool::new(false),
+        }
+    }
+
+    /// Whether the chunk is Stored (lock-free, may lag: only a `true` is conclusive).
+    pub fn is_stored(&self) -> bool {
+        self.stored.load(Ordering::Acquire)
+    }
+}
+
+impl Default for Chunk {
+    fn default() -> Chunk {
+        Chunk::new()
+    }
+}
+
+/// Exclusive ownership of one chunk, pinning its diff area. Dropping it releases the chunk.
+pub struct ChunkPermit {
+    chunk: Kref<Chunk>,
+    area: Kref<DiffArea>,
+    index: u64,
+}
+
+impl ChunkPermit {
+    /// Wait for the chunk and take it. Callers take several chunks only in ascending index order
+    /// and never while holding a device gate for writing, so waits cannot form a cycle.
+    pub fn acquire(area: Kref<DiffArea>, chunk: Kref<Chunk>, index: u64) -> ChunkPermit {
+        let mut slot = chunk.slot.lock();
+        while slot.locked {
+            slot = chunk.released.wait(slot);
+        }
+        slot.locked = true;
+        drop(slot);
+        ChunkPermit { chunk, area, index }
+    }
+
+    /// The chunk index.
+    pub fn index(&self) -> u64 {
+        self.index
+    }
+
+    /// The pinned diff area.
+    pub fn area(&self) -> &Kref<DiffArea> {
+        &self.area
+    }
+
+    /// The state (only the permit holder changes it, so it is stable while held).
+    pub fn state(&self) -> ChunkState {
+        let slot = self.chunk.slot.lock();
+        debug_assert!(slot.locked, "permit held on an unlocked chunk");
+        slot.state.clone()
+    }
+
+    /// New → Stored.
+    pub fn set_stored(&self, location: Location) {
+        let mut slot = self.chunk.slot.lock();
+        assert!(matches!(slot.state, ChunkState::New), "only a New chunk is stored, once");
+        slot.state = ChunkState::Stored(location);
+        self.chunk.stored.store(true, Ordering::Release);
+    }
+
+    /// New → Failed.
+    pub fn set_failed(&self) {
+        let mut slot = self.chunk.slot.lock();
+        assert!(matches!(slot.state, ChunkState::New), "only a New chunk fails");
+        slot.state = ChunkState::Failed;
+    }
+}
+
+impl Drop for ChunkPermit {
+    fn drop(&mut self) {
+        let mut slot = self.chunk.slot.lock();
+        assert!(slot.locked, "chunk released twice");
+        slot.locked = false;
+        drop(slot);
+        self.chunk.released.notify_one();
+        // `area` is dropped after the release: the diff area outlives the chunk's use.
+    }
+}

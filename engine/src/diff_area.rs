@@ -1,0 +1,306 @@
+//! The diff area (kernel: `diff_area.c`): one per device of a taken snapshot. It owns the
+//! device's chunk map, does the copy-on-write for origin writes and serves the image.
+//!
+//! Ownership: the device gate holds one reference while the snapshot is taken; every chunk
+//! permit holds one; every in-flight image request holds one (temporary holder). So the diff
+//! area outlives all I/O that touches it, even when the snapshot is destroyed mid-I/O. It holds a
+//! reference on the difference storage (the kernel did not until its newest version: the storage
+//! could be freed under a completion).
+//!
+//! Lock order inside: chunk map (RwLock, held only to look up or insert) → chunk permits in
+//! ascending index → storage state → event queue. The map lock is never held while waiting for a
+//! permit or doing I/O.
+
+use core::hash::BuildHasherDefault;
+use std::collections::hash_map::DefaultHasher;
+use std::collections::HashMap;
+
+use blksnap_model::formulas::ChunkLayout;
+use blksnap_model::params::SECTOR_SHIFT;
+use blksnap_model::{DeviceId, Errno, Error, Event, EventKind, Result};
+
+use crate::chunk::{Chunk, ChunkPermit, ChunkState};
+use crate::diff_storage::DiffStorage;
+use crate::io::Dev;
+use crate::kref::{Kref, LiveObjects, ObjKind};
+use crate::sync::atomic::{AtomicBool, Ordering};
+use crate::sync::{Arc, Mutex, RwLock};
+
+/// A deterministic hasher: iteration order never matters here, but shuttle flags per-process
+/// random seeds as uncontrolled nondeterminism.
+type ChunkMap = HashMap<u64, Kref<Chunk>, BuildHasherDefault<DefaultHasher>>;
+
+/// One device's copy-on-write state for one snapshot.
+pub struct DiffArea {
+    device: DeviceId,
+    origin: Dev,
+    layout: ChunkLayout,
+    chunks: RwLock<ChunkMap>,
+    storage: Kref<DiffStorage>,
+    corrupted: AtomicBool,
+    /// The first error; set once (first error wins).
+    error: Mutex<Option<Errno>>,
+    /// Set after a successful take, cleared first at teardown: new image I/O is refused.
+    image_open: AtomicBool,
+    live: Arc<LiveObjects>,
+}
+
+/// A piece of a request that falls in one chunk.
+#[derive(Clone, Copy, Debug)]
+struct Segment {
+    chunk: u64,
+    /// Byte offset inside the chunk.
+    in_chunk_bytes: u64,
+    /// Byte offset inside the request buffer.
+    in_request_bytes: usize,
+    len_bytes: usize,
+}
+
+impl DiffArea {
+    /// A diff area for `device` (capacity and io_min fix the chunk layout).
+    pub fn new(
+        device: DeviceId,
+        origin: Dev,
+        layout: ChunkLayout,
+        storage: Kref<DiffStorage>,
+        live: &Arc<LiveObjects>,
+    ) -> Kref<DiffArea> {
+        let area = DiffArea {
+            device,
+            origin,
+            layout,
+            chunks: RwLock::new(ChunkMap::default()),
+            storage,
+            corrupted: AtomicBool::new(false),
+            error: Mutex::new(None),
+            image_open: AtomicBool::new(false),
+            live: live.clone(),
+        };
+        Kref::new(area, ObjKind::DiffArea, live)
+    }
+
+    /// The chunk layout.
+    pub fn layout(&self) -> ChunkLayout {
+        self.layout
+    }
+
+    /// Whether the diff area failed (fast path, no lock).
+    pub fn is_corrupted(&self) -> bool {
+        self.corrupted.load(Ordering::Acquire)
+    }
+
+    /// The first error, if any.
+    pub fn error(&self) -> Option<Errno> {
+        *self.error.lock()
+    }
+
+    /// Record a failure: the first one wins and emits one `Corrupted` event.
+    pub fn set_corrupted(&self, errno: Errno) {
+        let mut error = self.error.lock();
+        if error.is_some() {
+            return;
+        }
+        *error = Some(errno);
+        self.corrupted.store(true, Ordering::Release);
+        drop(error);
+        let time_ns = self.storage.now_ns();
+        self.storage.events.push(Event {
+            time_ns,
+            kind: EventKind::Corrupted { device: self.device, errno },
+        });
+    }
+
+    /// Whether the image accepts I/O.
+    pub fn image_open(&self) -> bool {
+        self.image_open.load(Ordering::Acquire)
+    }
+
+    /// Open (after a successful take) or close (first step of teardown) the image.
+    pub fn set_image_open(&self, open: bool) {
+        self.image_open.store(open, Ordering::Release);
+    }
+
+    /// Chunk metadata records alive in this area.
+    pub fn chunks_allocated(&self) -> usize {
+        self.chunks.read().len()
+    }
+
+    fn lookup(&self, index: u64) -> Option<Kref<Chunk>> {
+        self.chunks.read().get(&index).cloned()
+    }
+
+    fn get_or_insert(&self, index: u64) -> Kref<Chunk> {
+        debug_assert!(index < self.layout.chunk_count);
+        if let Some(c) = self.lookup(index) {
+            return c;
+        }
+        // A lost insert race keeps the winner's chunk.
+        let mut map = self.chunks.write();
+        map.entry(index)
+            .or_insert_with(|| Kref::new(Chunk::new(), ObjKind::Chunk, &self.live))
+            .clone()
+    }
+
+    fn chunk_bytes(&self, index: u64) -> u64 {
+        self.layout.sectors_of(index) << SECTOR_SHIFT
+    }
+
+    fn chunk_offset_bytes(&self, index: u64) -> u64 {
+        self.layout.first_sector_of(index) << SECTOR_SHIFT
+    }
+
+    fn segments(&self, offset_bytes: u64, len_bytes: usize) -> impl Iterator<Item = Segment> + '_ {
+        let chunk_shift = self.layout.chunk_shift;
+        let mut pos = 0usize;
+        core::iter::from_fn(move || {
+            if pos >= len_bytes {
+                return None;
+            }
+            let abs = offset_bytes + pos as u64;
+            let chunk = abs >> chunk_shift;
+            let in_chunk_bytes = abs - (chunk << chunk_shift);
+            let room = self.chunk_bytes(chunk) - in_chunk_bytes;
+            let len = room.min((len_bytes - pos) as u64) as usize;
+            let seg = Segment { chunk, in_chunk_bytes, in_request_bytes: pos, len_bytes: len };
+            pos += len;
+            Some(seg)
+        })
+    }
+
+    /// Copy-on-write for an origin write of `[first_sector, first_sector + sectors)`: every New
+    /// chunk it touches is copied to the storage before this returns (the synchronous COW rule:
+    /// the caller writes the origin only afterwards). A failure corrupts the diff area and stops
+    /// copying; the origin write proceeds regardless (break the snapshot, never the origin).
+    pub fn copy_on_write(this: &Kref<DiffArea>, first_sector: u64, sectors: u64) {
+        debug_assert!(sectors > 0);
+        let first = this.layout.chunk_of_sector(first_sector);
+        let last = this.layout.chunk_of_sector(first_sector + sectors - 1);
+        for index in first..=last {
+            if this.is_corrupted() {
+                return;
+            }
+            let chunk = this.get_or_insert(index);
+            if chunk.is_stored() {
+                continue;
+            }
+            let permit = ChunkPermit::acquire(this.clone(), chunk, index);
+            if !matches!(permit.state(), ChunkState::New) {
+                continue;
+            }
+            if let Err(e) = this.copy_chunk(&permit, None) {
+                permit.set_failed();
+                this.set_corrupted(e.errno);
+                return;
+            }
+        }
+    }
+
+    /// Store chunk `permit.index()`'s pre-image: from `content` if given (a whole-chunk image
+    /// write), else read from the origin. Then New → Stored.
+    fn copy_chunk(&self, permit: &ChunkPermit, content: Option<&[u8]>) -> Result<()> {
+        let index = permit.index();
+        let owned;
+        let data = match content {
+            Some(d) => d,
+            None => {
+                let mut buf = vec![0u8; self.chunk_bytes(index) as usize];
+                self.origin.read_at(&mut buf, self.chunk_offset_bytes(index))?;
+                owned = buf;
+                &owned
+            }
+        };
+        self.store_new(permit, data)
+    }
+
+    fn store_new(&self, permit: &ChunkPermit, data: &[u8]) -> Result<()> {
+        debug_assert_eq!(data.len() as u64, self.chunk_bytes(permit.index()));
+        let location = self.storage.alloc(self.layout.sectors_of(permit.index()))?;
+        location.backend.write_at(data, location.byte_offset(0))?;
+        permit.set_stored(location);
+        Ok(())
+    }
+
+    /// Read the image. EIO once corrupted or on a failed read.
+    pub fn image_read(this: &Kref<DiffArea>, offset_bytes: u64, buf: &mut [u8]) -> Result<()> {
+        if this.is_corrupted() {
+            return Err(Error::new(Errno::EIO, "the snapshot image is corrupted"));
+        }
+        for seg in this.segments(offset_bytes, buf.len()) {
+            let out = &mut buf[seg.in_request_bytes..seg.in_request_bytes + seg.len_bytes];
+            Self::read_segment(this, seg, out).map_err(|_| {
+                Error::new(Errno::EIO, "reading the snapshot image failed")
+            })?;
+        }
+        Ok(())
+    }
+
+    fn read_segment(this: &Kref<DiffArea>, seg: Segment, out: &mut [u8]) -> Result<()> {
+        let origin_offset = this.chunk_offset_bytes(seg.chunk) + seg.in_chunk_bytes;
+        if this.lookup(seg.chunk).is_none() {
+            // Optimistic read of an untouched chunk, without creating metadata for it. Valid if
+            // the chunk is still untouched afterwards: a writer inserts the chunk before copying
+            // it and writes the origin only after that, so an absent chunk after our read means
+            // no origin write to it started before our read finished.
+            this.origin.read_at(out, origin_offset)?;
+            if this.lookup(seg.chunk).is_none() {
+                return Ok(());
+            }
+        }
+        let chunk = this.get_or_insert(seg.chunk);
+        let permit = ChunkPermit::acquire(this.clone(), chunk, seg.chunk);
+        match permit.state() {
+            ChunkState::New => this.origin.read_at(out, origin_offset),
+            ChunkState::Stored(loc) => {
+                loc.backend.read_at(out, loc.byte_offset(0) + seg.in_chunk_bytes)
+            }
+            ChunkState::Failed => Err(Error::new(Errno::EIO, "chunk failed")),
+        }
+    }
+
+    /// Write the image (CBT marking is the caller's). EIO once corrupted or on failure.
+    pub fn image_write(this: &Kref<DiffArea>, offset_bytes: u64, data: &[u8]) -> Result<()> {
+        if this.is_corrupted() {
+            return Err(Error::new(Errno::EIO, "the snapshot image is corrupted"));
+        }
+        for seg in this.segments(offset_bytes, data.len()) {
+            let piece = &data[seg.in_request_bytes..seg.in_request_bytes + seg.len_bytes];
+            Self::write_segment(this, seg, piece)?;
+        }
+        Ok(())
+    }
+
+    fn write_segment(this: &Kref<DiffArea>, seg: Segment, piece: &[u8]) -> Result<()> {
+        let eio = |_| Error::new(Errno::EIO, "writing the snapshot image failed");
+        let chunk = this.get_or_insert(seg.chunk);
+        let permit = ChunkPermit::acquire(this.clone(), chunk, seg.chunk);
+        match permit.state() {
+            ChunkState::Stored(loc) => {
+                let r = loc.backend.write_at(piece, loc.byte_offset(0) + seg.in_chunk_bytes);
+                r.map_err(|e| this.fail_stored(e)).map_err(eio)
+            }
+            ChunkState::Failed => Err(Error::new(Errno::EIO, "chunk failed")),
+            ChunkState::New if piece.len() as u64 == this.chunk_bytes(seg.chunk) => {
+                // A whole-chunk write replaces the pre-image: no origin read.
+                this.copy_chunk(&permit, Some(piece)).map_err(|e| this.fail(&permit, e)).map_err(eio)
+            }
+            ChunkState::New => {
+                let mut buf = vec![0u8; this.chunk_bytes(seg.chunk) as usize];
+                this.origin.read_at(&mut buf, this.chunk_offset_bytes(seg.chunk)).map_err(eio)?;
+                let at = seg.in_chunk_bytes as usize;
+                buf[at..at + piece.len()].copy_from_slice(piece);
+                this.store_new(&permit, &buf).map_err(|e| this.fail(&permit, e)).map_err(eio)
+            }
+        }
+    }
+
+    fn fail(&self, permit: &ChunkPermit, e: Error) -> Error {
+        permit.set_failed();
+        self.set_corrupted(e.errno);
+        e
+    }
+
+    fn fail_stored(&self, e: Error) -> Error {
+        self.set_corrupted(e.errno);
+        e
+    }
+}

@@ -1,0 +1,411 @@
+//! The engine: the registry of disks and snapshots, and every operation of the contract
+//! (docs/SEMANTICS.md). No globals (the kernel's global snapshot list and filter registry are
+//! fields), no hidden threads: all work runs in the caller's thread.
+//!
+//! # Lock order (outermost first)
+//! 1. `snapshots` (global list) — held only to look up, insert or remove; never nested.
+//! 2. `disks` (registry) — likewise.
+//! 3. a snapshot's `state` — add, take, destroy.
+//! 4. device gates, write side, in ascending device order — attach, detach, take switch,
+//!    teardown; read side — origin writes, CBT ctls, image request start.
+//! 5. a tracker's `owner` — leaf.
+//!
+//! I/O side (inside a gate read section): chunk map → chunk permits (ascending) → storage state
+//! → event queue. A gate is never taken for writing while holding a chunk permit, and a
+//! snapshot lock is never taken while holding a gate.
+
+use std::collections::BTreeMap;
+
+use blksnap_model::limits::{MAX_DISKS, MAX_RANGES_PER_CALL, MAX_SNAPSHOTS};
+use blksnap_model::params::SECTOR_SHIFT;
+use blksnap_model::types::check_io_range;
+use blksnap_model::{
+    CbtInfo, DeviceId, Errno, Error, Event, IdGen, Params, Result, SectorRange, SnapshotId,
+    SnapshotInfo, StorageStats,
+};
+
+use crate::clock::Clock;
+use crate::diff_area::DiffArea;
+use crate::diff_storage::{DiffStorage, StorageSpec};
+use crate::io::Dev;
+use crate::kref::{Kref, LiveCounts, LiveObjects, ObjKind};
+use crate::snapshot::{SnapState, Snapshot};
+use crate::sync::{Arc, Mutex, RwLock};
+use crate::tracker::{Disk, Gate, Tracker};
+use crate::cbt::CbtMap;
+use crate::Shared;
+
+/// How to build an engine.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// Module parameters (sanitised at construction).
+    pub params: Params,
+    /// Seed of the id sequence; `None` draws one from the OS (production).
+    pub id_seed: Option<u64>,
+    /// The clock.
+    pub clock: Clock,
+}
+
+impl Default for EngineConfig {
+    fn default() -> EngineConfig {
+        EngineConfig { params: Params::default(), id_seed: None, clock: Clock::monotonic() }
+    }
+}
+
+/// The blksnap engine.
+pub struct Engine {
+    shared: Arc<Shared>,
+    disks: RwLock<BTreeMap<DeviceId, Arc<Disk>>>,
+    snapshots: RwLock<Vec<Kref<Snapshot>>>,
+}
+
+/// Data of an origin write.
+#[derive(Clone, Copy)]
+enum WriteData<'a> {
+    Bytes(&'a [u8]),
+    Zeroes(u64),
+}
+
+impl WriteData<'_> {
+    fn len_bytes(&self) -> u64 {
+        match self {
+            WriteData::Bytes(b) => b.len() as u64,
+            WriteData::Zeroes(n) => *n,
+        }
+    }
+}
+
+impl Engine {
+    /// A new engine with no disks and no snapshots.
+    pub fn new(config: EngineConfig) -> Result<Engine> {
+        let params = config.params.sanitized()?;
+        let seed = config.id_seed.unwrap_or_else(|| {
+            let r = uuid::Uuid::new_v4().as_u64_pair();
+            r.0 ^ r.1
+        });
+        let shared = Shared {
+            params: RwLock::new(params),
+            clock: config.clock,
+            live: Arc::new(LiveObjects::new()),
+            ids: Mutex::new(IdGen::new(seed)),
+        };
+        Ok(Engine {
+            shared: Arc::new(shared),
+            disks: RwLock::new(BTreeMap::new()),
+            snapshots: RwLock::new(Vec::new()),
+        })
+    }
+
+    /// Current parameters.
+    pub fn params(&self) -> Params {
+        self.shared.params()
+    }
+
+    /// Replace the parameters (sanitised; EINVAL if invalid).
+    pub fn set_params(&self, params: Params) -> Result<()> {
+        *self.shared.params.write() = params.sanitized()?;
+        Ok(())
+    }
+
+    /// The clock reading, ns.
+    pub fn now_ns(&self) -> u64 {
+        self.shared.clock.now_ns()
+    }
+
+    /// Move a manual clock forward and wake every event waiter so it re-reads it. No effect on
+    /// a monotonic clock.
+    pub fn advance_clock(&self, ns: u64) {
+        if let Clock::Manual(m) = &self.shared.clock {
+            m.advance(ns);
+        }
+        for s in self.snapshots.read().iter() {
+            s.storage.events.kick();
+        }
+    }
+
+    /// Live engine objects per kind.
+    pub fn live(&self) -> LiveCounts {
+        self.shared.live.counts()
+    }
+
+    // ---- disks and the filter ----------------------------------------------------------------
+
+    /// Register a disk served from `backend` (its length, a multiple of 512, is the capacity).
+    pub fn add_disk(&self, dev: DeviceId, backend: Dev, io_min_sectors: u64) -> Result<()> {
+        let capacity_bytes = backend.len_bytes();
+        if capacity_bytes % (1 << SECTOR_SHIFT) != 0 {
+            return Err(Error::new(Errno::EINVAL, "disk capacity must be a multiple of 512"));
+        }
+        let mut disks = self.disks.write();
+        if disks.contains_key(&dev) {
+            return Err(Error::new(Errno::EALREADY, "the disk is already registered"));
+        }
+        if disks.len() >= MAX_DISKS {
+            return Err(Error::new(Errno::ENOMEM, "too many disks"));
+        }
+        let disk = Disk {
+            id: dev,
+            backend,
+            capacity_bytes,
+            io_min_sectors: io_min_sectors.max(1),
+            gate: RwLock::new(Gate::default()),
+        };
+        disks.insert(dev, Arc::new(disk));
+        Ok(())
+    }
+
+    /// Capacity of a registered disk in bytes.
+    pub fn disk_capacity_bytes(&self, dev: DeviceId) -> Result<u64> {
+        Ok(self.disk(dev)?.capacity_bytes)
+    }
+
+    fn disk(&self, dev: DeviceId) -> Result<Arc<Disk>> {
+        self.disks.read().get(&dev).cloned().ok_or(Error::new(Errno::ENODEV, "no such disk"))
+    }
+
+    fn tracker(&self, dev: DeviceId) -> Result<(Arc<Disk>, Kref<Tracker>)> {
+        let disk = self.disk(dev)?;
+        let tracker = disk.tracker().ok_or(Error::new(Errno::ENOENT, "no filter attached"))?;
+        Ok((disk, tracker))
+    }
+
+    /// BLKFILTER_ATTACH: start tracking (new CBT, new generation).
+    pub fn attach(&self, dev: DeviceId) -> Result<()> {
+        let disk = self.disk(dev)?;
+        let mut gate = disk.gate.write();
+        if gate.tracker.is_some() {
+            return Err(Error::new(Errno::EALREADY, "the filter is already attached"));
+        }
+        let cbt = CbtMap::new(&self.shared.params(), disk.capacity_sectors(), self.shared.next_id());
+        let tracker = Tracker { device: dev, cbt, owner: Mutex::new(None) };
+        gate.tracker = Some(Kref::new(tracker, ObjKind::Tracker, &self.shared.live));
+        Ok(())
+    }
+
+    /// BLKFILTER_DETACH: stop tracking. EBUSY while the device is in a snapshot.
+    pub fn detach(&self, dev: DeviceId) -> Result<()> {
+        let disk = self.disk(dev)?;
+        let mut gate = disk.gate.write();
+        let Some(tracker) = &gate.tracker else {
+            return Err(Error::new(Errno::ENOENT, "no filter attached"));
+        };
+        if tracker.owner.lock().is_some() {
+            return Err(Error::new(Errno::EBUSY, "the device is in a snapshot: destroy it first"));
+        }
+        let tracker = gate.tracker.take();
+        drop(gate);
+        drop(tracker);
+        Ok(())
+    }
+
+    /// ctl cbtinfo.
+    pub fn cbt_info(&self, dev: DeviceId) -> Result<CbtInfo> {
+        let disk = self.disk(dev)?;
+        let gate = disk.gate.read();
+        let tracker = gate.tracker.as_ref().ok_or(Error::new(Errno::ENOENT, "no filter attached"))?;
+        Ok(tracker.cbt.info())
+    }
+
+    /// ctl cbtmap into `out` (cleared first).
+    pub fn cbt_map(&self, dev: DeviceId, offset: u32, length: u32, out: &mut Vec<u8>) -> Result<()> {
+        let disk = self.disk(dev)?;
+        let gate = disk.gate.read();
+        let tracker = gate.tracker.as_ref().ok_or(Error::new(Errno::ENOENT, "no filter attached"))?;
+        tracker.cbt.read_map(offset, length, out)
+    }
+
+    /// ctl cbtdirty (all-or-nothing).
+    pub fn cbt_dirty(&self, dev: DeviceId, ranges: &[SectorRange]) -> Result<()> {
+        let disk = self.disk(dev)?;
+        let gate = disk.gate.read();
+        let tracker = gate.tracker.as_ref().ok_or(Error::new(Errno::ENOENT, "no filter attached"))?;
+        if ranges.len() > MAX_RANGES_PER_CALL {
+            return Err(Error::new(Errno::EINVAL, "too many ranges in one call"));
+        }
+        tracker.cbt.mark_dirty(ranges)
+    }
+
+    /// ctl snapshotadd.
+    pub fn snapshot_add(&self, id: SnapshotId, dev: DeviceId) -> Result<()> {
+        let (disk, tracker) = self.tracker(dev)?;
+        let snapshot = self.snapshot(id)?;
+        snapshot.add(&disk, tracker)
+    }
+
+    /// ctl snapshotinfo.
+    pub fn snapshot_info(&self, dev: DeviceId) -> Result<SnapshotInfo> {
+        let disk = self.disk(dev)?;
+        let gate = disk.gate.read();
+        if gate.tracker.is_none() {
+            return Err(Error::new(Errno::ENOENT, "no filter attached"));
+        }
+        let Some(area) = gate.diff_area.as_ref().filter(|a| a.image_open()) else {
+            return Ok(SnapshotInfo { error_code: 0, image: None });
+        };
+        let error_code = area.error().map_or(0, |e| -e.code());
+        Ok(SnapshotInfo { error_code, image: Some(dev) })
+    }
+
+    // ---- snapshots -------------------------------------------------------------------------
+
+    fn snapshot(&self, id: SnapshotId) -> Result<Kref<Snapshot>> {
+        let list = self.snapshots.read();
+        let found = list.iter().find(|s| s.id == id).cloned();
+        found.ok_or(Error::new(Errno::ESRCH, "no such snapshot"))
+    }
+
+    /// SNAPSHOT_CREATE.
+    pub fn snapshot_create(&self, spec: StorageSpec) -> Result<SnapshotId> {
+        if self.snapshots.read().len() >= MAX_SNAPSHOTS {
+            return Err(Error::new(Errno::ENOMEM, "too many snapshots"));
+        }
+        let storage = DiffStorage::new(spec, self.shared.clone())?;
+        let storage = Kref::new(storage, ObjKind::DiffStorage, &self.shared.live);
+        let id = self.shared.next_id();
+        let snapshot = Snapshot { id, storage, state: Mutex::new(SnapState::default()) };
+        let snapshot = Kref::new(snapshot, ObjKind::Snapshot, &self.shared.live);
+        let mut list = self.snapshots.write();
+        if list.len() >= MAX_SNAPSHOTS {
+            return Err(Error::new(Errno::ENOMEM, "too many snapshots"));
+        }
+        list.push(snapshot);
+        Ok(id)
+    }
+
+    /// SNAPSHOT_DESTROY.
+    pub fn snapshot_destroy(&self, id: SnapshotId) -> Result<()> {
+        let snapshot = {
+            let mut list = self.snapshots.write();
+            let pos = list.iter().position(|s| s.id == id);
+            let pos = pos.ok_or(Error::new(Errno::ENODEV, "no such snapshot"))?;
+            list.remove(pos)
+        };
+        snapshot.teardown();
+        Ok(())
+    }
+
+    /// SNAPSHOT_APPEND_STORAGE (v3).
+    pub fn snapshot_append_storage(
+        &self,
+        id: SnapshotId,
+        backend: Dev,
+        ranges: &[SectorRange],
+    ) -> Result<()> {
+        self.snapshot(id)?.storage.append(backend, ranges)
+    }
+
+    /// SNAPSHOT_TAKE.
+    pub fn snapshot_take(&self, id: SnapshotId) -> Result<()> {
+        self.snapshot(id)?.take(&self.shared)
+    }
+
+    /// SNAPSHOT_COLLECT: ids in creation order.
+    pub fn snapshot_collect(&self) -> Vec<SnapshotId> {
+        self.snapshots.read().iter().map(|s| s.id).collect()
+    }
+
+    /// SNAPSHOT_WAIT_EVENT. The waiter holds a snapshot reference for the whole wait; destroy
+    /// wakes it with ESRCH.
+    pub fn wait_event(&self, id: SnapshotId, timeout_ms: u32) -> Result<Event> {
+        let snapshot = self.snapshot(id)?;
+        snapshot.storage.events.wait(timeout_ms, &self.shared.clock)
+    }
+
+    /// Storage accounting of a snapshot.
+    pub fn storage_stats(&self, id: SnapshotId) -> Result<StorageStats> {
+        Ok(self.snapshot(id)?.storage.stats())
+    }
+
+    // ---- data path -------------------------------------------------------------------------
+
+    /// Read the origin.
+    pub fn read(&self, dev: DeviceId, offset_bytes: u64, buf: &mut [u8]) -> Result<()> {
+        let disk = self.disk(dev)?;
+        check_io_range(offset_bytes, buf.len() as u64, disk.capacity_bytes)?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        disk.backend.read_at(buf, offset_bytes)
+    }
+
+    /// Write the origin (CBT, then copy-on-write, then the write).
+    pub fn write(&self, dev: DeviceId, offset_bytes: u64, data: &[u8]) -> Result<()> {
+        self.write_data(dev, offset_bytes, WriteData::Bytes(data))
+    }
+
+    /// Discard on the origin: a write of zeroes (deterministic content; COW and CBT as a write).
+    pub fn discard(&self, dev: DeviceId, offset_bytes: u64, len_bytes: u64) -> Result<()> {
+        self.write_data(dev, offset_bytes, WriteData::Zeroes(len_bytes))
+    }
+
+    /// Write zeroes on the origin.
+    pub fn write_zeroes(&self, dev: DeviceId, offset_bytes: u64, len_bytes: u64) -> Result<()> {
+        self.write_data(dev, offset_bytes, WriteData::Zeroes(len_bytes))
+    }
+
+    fn write_data(&self, dev: DeviceId, offset_bytes: u64, data: WriteData<'_>) -> Result<()> {
+        let disk = self.disk(dev)?;
+        let len_bytes = data.len_bytes();
+        check_io_range(offset_bytes, len_bytes, disk.capacity_bytes)?;
+        if len_bytes == 0 {
+            return Ok(());
+        }
+        let range = SectorRange::new(offset_bytes >> SECTOR_SHIFT, len_bytes >> SECTOR_SHIFT);
+        let gate = disk.gate.read();
+        if let Some(tracker) = &gate.tracker {
+            // Inside the capacity checked above, so inside the map.
+            tracker.cbt.mark_write(range)?;
+        }
+        if let Some(area) = &gate.diff_area {
+            if !area.is_corrupted() {
+                DiffArea::copy_on_write(area, range.offset, range.count);
+            }
+        }
+        let result = match data {
+            WriteData::Bytes(b) => disk.backend.write_at(b, offset_bytes),
+            WriteData::Zeroes(n) => disk.backend.write_zeroes_at(offset_bytes, n),
+        };
+        drop(gate);
+        result
+    }
+
+    /// Flush the origin's backing.
+    pub fn flush(&self, dev: DeviceId) -> Result<()> {
+        self.disk(dev)?.backend.flush()
+    }
+
+    fn image(&self, dev: DeviceId, offset_bytes: u64, len_bytes: u64) -> Result<(Arc<Disk>, Kref<DiffArea>)> {
+        let disk = self.disk(dev)?;
+        let area = disk.open_image().ok_or(Error::new(Errno::ENODEV, "no snapshot image"))?;
+        check_io_range(offset_bytes, len_bytes, disk.capacity_bytes)?;
+        Ok((disk, area))
+    }
+
+    /// Read the snapshot image of `dev`.
+    pub fn image_read(&self, dev: DeviceId, offset_bytes: u64, buf: &mut [u8]) -> Result<()> {
+        let (_disk, area) = self.image(dev, offset_bytes, buf.len() as u64)?;
+        if area.is_corrupted() {
+            return Err(Error::new(Errno::EIO, "the snapshot image is corrupted"));
+        }
+        if buf.is_empty() {
+            return Ok(());
+        }
+        DiffArea::image_read(&area, offset_bytes, buf)
+    }
+
+    /// Write the snapshot image of `dev` (marks both CBT maps first).
+    pub fn image_write(&self, dev: DeviceId, offset_bytes: u64, data: &[u8]) -> Result<()> {
+        let (disk, area) = self.image(dev, offset_bytes, data.len() as u64)?;
+        if area.is_corrupted() {
+            return Err(Error::new(Errno::EIO, "the snapshot image is corrupted"));
+        }
+        if data.is_empty() {
+            return Ok(());
+        }
+        let range = SectorRange::new(offset_bytes >> SECTOR_SHIFT, data.len() as u64 >> SECTOR_SHIFT);
+        if let Some(tracker) = &disk.gate.read().tracker {
+            tracker.cbt.mark_both(range)?;
+        }
+        DiffArea::image_write(&area, offset_bytes, data)
+    }
+}

@@ -1,0 +1,169 @@
+//! A snapshot's event queue (kernel: embedded in the diff storage).
+//!
+//! FIFO; each event goes to exactly one waiter (popped under the lock). A waiter re-checks the
+//! queue, the closed flag and the deadline under the lock after every wake-up, so no wake-up is
+//! lost and spurious ones are harmless. Bounded at [`EVENT_QUEUE_CAPACITY`]: push never blocks
+//! and never allocates past the reservation; an event beyond the bound is dropped and counted
+//! (the engine's limits keep the count well below it). `close` (snapshot destroyed) wakes every
+//! waiter with ESRCH — the fix of upstream's "destroy does not wake waiters".
+
+use std::collections::VecDeque;
+
+use blksnap_model::limits::EVENT_QUEUE_CAPACITY;
+use blksnap_model::{Errno, Error, Event, Result};
+
+use crate::clock::Clock;
+use crate::sync::{Condvar, Mutex};
+
+#[derive(Debug)]
+struct QueueState {
+    events: VecDeque<Event>,
+    closed: bool,
+    dropped: u64,
+}
+
+/// The queue.
+#[derive(Debug)]
+pub struct EventQueue {
+    state: Mutex<QueueState>,
+    wakeup: Condvar,
+}
+
+impl Default for EventQueue {
+    fn default() -> EventQueue {
+        EventQueue::new()
+    }
+}
+
+impl EventQueue {
+    /// An empty, open queue with its capacity reserved.
+    pub fn new() -> EventQueue {
+        EventQueue {
+            state: Mutex::new(QueueState {
+                events: VecDeque::with_capacity(EVENT_QUEUE_CAPACITY),
+                closed: false,
+                dropped: 0,
+            }),
+            wakeup: Condvar::new(),
+        }
+    }
+
+    /// Append `event` and wake the waiters. Ignored once closed.
+    pub fn push(&self, event: Event) {
+        let mut st = self.state.lock();
+        if st.closed {
+            return;
+        }
+        if st.events.len() >= EVENT_QUEUE_CAPACITY {
+            st.dropped += 1;
+            return;
+        }
+        st.events.push_back(event);
+        drop(st);
+        // All waiters: any of them may take it, the others re-check and find the queue empty.
+        self.wakeup.notify_all();
+    }
+
+    /// Pop the oldest event, waiting until `timeout_ms` passes on `clock`. Closed → ESRCH;
+    /// nothing by the deadline → ENOENT (`timeout_ms == 0` polls).
+    pub fn wait(&self, timeout_ms: u32, clock: &Clock) -> Result<Event> {
+        let deadline_ns = clock.now_ns().saturating_add(u64::from(timeout_ms) * 1_000_000);
+        let mut st = self.state.lock();
+        loop {
+            if st.closed {
+                return Err(Error::new(Errno::ESRCH, "the snapshot was destroyed"));
+            }
+            if let Some(event) = st.events.pop_front() {
+                return Ok(event);
+            }
+            if clock.now_ns() >= deadline_ns {
+                return Err(Error::new(Errno::ENOENT, "no event before the timeout"));
+            }
+            st = clock.wait_until(&self.wakeup, st, deadline_ns);
+        }
+    }
+
+    /// Wake every waiter so it re-reads the clock (after a manual clock moved).
+    pub fn kick(&self) {
+        let _st = self.state.lock();
+        self.wakeup.notify_all();
+    }
+
+    /// Close: pending and future waits return ESRCH; queued events are dropped.
+    pub fn close(&self) {
+        let mut st = self.state.lock();
+        st.closed = true;
+        st.events.clear();
+        drop(st);
+        self.wakeup.notify_all();
+    }
+
+    /// Events queued now.
+    pub fn len(&self) -> usize {
+        self.state.lock().events.len()
+    }
+
+    /// Whether nothing is queued.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Events dropped because the queue was full.
+    pub fn dropped(&self) -> u64 {
+        self.state.lock().dropped
+    }
+}
+
+#[cfg(all(test, not(any(blksnap_loom, blksnap_shuttle))))]
+mod tests {
+    use super::*;
+    use blksnap_model::EventKind;
+
+    fn ev(n: u64) -> Event {
+        Event { time_ns: n, kind: EventKind::NoSpace { requested_sectors: n } }
+    }
+
+    #[test]
+    fn fifo_and_timeout() {
+        let q = EventQueue::new();
+        let clock = Clock::manual(true);
+        q.push(ev(1));
+        q.push(ev(2));
+        assert_eq!(q.wait(0, &clock).unwrap(), ev(1));
+        assert_eq!(q.wait(0, &clock).unwrap(), ev(2));
+        assert_eq!(q.wait(5, &clock).unwrap_err().errno, Errno::ENOENT);
+        assert_eq!(clock.now_ns(), 5_000_000, "the manual clock jumped to the deadline");
+    }
+
+    #[test]
+    fn bounded() {
+        let q = EventQueue::new();
+        for i in 0..(EVENT_QUEUE_CAPACITY as u64 + 3) {
+            q.push(ev(i));
+        }
+        assert_eq!(q.len(), EVENT_QUEUE_CAPACITY);
+        assert_eq!(q.dropped(), 3);
+    }
+
+    #[test]
+    fn close_wakes_a_real_waiter() {
+        let q = crate::sync::Arc::new(EventQueue::new());
+        let q2 = q.clone();
+        let t = crate::sync::thread::spawn(move || q2.wait(60_000, &Clock::monotonic()));
+        crate::sync::thread::sleep(std::time::Duration::from_millis(20));
+        q.close();
+        assert_eq!(t.join().unwrap().unwrap_err().errno, Errno::ESRCH);
+        q.push(ev(1));
+        assert!(q.is_empty(), "closed queues take nothing");
+    }
+
+    #[test]
+    fn push_wakes_a_real_waiter() {
+        let q = crate::sync::Arc::new(EventQueue::new());
+        let q2 = q.clone();
+        let t = crate::sync::thread::spawn(move || q2.wait(60_000, &Clock::monotonic()));
+        crate::sync::thread::sleep(std::time::Duration::from_millis(20));
+        q.push(ev(9));
+        assert_eq!(t.join().unwrap().unwrap(), ev(9));
+    }
+}

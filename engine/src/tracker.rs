@@ -1,0 +1,71 @@
+//! Trackers and disks (kernel: `tracker.c` and the block-filter slot).
+//!
+//! A [`Disk`] is a device the engine serves: its backing plus the **gate**, the engine's
+//! equivalent of the block queue's enter/freeze barrier. Every origin write, every CBT ctl and
+//! every image-request start holds the gate for reading; attach, detach, the take switch and
+//! teardown hold it for writing. What the I/O path needs — the tracker and the diff area — is
+//! published only inside the gate, so a writer sees either no snapshot or a complete one.
+//!
+//! Tracker membership has one authority, `Tracker::owner`: `None` ⇔ in no snapshot; `Some(id)` ⇔
+//! on exactly that snapshot's member list, which holds exactly one tracker reference for it.
+
+use blksnap_model::params::SECTOR_SHIFT;
+use blksnap_model::{DeviceId, SnapshotId};
+
+use crate::cbt::CbtMap;
+use crate::diff_area::DiffArea;
+use crate::io::Dev;
+use crate::kref::Kref;
+use crate::sync::{Mutex, RwLock};
+
+/// Change tracking of one device.
+#[derive(Debug)]
+pub struct Tracker {
+    /// The device.
+    pub device: DeviceId,
+    /// Its CBT (fixed size: the engine's disks do not change capacity).
+    pub cbt: CbtMap,
+    /// The snapshot it belongs to. A leaf lock.
+    pub owner: Mutex<Option<SnapshotId>>,
+}
+
+/// What the I/O path reads inside the gate.
+#[derive(Default)]
+pub struct Gate {
+    /// The attached tracker (filter slot).
+    pub tracker: Option<Kref<Tracker>>,
+    /// The diff area while a snapshot of this device is taken.
+    pub diff_area: Option<Kref<DiffArea>>,
+}
+
+/// A served device.
+pub struct Disk {
+    /// Its number.
+    pub id: DeviceId,
+    /// Where its data lives.
+    pub backend: Dev,
+    /// Capacity in bytes (multiple of 512), fixed at registration.
+    pub capacity_bytes: u64,
+    /// Minimum I/O size in sectors (chunks are at least this large).
+    pub io_min_sectors: u64,
+    /// The I/O barrier.
+    pub gate: RwLock<Gate>,
+}
+
+impl Disk {
+    /// Capacity in sectors.
+    pub fn capacity_sectors(&self) -> u64 {
+        self.capacity_bytes >> SECTOR_SHIFT
+    }
+
+    /// The attached tracker, if any (a counted reference; the gate is released on return).
+    pub fn tracker(&self) -> Option<Kref<Tracker>> {
+        self.gate.read().tracker.clone()
+    }
+
+    /// The diff area whose image is open, if any (a counted reference: the caller is a temporary
+    /// holder for the length of one image request).
+    pub fn open_image(&self) -> Option<Kref<DiffArea>> {
+        self.gate.read().diff_area.clone().filter(|a| a.image_open())
+    }
+}
