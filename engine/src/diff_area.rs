@@ -104,10 +104,9 @@ impl DiffArea {
         self.corrupted.store(true, Ordering::Release);
         drop(error);
         let time_ns = self.storage.now_ns();
-        self.storage.events.push(Event {
-            time_ns,
-            kind: EventKind::Corrupted { device: self.device, errno },
-        });
+        self.storage
+            .events
+            .push(Event { time_ns, kind: EventKind::Corrupted { device: self.device, errno } });
     }
 
     /// Whether the image accepts I/O.
@@ -227,9 +226,8 @@ impl DiffArea {
         }
         for seg in this.segments(offset_bytes, buf.len()) {
             let out = &mut buf[seg.in_request_bytes..seg.in_request_bytes + seg.len_bytes];
-            Self::read_segment(this, seg, out).map_err(|_| {
-                Error::new(Errno::EIO, "reading the snapshot image failed")
-            })?;
+            Self::read_segment(this, seg, out)
+                .map_err(|_| Error::new(Errno::EIO, "reading the snapshot image failed"))?;
         }
         Ok(())
     }
@@ -281,7 +279,9 @@ impl DiffArea {
             ChunkState::Failed => Err(Error::new(Errno::EIO, "chunk failed")),
             ChunkState::New if piece.len() as u64 == this.chunk_bytes(seg.chunk) => {
                 // A whole-chunk write replaces the pre-image: no origin read.
-                this.copy_chunk(&permit, Some(piece)).map_err(|e| this.fail(&permit, e)).map_err(eio)
+                this.copy_chunk(&permit, Some(piece))
+                    .map_err(|e| this.fail(&permit, e))
+                    .map_err(eio)
             }
             ChunkState::New => {
                 let mut buf = vec![0u8; this.chunk_bytes(seg.chunk) as usize];

@@ -17,9 +17,9 @@ use blksnap_model::{Errno, Error, Event, EventKind, Result, SectorRange, Storage
 
 use crate::event_queue::EventQueue;
 use crate::io::Dev;
+use crate::sync::Arc;
 use crate::sync::Mutex;
 use crate::Shared;
-use crate::sync::Arc;
 
 /// Where a chunk's pre-image lives.
 #[derive(Clone)]
@@ -224,8 +224,11 @@ fn validate_ranges(
             Some(end) if end <= backend_sectors => {}
             _ => return Err(Error::new(Errno::EINVAL, "storage range beyond its device")),
         }
-        let same_backend = extents.iter().filter(|e| crate::sync::StdArc::ptr_eq(&e.backend, backend));
-        if new[..i].iter().any(|o| overlaps(o, r)) || same_backend.map(|e| e.range).any(|o| overlaps(&o, r)) {
+        let same_backend =
+            extents.iter().filter(|e| crate::sync::StdArc::ptr_eq(&e.backend, backend));
+        if new[..i].iter().any(|o| overlaps(o, r))
+            || same_backend.map(|e| e.range).any(|o| overlaps(&o, r))
+        {
             return Err(Error::new(Errno::EINVAL, "storage ranges overlap"));
         }
     }

@@ -24,6 +24,7 @@ use blksnap_model::{
     SnapshotInfo, StorageStats,
 };
 
+use crate::cbt::CbtMap;
 use crate::clock::Clock;
 use crate::diff_area::DiffArea;
 use crate::diff_storage::{DiffStorage, StorageSpec};
@@ -32,7 +33,6 @@ use crate::kref::{Kref, LiveCounts, LiveObjects, ObjKind};
 use crate::snapshot::{SnapState, Snapshot};
 use crate::sync::{Arc, Mutex, RwLock};
 use crate::tracker::{Disk, Gate, Tracker};
-use crate::cbt::CbtMap;
 use crate::Shared;
 
 /// How to build an engine.
@@ -133,7 +133,7 @@ impl Engine {
     /// Register a disk served from `backend` (its length, a multiple of 512, is the capacity).
     pub fn add_disk(&self, dev: DeviceId, backend: Dev, io_min_sectors: u64) -> Result<()> {
         let capacity_bytes = backend.len_bytes();
-        if capacity_bytes % (1 << SECTOR_SHIFT) != 0 {
+        if !capacity_bytes.is_multiple_of(1 << SECTOR_SHIFT) {
             return Err(Error::new(Errno::EINVAL, "disk capacity must be a multiple of 512"));
         }
         let mut disks = self.disks.write();
@@ -176,7 +176,8 @@ impl Engine {
         if gate.tracker.is_some() {
             return Err(Error::new(Errno::EALREADY, "the filter is already attached"));
         }
-        let cbt = CbtMap::new(&self.shared.params(), disk.capacity_sectors(), self.shared.next_id());
+        let cbt =
+            CbtMap::new(&self.shared.params(), disk.capacity_sectors(), self.shared.next_id());
         let tracker = Tracker { device: dev, cbt, owner: Mutex::new(None) };
         gate.tracker = Some(Kref::new(tracker, ObjKind::Tracker, &self.shared.live));
         Ok(())
@@ -202,15 +203,23 @@ impl Engine {
     pub fn cbt_info(&self, dev: DeviceId) -> Result<CbtInfo> {
         let disk = self.disk(dev)?;
         let gate = disk.gate.read();
-        let tracker = gate.tracker.as_ref().ok_or(Error::new(Errno::ENOENT, "no filter attached"))?;
+        let tracker =
+            gate.tracker.as_ref().ok_or(Error::new(Errno::ENOENT, "no filter attached"))?;
         Ok(tracker.cbt.info())
     }
 
     /// ctl cbtmap into `out` (cleared first).
-    pub fn cbt_map(&self, dev: DeviceId, offset: u32, length: u32, out: &mut Vec<u8>) -> Result<()> {
+    pub fn cbt_map(
+        &self,
+        dev: DeviceId,
+        offset: u32,
+        length: u32,
+        out: &mut Vec<u8>,
+    ) -> Result<()> {
         let disk = self.disk(dev)?;
         let gate = disk.gate.read();
-        let tracker = gate.tracker.as_ref().ok_or(Error::new(Errno::ENOENT, "no filter attached"))?;
+        let tracker =
+            gate.tracker.as_ref().ok_or(Error::new(Errno::ENOENT, "no filter attached"))?;
         tracker.cbt.read_map(offset, length, out)
     }
 
@@ -218,7 +227,8 @@ impl Engine {
     pub fn cbt_dirty(&self, dev: DeviceId, ranges: &[SectorRange]) -> Result<()> {
         let disk = self.disk(dev)?;
         let gate = disk.gate.read();
-        let tracker = gate.tracker.as_ref().ok_or(Error::new(Errno::ENOENT, "no filter attached"))?;
+        let tracker =
+            gate.tracker.as_ref().ok_or(Error::new(Errno::ENOENT, "no filter attached"))?;
         if ranges.len() > MAX_RANGES_PER_CALL {
             return Err(Error::new(Errno::EINVAL, "too many ranges in one call"));
         }
@@ -374,7 +384,12 @@ impl Engine {
         self.disk(dev)?.backend.flush()
     }
 
-    fn image(&self, dev: DeviceId, offset_bytes: u64, len_bytes: u64) -> Result<(Arc<Disk>, Kref<DiffArea>)> {
+    fn image(
+        &self,
+        dev: DeviceId,
+        offset_bytes: u64,
+        len_bytes: u64,
+    ) -> Result<(Arc<Disk>, Kref<DiffArea>)> {
         let disk = self.disk(dev)?;
         let area = disk.open_image().ok_or(Error::new(Errno::ENODEV, "no snapshot image"))?;
         check_io_range(offset_bytes, len_bytes, disk.capacity_bytes)?;
@@ -402,7 +417,8 @@ impl Engine {
         if data.is_empty() {
             return Ok(());
         }
-        let range = SectorRange::new(offset_bytes >> SECTOR_SHIFT, data.len() as u64 >> SECTOR_SHIFT);
+        let range =
+            SectorRange::new(offset_bytes >> SECTOR_SHIFT, data.len() as u64 >> SECTOR_SHIFT);
         if let Some(tracker) = &disk.gate.read().tracker {
             tracker.cbt.mark_both(range)?;
         }

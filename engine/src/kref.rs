@@ -99,12 +99,7 @@ impl<T> Kref<T> {
     /// A new object with one reference, counted live under `kind`.
     pub fn new(value: T, kind: ObjKind, live: &Arc<LiveObjects>) -> Kref<T> {
         live.counts[kind as usize].fetch_add(1, Ordering::AcqRel);
-        let inner = Box::new(Inner {
-            count: AtomicUsize::new(1),
-            kind,
-            live: live.clone(),
-            value,
-        });
+        let inner = Box::new(Inner { count: AtomicUsize::new(1), kind, live: live.clone(), value });
         Kref { inner: NonNull::from(Box::leak(inner)) }
     }
 

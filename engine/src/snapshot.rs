@@ -111,7 +111,8 @@ impl Snapshot {
             .collect();
         let mut order: Vec<usize> = (0..st.members.len()).collect();
         order.sort_by_key(|&i| st.members[i].disk.id);
-        let mut gates: Vec<_> = order.iter().map(|&i| (i, st.members[i].disk.gate.write())).collect();
+        let mut gates: Vec<_> =
+            order.iter().map(|&i| (i, st.members[i].disk.gate.write())).collect();
         // Switch in add order (the generation ids of wrapping maps are drawn in that order).
         gates.sort_by_key(|(i, _)| *i);
         for (i, gate) in gates.iter_mut() {

@@ -14,42 +14,42 @@ compile_error!("miri runs the std backend only");
 mod backend {
     pub use std::sync::atomic;
     pub use std::sync::Arc;
-    pub use std::thread;
     pub use std::sync::{
-        Condvar as RawCondvar, Mutex as RawMutex, MutexGuard, RwLock as RawRwLock,
-        RwLockReadGuard, RwLockWriteGuard,
+        Condvar as RawCondvar, Mutex as RawMutex, MutexGuard, RwLock as RawRwLock, RwLockReadGuard,
+        RwLockWriteGuard,
     };
+    pub use std::thread;
 }
 
 #[cfg(blksnap_loom)]
 mod backend {
     pub use loom::sync::atomic;
     pub use loom::sync::Arc;
-    pub use loom::thread;
     pub use loom::sync::{
-        Condvar as RawCondvar, Mutex as RawMutex, MutexGuard, RwLock as RawRwLock,
-        RwLockReadGuard, RwLockWriteGuard,
+        Condvar as RawCondvar, Mutex as RawMutex, MutexGuard, RwLock as RawRwLock, RwLockReadGuard,
+        RwLockWriteGuard,
     };
+    pub use loom::thread;
 }
 
 #[cfg(blksnap_shuttle)]
 mod backend {
     pub use shuttle::sync::atomic;
     pub use shuttle::sync::Arc;
-    pub use shuttle::thread;
     pub use shuttle::sync::{
-        Condvar as RawCondvar, Mutex as RawMutex, MutexGuard, RwLock as RawRwLock,
-        RwLockReadGuard, RwLockWriteGuard,
+        Condvar as RawCondvar, Mutex as RawMutex, MutexGuard, RwLock as RawRwLock, RwLockReadGuard,
+        RwLockWriteGuard,
     };
+    pub use shuttle::thread;
 }
 
 pub use backend::{atomic, thread, Arc};
 
+pub use backend::{MutexGuard, RwLockReadGuard, RwLockWriteGuard};
 /// std's `Arc`, for shared handles to I/O objects (`Arc<dyn BlockDev>`): loom's `Arc` cannot hold
 /// a trait object, and these handles are immutable references to devices, not engine state whose
 /// reference count is a checking target. Engine objects use [`crate::kref::Kref`] instead.
 pub use std::sync::Arc as StdArc;
-pub use backend::{MutexGuard, RwLockReadGuard, RwLockWriteGuard};
 
 /// A mutex whose `lock` returns the guard directly.
 #[derive(Debug, Default)]

@@ -11,7 +11,8 @@ const D0: DeviceId = DeviceId::new(7, 0);
 const D1: DeviceId = DeviceId::new(7, 1);
 
 fn engine() -> Engine {
-    let config = EngineConfig { params: Params::small(), id_seed: Some(1), clock: Clock::manual(true) };
+    let config =
+        EngineConfig { params: Params::small(), id_seed: Some(1), clock: Clock::manual(true) };
     Engine::new(config).unwrap()
 }
 
@@ -42,7 +43,12 @@ fn take_cow_and_image_cycle() {
     e.attach(D0).unwrap();
     let before = pattern(256 * KIB as usize, 1);
     e.write(D0, 0, &before).unwrap();
-    let id = e.snapshot_create(StorageSpec::File { backend: StdArc::new(MemDev::growable(0, 1 << 30)), limit_sectors: 1 << 21 }).unwrap();
+    let id = e
+        .snapshot_create(StorageSpec::File {
+            backend: StdArc::new(MemDev::growable(0, 1 << 30)),
+            limit_sectors: 1 << 21,
+        })
+        .unwrap();
     e.snapshot_add(id, D0).unwrap();
     e.snapshot_take(id).unwrap();
     let chunks_before = e.live().chunks;
@@ -108,7 +114,10 @@ fn device_in_two_snapshots_is_refused_and_both_destroy_in_either_order() {
         e.add_disk(D1, mem(64 * KIB), 1).unwrap();
         e.attach(D0).unwrap();
         e.attach(D1).unwrap();
-        let file = || StorageSpec::File { backend: StdArc::new(MemDev::growable(0, 1 << 24)), limit_sectors: 1 << 14 };
+        let file = || StorageSpec::File {
+            backend: StdArc::new(MemDev::growable(0, 1 << 24)),
+            limit_sectors: 1 << 14,
+        };
         let s1 = e.snapshot_create(file()).unwrap();
         e.snapshot_add(s1, D0).unwrap();
         assert_eq!(e.snapshot_add(s1, D0).unwrap_err().errno, Errno::EALREADY);
@@ -139,14 +148,23 @@ fn full_chunk_image_write_does_not_read_the_origin() {
     let plan = FaultPlan::shared();
     e.add_disk(D0, StdArc::new(FaultDev::new(mem(64 * KIB), plan.clone())), 1).unwrap();
     e.attach(D0).unwrap();
-    let id = e.snapshot_create(StorageSpec::File { backend: StdArc::new(MemDev::growable(0, 1 << 24)), limit_sectors: 1 << 14 }).unwrap();
+    let id = e
+        .snapshot_create(StorageSpec::File {
+            backend: StdArc::new(MemDev::growable(0, 1 << 24)),
+            limit_sectors: 1 << 14,
+        })
+        .unwrap();
     e.snapshot_add(id, D0).unwrap();
     e.snapshot_take(id).unwrap();
     let reads = plan.ops_seen();
     e.image_write(D0, 8 * KIB, &[7; 4096]).unwrap();
     assert_eq!(plan.ops_seen(), reads, "a whole 4 KiB chunk: no origin I/O at all");
     plan.fail_next(IoKind::Read, Fault::Error(Errno::EIO));
-    assert_eq!(e.image_write(D0, 16 * KIB, &[7; 512]).unwrap_err().errno, Errno::EIO, "partial: loads the origin");
+    assert_eq!(
+        e.image_write(D0, 16 * KIB, &[7; 512]).unwrap_err().errno,
+        Errno::EIO,
+        "partial: loads the origin"
+    );
     assert_eq!(e.snapshot_info(D0).unwrap().error_code, 0, "a failed load does not corrupt");
     e.image_write(D0, 16 * KIB, &[7; 512]).unwrap();
     e.snapshot_destroy(id).unwrap();

@@ -5,7 +5,7 @@ use crate::params::{Params, PAGE_SHIFT, SECTOR_SHIFT};
 
 /// `ceil(capacity_sectors / 2^(shift - 9))`: how many `2^shift`-byte blocks cover a device.
 pub fn count_by_shift(capacity_sectors: u64, shift: u32) -> u64 {
-    assert!(shift >= SECTOR_SHIFT && shift < 64, "shift {shift} out of range");
+    assert!((SECTOR_SHIFT..64).contains(&shift), "shift {shift} out of range");
     let block_sectors_shift = shift - SECTOR_SHIFT;
     let whole = capacity_sectors >> block_sectors_shift;
     let rest = capacity_sectors & ((1u64 << block_sectors_shift) - 1);
@@ -62,11 +62,8 @@ impl ChunkLayout {
     fn new(capacity_sectors: u64, chunk_shift: u32) -> ChunkLayout {
         let chunk_count = count_by_shift(capacity_sectors, chunk_shift);
         let chunk_sectors = 1u64 << (chunk_shift - SECTOR_SHIFT);
-        let last_chunk_sectors = if chunk_count == 0 {
-            0
-        } else {
-            capacity_sectors - chunk_sectors * (chunk_count - 1)
-        };
+        let last_chunk_sectors =
+            if chunk_count == 0 { 0 } else { capacity_sectors - chunk_sectors * (chunk_count - 1) };
         debug_assert!(last_chunk_sectors <= chunk_sectors);
         ChunkLayout { chunk_shift, chunk_count, last_chunk_sectors }
     }

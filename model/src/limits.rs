@@ -14,4 +14,5 @@ pub const EVENT_QUEUE_CAPACITY: usize = 1024;
 pub const MAX_DISKS: usize = 4096;
 
 const _: () = assert!(MAX_RANGES_PER_CALL <= MAX_STORAGE_RANGES);
-const _: () = assert!(MAX_DEVICES_PER_SNAPSHOT < EVENT_QUEUE_CAPACITY, "one corrupted event per device fits");
+const _: () =
+    assert!(MAX_DEVICES_PER_SNAPSHOT < EVENT_QUEUE_CAPACITY, "one corrupted event per device fits");

@@ -261,7 +261,9 @@ pub enum FaultTarget {
 
 /// Checks an I/O request's geometry: sector-aligned offset and length, inside `capacity_bytes`.
 pub fn check_io_range(offset_bytes: u64, len_bytes: u64, capacity_bytes: u64) -> Result<()> {
-    if offset_bytes % SECTOR_SIZE_BYTES != 0 || len_bytes % SECTOR_SIZE_BYTES != 0 {
+    if !offset_bytes.is_multiple_of(SECTOR_SIZE_BYTES)
+        || !len_bytes.is_multiple_of(SECTOR_SIZE_BYTES)
+    {
         return Err(Error::new(Errno::EINVAL, "I/O offset and length must be multiples of 512"));
     }
     match offset_bytes.checked_add(len_bytes) {
@@ -316,6 +318,9 @@ mod tests {
         assert!(check_io_range(0, 0, 0).is_ok());
         assert_eq!(check_io_range(1, 512, 4096).unwrap_err().errno, Errno::EINVAL);
         assert_eq!(check_io_range(0, 1024, 512).unwrap_err().errno, Errno::EINVAL);
-        assert_eq!(check_io_range(u64::MAX - 511, 1024, u64::MAX).unwrap_err().errno, Errno::EINVAL);
+        assert_eq!(
+            check_io_range(u64::MAX - 511, 1024, u64::MAX).unwrap_err().errno,
+            Errno::EINVAL
+        );
     }
 }

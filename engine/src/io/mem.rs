@@ -201,7 +201,9 @@ impl MemDev {
     /// Zeroes the bytes of the last segment past `len_bytes` (keeps the invariant on shrink).
     fn zero_tail(&self, table: &Table, len_bytes: u64) {
         let tail_start_bytes = (len_bytes & (self.segment_bytes() - 1)) as usize;
-        let Some(last) = table.segments.last() else { return };
+        let Some(last) = table.segments.last() else {
+            return;
+        };
         if tail_start_bytes == 0 {
             return;
         }
