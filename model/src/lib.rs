@@ -18,6 +18,6 @@ pub mod params;
 pub mod types;
 
 pub use errno::{Errno, Error, Result};
-pub use model::{Model, StorageStats};
+pub use model::{InjectedFault, Model, StorageStats};
 pub use params::{Params, SECTOR_SIZE_BYTES};
 pub use types::*;
