@@ -39,6 +39,10 @@ use crate::handles::boundary;
 use crate::instance::{Config, Device, Instance};
 use crate::user::{UserAddr, R};
 
+/// `ssize_t` (the C header takes it from `<sys/types.h>`).
+#[allow(non_camel_case_types)]
+pub type ssize_t = isize;
+
 /// Profile "v3" (April 2023 series: APPEND_STORAGE, `low_free_space`).
 pub const BLKSNAP_PROFILE_V3: u32 = 1;
 /// Profile "newest" (lk6.15: storage file + limit, `no_space`).
@@ -47,7 +51,8 @@ pub const BLKSNAP_PROFILE_NEWEST: u32 = 2;
 pub const BLKSNAP_CONFIG_ENV: &str = "BLKSNAP_CONFIG";
 /// `ENOTRECOVERABLE`: returned (negated) after a caught panic and by every later call on the
 /// poisoned handle.
-pub const BLKSNAP_PANIC_ERRNO: c_int = errno::PANIC_ERRNO;
+pub const BLKSNAP_PANIC_ERRNO: c_int = 131;
+const _: () = assert!(BLKSNAP_PANIC_ERRNO == errno::PANIC_ERRNO);
 
 fn profile_of(value: u32) -> R<Profile> {
     match value {
@@ -335,7 +340,7 @@ pub unsafe extern "C" fn blksnap_dev_pread(
     buf: *mut c_void,
     len: usize,
     offset_bytes: u64,
-) -> isize {
+) -> ssize_t {
     // SAFETY: contract forwarded.
     unsafe { pread(handle, Side::Origin, device_path, buf, len, offset_bytes) }
 }
@@ -352,7 +357,7 @@ pub unsafe extern "C" fn blksnap_dev_pwrite(
     buf: *const c_void,
     len: usize,
     offset_bytes: u64,
-) -> isize {
+) -> ssize_t {
     // SAFETY: contract forwarded.
     unsafe { pwrite(handle, Side::Origin, device_path, buf, len, offset_bytes) }
 }
@@ -370,7 +375,7 @@ pub unsafe extern "C" fn blksnap_image_pread(
     buf: *mut c_void,
     len: usize,
     offset_bytes: u64,
-) -> isize {
+) -> ssize_t {
     // SAFETY: contract forwarded.
     unsafe { pread(handle, Side::Image, image_path, buf, len, offset_bytes) }
 }
@@ -386,7 +391,7 @@ pub unsafe extern "C" fn blksnap_image_pwrite(
     buf: *const c_void,
     len: usize,
     offset_bytes: u64,
-) -> isize {
+) -> ssize_t {
     // SAFETY: contract forwarded.
     unsafe { pwrite(handle, Side::Image, image_path, buf, len, offset_bytes) }
 }
