@@ -24,7 +24,7 @@
 #   (env) BLKSNAP_VM_REFRESH=1: download the kernel again.
 #
 # Assets: linux-image-amd64 of trixie-backports (its ublk driver has every feature libublk
-# knows) and busybox-static of trixie, fetched once with `apt-get download` through a private apt
+# knows), busybox-static and e2fsck-static (as /bin/e2fsck in the guest) of trixie, fetched once with `apt-get download` through a private apt
 # configuration under the cache that reuses the mirror URIs of the host's own apt sources; the
 # host's apt configuration and state are not touched. Host needs: qemu-system-x86_64 (Debian
 # package qemu-system-x86, install with --no-install-recommends), apt, dpkg-deb, xz-utils (the
@@ -80,6 +80,7 @@ CACHE=$(cd "$CACHE" && pwd)
 ASSETS=$CACHE/$KSUITE
 APTDIR=$ASSETS/apt
 TREE=$ASSETS/tree
+ASSET_VERSION=assets-v2 # bump when the downloaded package set changes
 
 host_mirror() {
   # The first configured URI of the Debian archive proper (deb822 and one-line formats).
@@ -120,15 +121,16 @@ download_assets() {
     case "$dep" in linux-binary-"$version" | linux-modules-"$version" | linux-base-"$version")
       pkgs+=("$dep") ;; esac
   done
-  say "downloading ${pkgs[*]} busybox-static"
+  say "downloading ${pkgs[*]} busybox-static e2fsck-static"
   (cd "$APTDIR/debs" && apt-get "${APT[@]}" -q download "${pkgs[@]}" "busybox-static/$SUITE" \
+    "e2fsck-static/$SUITE" \
     > "$APTDIR/download.log" 2>&1) ||
     { cat "$APTDIR/download.log" >&2; fail "apt-get download failed"; }
   rm -rf "$TREE.new"
   mkdir -p "$TREE.new"
   local deb
   for deb in "$APTDIR"/debs/*.deb; do dpkg-deb -x "$deb" "$TREE.new"; done
-  echo "${pkgs[*]}" > "$TREE.new/.packages"
+  echo "$ASSET_VERSION ${pkgs[*]}" > "$TREE.new/.packages"
   rm -rf "$TREE" "$APTDIR/debs" "$APTDIR/cache"
   mv "$TREE.new" "$TREE"
 }
@@ -149,11 +151,14 @@ find_kernel() {
 }
 
 VMLINUZ= KVER=
-if [ -n "${BLKSNAP_VM_REFRESH:-}" ] || [ ! -f "$TREE/.packages" ] || ! find_kernel; then
+stale() {
+  [ -n "${BLKSNAP_VM_REFRESH:-}" ] || ! grep -qs "^$ASSET_VERSION " "$TREE/.packages" || ! find_kernel
+}
+if stale; then
   # one downloader at a time per cache
   exec 9> "$CACHE/.lock"
   flock 9
-  if [ -n "${BLKSNAP_VM_REFRESH:-}" ] || [ ! -f "$TREE/.packages" ] || ! find_kernel; then
+  if stale; then
     download_assets
   fi
   flock -u 9
@@ -185,6 +190,9 @@ trap 'exit 130' INT TERM
 ROOT=$WORK/root
 mkdir -p "$ROOT"/{bin,dev,proc,sys,run,tmp,mnt,etc,test,modules}
 cp "$BUSYBOX" "$ROOT/bin/busybox"
+for f in "$TREE/sbin/e2fsck.static" "$TREE/usr/sbin/e2fsck.static"; do
+  [ -x "$f" ] && cp "$f" "$ROOT/bin/e2fsck" && break
+done
 
 unpack_module() { # file -> stdout
   case "$1" in

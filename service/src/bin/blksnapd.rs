@@ -1,0 +1,163 @@
+//! `blksnapd`: serves tracked devices and snapshot images as ublk block devices and takes
+//! control requests on a Unix socket. Runs in the foreground (systemd `Type=simple`); SIGTERM or
+//! SIGINT stops it cleanly (snapshots destroyed, images and devices removed, socket unlinked).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use blksnap_engine::{Engine, EngineConfig};
+use blksnap_service::config::{Config, DeviceConfig, LinkStyle, DEFAULT_CONFIG};
+use blksnap_service::{ControlServer, Daemon};
+use clap::Parser;
+
+/// Command line; flags override the configuration file.
+#[derive(Parser, Debug)]
+#[command(name = "blksnapd", version, about = "blksnap snapshot service over ublk")]
+struct Args {
+    /// Configuration file (missing is fine unless given explicitly).
+    #[arg(short, long)]
+    config: Option<PathBuf>,
+    /// Control socket path.
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// Group allowed to use the control socket besides root.
+    #[arg(long)]
+    group: Option<String>,
+    /// Directory for image links.
+    #[arg(long)]
+    link_dir: Option<PathBuf>,
+    /// Image link style(s): v3, newest (repeatable).
+    #[arg(long = "image-link", value_parser = parse_link)]
+    image_links: Vec<LinkStyle>,
+    /// Queues per device.
+    #[arg(long)]
+    queues: Option<u16>,
+    /// Queue depth.
+    #[arg(long)]
+    queue_depth: Option<u16>,
+    /// Another tracked device: a backing file or block device (repeatable).
+    #[arg(short, long = "device")]
+    devices: Vec<PathBuf>,
+    /// Do not attach trackers of devices given with --device.
+    #[arg(long)]
+    no_attach: bool,
+}
+
+fn parse_link(s: &str) -> Result<LinkStyle, String> {
+    match s {
+        "v3" => Ok(LinkStyle::V3),
+        "newest" => Ok(LinkStyle::Newest),
+        _ => Err("v3 or newest".into()),
+    }
+}
+
+fn config(args: &Args) -> Result<Config, String> {
+    let mut cfg = match &args.config {
+        Some(p) => Config::load(p)?,
+        None if std::path::Path::new(DEFAULT_CONFIG).exists() => {
+            Config::load(std::path::Path::new(DEFAULT_CONFIG))?
+        }
+        None => Config::default(),
+    };
+    if let Some(s) = &args.socket {
+        cfg.socket = s.clone();
+    }
+    if let Some(g) = &args.group {
+        cfg.group = Some(g.clone());
+    }
+    if let Some(d) = &args.link_dir {
+        cfg.link_dir = d.clone();
+    }
+    if !args.image_links.is_empty() {
+        cfg.image_links = args.image_links.clone();
+    }
+    if args.queues.is_some() {
+        cfg.queues = args.queues;
+    }
+    if let Some(d) = args.queue_depth {
+        cfg.queue_depth = d;
+    }
+    for d in &args.devices {
+        let backing = std::path::absolute(d).map_err(|e| format!("{}: {e}", d.display()))?;
+        cfg.devices.push(DeviceConfig { backing, attach: !args.no_attach });
+    }
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+#[cfg(feature = "ublk")]
+fn frontend(cfg: &Config) -> Result<Box<dyn blksnap_service::Frontend>, String> {
+    if !blksnap_service::ublk::available() {
+        return Err(
+            "/dev/ublk-control missing: load the ublk_drv module (modprobe ublk_drv)".into()
+        );
+    }
+    Ok(Box::new(blksnap_service::ublk::UblkFrontend {
+        queues: cfg.nr_queues(),
+        depth: cfg.queue_depth,
+        io_buf_bytes: cfg.io_buf_bytes,
+    }))
+}
+
+#[cfg(not(feature = "ublk"))]
+fn frontend(_cfg: &Config) -> Result<Box<dyn blksnap_service::Frontend>, String> {
+    Err("this blksnapd was built without the `ublk` feature (cargo build --features ublk)".into())
+}
+
+/// Blocks SIGINT/SIGTERM in this thread (and so in every thread spawned later) and returns the
+/// set, for `sigwait` in the main thread.
+fn block_signals() -> libc::sigset_t {
+    // SAFETY: an all-zero sigset_t is a valid value to initialise with sigemptyset; the set and
+    // the calls below only touch this local variable and this thread's signal mask.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+fn run() -> Result<(), String> {
+    let args = Args::parse();
+    let cfg = config(&args)?;
+    let set = block_signals();
+    let frontend = frontend(&cfg)?;
+    let engine = Arc::new(Engine::new(EngineConfig::default()).map_err(|e| format!("{e:?}"))?);
+    let group = cfg.group_gid()?;
+    let daemon = Arc::new(Daemon::new(engine, frontend, cfg.clone()));
+    let server = ControlServer::bind(&cfg.socket, group)
+        .map_err(|e| format!("{}: {e}", cfg.socket.display()))?;
+    if let Err(e) = daemon.add_configured() {
+        daemon.shutdown();
+        let _ = std::fs::remove_file(&cfg.socket);
+        return Err(e);
+    }
+    for d in daemon.list() {
+        eprintln!(
+            "blksnapd: serving {} as {} ({}:{})",
+            d.backing, d.path, d.dev.major, d.dev.minor
+        );
+    }
+    let d = daemon.clone();
+    std::thread::Builder::new()
+        .name("blksnapd-accept".into())
+        .spawn(move || server.serve(d))
+        .map_err(|e| e.to_string())?;
+    eprintln!("blksnapd: ready, control socket {}", cfg.socket.display());
+    let mut sig: libc::c_int = 0;
+    // SAFETY: `set` is an initialised signal set and `sig` a valid out location.
+    unsafe { libc::sigwait(&set, &mut sig) };
+    eprintln!("blksnapd: signal {sig}, stopping");
+    daemon.shutdown();
+    let _ = std::fs::remove_file(&cfg.socket);
+    Ok(())
+}
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("blksnapd: {e}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,221 @@
+//! Configuration: a TOML file (`/etc/blksnap/blksnapd.toml` by default) overridden by flags.
+//!
+//! ```toml
+//! socket = "/run/blksnap/control"   # control socket (mode 0600, or 0660 with `group`)
+//! group = "backup"                  # optional: members may use the socket too
+//! link_dir = "/dev"                 # where image links are made
+//! image_links = ["v3", "newest"]    # /dev/blksnap-image_MAJ:MIN and/or /dev/blksnap-MAJ-MIN
+//! queues = 2                        # per ublk device; default: one per core
+//! queue_depth = 64
+//! io_buf_bytes = 524288
+//!
+//! [[device]]
+//! backing = "/var/lib/vm/disk0.img" # regular file or block device
+//! attach = true                     # start change tracking at once (default)
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use blksnap_model::Profile;
+use serde::Deserialize;
+
+/// Default configuration file.
+pub const DEFAULT_CONFIG: &str = "/etc/blksnap/blksnapd.toml";
+
+/// Image link naming: the upstream clients' two conventions.
+#[derive(Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LinkStyle {
+    /// `blksnap-image_MAJ:MIN` (v3).
+    V3,
+    /// `blksnap-MAJ-MIN` (newest).
+    Newest,
+}
+
+impl LinkStyle {
+    /// The link's file name for the origin `dev`.
+    pub fn name(self, dev: blksnap_model::DeviceId) -> String {
+        match self {
+            LinkStyle::V3 => Profile::V3.image_name(dev),
+            LinkStyle::Newest => Profile::Newest.image_name(dev),
+        }
+    }
+}
+
+/// One tracked device.
+#[derive(Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceConfig {
+    /// Backing regular file or block device.
+    pub backing: PathBuf,
+    /// Attach the tracker at start.
+    #[serde(default = "yes")]
+    pub attach: bool,
+}
+
+/// The daemon's configuration.
+#[derive(Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Control socket path.
+    #[serde(default = "default_socket")]
+    pub socket: PathBuf,
+    /// Group (name or numeric gid) allowed to use the socket besides root.
+    #[serde(default)]
+    pub group: Option<String>,
+    /// Directory for image links.
+    #[serde(default = "default_link_dir")]
+    pub link_dir: PathBuf,
+    /// Which links each image gets.
+    #[serde(default = "default_links")]
+    pub image_links: Vec<LinkStyle>,
+    /// Queues per ublk device (default: one per core).
+    #[serde(default)]
+    pub queues: Option<u16>,
+    /// Queue depth.
+    #[serde(default = "default_depth")]
+    pub queue_depth: u16,
+    /// Largest I/O in bytes.
+    #[serde(default = "default_io_buf")]
+    pub io_buf_bytes: u32,
+    /// Tracked devices.
+    #[serde(default, rename = "device")]
+    pub devices: Vec<DeviceConfig>,
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_socket() -> PathBuf {
+    PathBuf::from(blksnap_proto::DEFAULT_SOCKET)
+}
+fn default_link_dir() -> PathBuf {
+    PathBuf::from("/dev")
+}
+fn default_links() -> Vec<LinkStyle> {
+    vec![LinkStyle::V3, LinkStyle::Newest]
+}
+fn default_depth() -> u16 {
+    64
+}
+fn default_io_buf() -> u32 {
+    512 << 10
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            socket: default_socket(),
+            group: None,
+            link_dir: default_link_dir(),
+            image_links: default_links(),
+            queues: None,
+            queue_depth: default_depth(),
+            io_buf_bytes: default_io_buf(),
+            devices: Vec::new(),
+        }
+    }
+}
+
+impl Config {
+    /// Parses TOML text.
+    pub fn parse(text: &str) -> Result<Config, String> {
+        let cfg: Config = toml::from_str(text).map_err(|e| e.to_string())?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Reads and parses a file.
+    pub fn load(path: &Path) -> Result<Config, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        Config::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    /// Checks the values.
+    pub fn validate(&self) -> Result<(), String> {
+        if !self.socket.is_absolute() || !self.link_dir.is_absolute() {
+            return Err("socket and link_dir must be absolute paths".into());
+        }
+        if self.queues == Some(0) || self.queues.is_some_and(|q| q > 64) {
+            return Err("queues must be 1..=64".into());
+        }
+        if !(1..=4096).contains(&self.queue_depth) {
+            return Err("queue_depth must be 1..=4096".into());
+        }
+        if !(4096..=(4 << 20)).contains(&self.io_buf_bytes) || !self.io_buf_bytes.is_power_of_two()
+        {
+            return Err("io_buf_bytes must be a power of two in 4 KiB..=4 MiB".into());
+        }
+        for d in &self.devices {
+            if !d.backing.is_absolute() {
+                return Err(format!("{}: backing must be an absolute path", d.backing.display()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Queues per device: configured, or one per core.
+    pub fn nr_queues(&self) -> u16 {
+        self.queues.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(1, |n| n.get().min(64) as u16)
+        })
+    }
+
+    /// The numeric gid of `group`, if set (a number, or a name looked up in /etc/group).
+    pub fn group_gid(&self) -> Result<Option<u32>, String> {
+        let Some(g) = &self.group else { return Ok(None) };
+        if let Ok(gid) = g.parse::<u32>() {
+            return Ok(Some(gid));
+        }
+        let text = std::fs::read_to_string("/etc/group").unwrap_or_default();
+        text.lines()
+            .filter_map(|l| {
+                let mut f = l.split(':');
+                let name = f.next()?;
+                let gid = f.nth(1)?.parse::<u32>().ok()?;
+                (name == g).then_some(gid)
+            })
+            .next()
+            .map(Some)
+            .ok_or_else(|| format!("group {g} not found in /etc/group"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_a_full_file() {
+        let cfg = Config::parse(
+            r#"
+            socket = "/run/x/control"
+            group = "0"
+            image_links = ["newest"]
+            queues = 2
+            [[device]]
+            backing = "/tmp/a.img"
+            [[device]]
+            backing = "/dev/sdb"
+            attach = false
+            "#,
+        )
+        .unwrap();
+        assert_eq!(cfg.devices.len(), 2);
+        assert!(cfg.devices[0].attach);
+        assert!(!cfg.devices[1].attach);
+        assert_eq!(cfg.image_links, vec![LinkStyle::Newest]);
+        assert_eq!(cfg.group_gid().unwrap(), Some(0));
+        assert_eq!(cfg.nr_queues(), 2);
+    }
+
+    #[test]
+    fn refuses_bad_values() {
+        assert!(Config::parse("unknown = 1").is_err());
+        assert!(Config::parse("queues = 0").is_err());
+        assert!(Config::parse("io_buf_bytes = 1000").is_err());
+        assert!(Config::parse("[[device]]\nbacking = \"rel.img\"").is_err());
+        assert_eq!(Config::parse("").unwrap(), Config::default());
+    }
+}

@@ -1,0 +1,18 @@
+//! # blksnap-service: `blksnapd`
+//!
+//! The blksnap engine served to the host: every tracked device is a ublk block device in front
+//! of a backing file or block device ([`ublk`], feature `ublk`), every snapshot image another
+//! one, and clients drive it over a Unix control socket ([`control`]) with the versioned
+//! protocol of `blksnap-proto`. [`daemon::Daemon`] owns the engine and the bookkeeping;
+//! [`config`] reads the TOML configuration.
+#![warn(missing_docs)]
+
+pub mod config;
+pub mod control;
+pub mod daemon;
+#[cfg(feature = "ublk")]
+pub mod ublk;
+
+pub use config::Config;
+pub use control::{Client, ControlServer};
+pub use daemon::{Daemon, Frontend, NullFrontend};
