@@ -36,13 +36,32 @@ pub struct DiffArea {
     origin: Dev,
     layout: ChunkLayout,
     chunks: RwLock<ChunkMap>,
-    storage: Kref<DiffStorage>,
+    storage: StoragePin,
     corrupted: AtomicBool,
     /// The first error; set once (first error wins).
     error: Mutex<Option<Errno>>,
     /// Set after a successful take, cleared first at teardown: new image I/O is refused.
     image_open: AtomicBool,
     live: Arc<LiveObjects>,
+}
+
+/// The diff area's hold on the storage: a counted reference (bug builds may restore
+/// upstream's raw pointer).
+enum StoragePin {
+    Owned(Kref<DiffStorage>),
+    #[cfg(blksnap_bugs)]
+    Unowned(crate::kref::Unowned<DiffStorage>),
+}
+
+impl core::ops::Deref for StoragePin {
+    type Target = DiffStorage;
+    fn deref(&self) -> &DiffStorage {
+        match self {
+            StoragePin::Owned(k) => k,
+            #[cfg(blksnap_bugs)]
+            StoragePin::Unowned(u) => u.get(),
+        }
+    }
 }
 
 /// A piece of a request that falls in one chunk.
@@ -65,6 +84,14 @@ impl DiffArea {
         storage: Kref<DiffStorage>,
         live: &Arc<LiveObjects>,
     ) -> Kref<DiffArea> {
+        #[cfg(blksnap_bugs)]
+        let storage = if storage.shared().injected(crate::bugs::Bug::StorageUnpinned) {
+            StoragePin::Unowned(crate::kref::Unowned::of(&storage))
+        } else {
+            StoragePin::Owned(storage)
+        };
+        #[cfg(not(blksnap_bugs))]
+        let storage = StoragePin::Owned(storage);
         let area = DiffArea {
             device,
             origin,
@@ -126,6 +153,11 @@ impl DiffArea {
 
     fn lookup(&self, index: u64) -> Option<Kref<Chunk>> {
         self.chunks.read().get(&index).cloned()
+    }
+
+    /// The metadata of chunk `index`, created on first use.
+    pub fn chunk(&self, index: u64) -> Kref<Chunk> {
+        self.get_or_insert(index)
     }
 
     fn get_or_insert(&self, index: u64) -> Kref<Chunk> {
@@ -219,39 +251,55 @@ impl DiffArea {
         Ok(())
     }
 
-    /// Read the image. EIO once corrupted or on a failed read.
+    /// Read the image. EIO once corrupted or on a failed read; ENODEV if the image was closed
+    /// (snapshot destroyed) while the read was in flight.
     pub fn image_read(this: &Kref<DiffArea>, offset_bytes: u64, buf: &mut [u8]) -> Result<()> {
         if this.is_corrupted() {
             return Err(Error::new(Errno::EIO, "the snapshot image is corrupted"));
         }
         for seg in this.segments(offset_bytes, buf.len()) {
             let out = &mut buf[seg.in_request_bytes..seg.in_request_bytes + seg.len_bytes];
-            Self::read_segment(this, seg, out)
-                .map_err(|_| Error::new(Errno::EIO, "reading the snapshot image failed"))?;
+            Self::read_segment(this, seg, out)?;
         }
         Ok(())
     }
 
     fn read_segment(this: &Kref<DiffArea>, seg: Segment, out: &mut [u8]) -> Result<()> {
+        let eio = |_| Error::new(Errno::EIO, "reading the snapshot image failed");
         let origin_offset = this.chunk_offset_bytes(seg.chunk) + seg.in_chunk_bytes;
         if this.lookup(seg.chunk).is_none() {
             // Optimistic read of an untouched chunk, without creating metadata for it. Valid if
             // the chunk is still untouched afterwards: a writer inserts the chunk before copying
             // it and writes the origin only after that, so an absent chunk after our read means
             // no origin write to it started before our read finished.
-            this.origin.read_at(out, origin_offset)?;
+            this.origin.read_at(out, origin_offset).map_err(eio)?;
             if this.lookup(seg.chunk).is_none() {
-                return Ok(());
+                return this.origin_read_still_valid();
             }
         }
         let chunk = this.get_or_insert(seg.chunk);
         let permit = ChunkPermit::acquire(this.clone(), chunk, seg.chunk);
         match permit.state() {
-            ChunkState::New => this.origin.read_at(out, origin_offset),
+            ChunkState::New => {
+                this.origin.read_at(out, origin_offset).map_err(eio)?;
+                this.origin_read_still_valid()
+            }
             ChunkState::Stored(loc) => {
-                loc.backend.read_at(out, loc.byte_offset(0) + seg.in_chunk_bytes)
+                loc.backend.read_at(out, loc.byte_offset(0) + seg.in_chunk_bytes).map_err(eio)
             }
             ChunkState::Failed => Err(Error::new(Errno::EIO, "chunk failed")),
+        }
+    }
+
+    /// After reading an uncopied chunk from the origin: the data is the pre-take content only if
+    /// the image was still open when the read finished. Teardown closes the image before it
+    /// unpublishes the diff area, and origin writes skip copy-on-write only after that, so a
+    /// read that returned such a write observes the image closed here (found by shuttle).
+    fn origin_read_still_valid(&self) -> Result<()> {
+        if self.image_open() {
+            Ok(())
+        } else {
+            Err(Error::new(Errno::ENODEV, "the snapshot was destroyed during the read"))
         }
     }
 

@@ -100,16 +100,26 @@ impl DiffStorage {
                     low_space: true,
                     overflow: false,
                 };
-                let s = DiffStorage { state: Mutex::new(st), events: EventQueue::new(), shared };
+                let events = EventQueue::for_engine(&shared);
+                let s = DiffStorage { state: Mutex::new(st), events, shared };
                 s.emit(EventKind::LowFreeSpace { requested_sectors: minimum });
                 s
             }
             StorageSpec::File { backend, limit_sectors } => {
                 let st = size_file(backend, limit_sectors, minimum)?;
-                DiffStorage { state: Mutex::new(st), events: EventQueue::new(), shared }
+                DiffStorage {
+                    state: Mutex::new(st),
+                    events: EventQueue::for_engine(&shared),
+                    shared,
+                }
             }
         };
         Ok(storage)
+    }
+
+    /// The engine context.
+    pub fn shared(&self) -> &Shared {
+        &self.shared
     }
 
     /// The engine clock's reading (event time labels).

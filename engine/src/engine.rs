@@ -20,8 +20,8 @@ use blksnap_model::limits::{MAX_DISKS, MAX_RANGES_PER_CALL, MAX_SNAPSHOTS};
 use blksnap_model::params::SECTOR_SHIFT;
 use blksnap_model::types::check_io_range;
 use blksnap_model::{
-    CbtInfo, DeviceId, Errno, Error, Event, IdGen, Params, Result, SectorRange, SnapshotId,
-    SnapshotInfo, StorageStats,
+    CbtInfo, DeviceId, Errno, Error, Event, Params, Result, SectorRange, SnapshotId, SnapshotInfo,
+    StorageStats,
 };
 
 use crate::cbt::CbtMap;
@@ -29,7 +29,7 @@ use crate::clock::Clock;
 use crate::diff_area::DiffArea;
 use crate::diff_storage::{DiffStorage, StorageSpec};
 use crate::io::Dev;
-use crate::kref::{Kref, LiveCounts, LiveObjects, ObjKind};
+use crate::kref::{Kref, LiveCounts, ObjKind};
 use crate::snapshot::{SnapState, Snapshot};
 use crate::sync::{Arc, Mutex, RwLock};
 use crate::tracker::{Disk, Gate, Tracker};
@@ -44,11 +44,20 @@ pub struct EngineConfig {
     pub id_seed: Option<u64>,
     /// The clock.
     pub clock: Clock,
+    /// Bug builds: an upstream bug to restore (see `crate::bugs`).
+    #[cfg(blksnap_bugs)]
+    pub bug: Option<crate::bugs::Bug>,
 }
 
 impl Default for EngineConfig {
     fn default() -> EngineConfig {
-        EngineConfig { params: Params::default(), id_seed: None, clock: Clock::monotonic() }
+        EngineConfig {
+            params: Params::default(),
+            id_seed: None,
+            clock: Clock::monotonic(),
+            #[cfg(blksnap_bugs)]
+            bug: None,
+        }
     }
 }
 
@@ -78,17 +87,16 @@ impl WriteData<'_> {
 impl Engine {
     /// A new engine with no disks and no snapshots.
     pub fn new(config: EngineConfig) -> Result<Engine> {
-        let params = config.params.sanitized()?;
         let seed = config.id_seed.unwrap_or_else(|| {
             let r = uuid::Uuid::new_v4().as_u64_pair();
             r.0 ^ r.1
         });
-        let shared = Shared {
-            params: RwLock::new(params),
-            clock: config.clock,
-            live: Arc::new(LiveObjects::new()),
-            ids: Mutex::new(IdGen::new(seed)),
-        };
+        #[allow(unused_mut)]
+        let mut shared = Shared::new(config.params, config.clock, seed)?;
+        #[cfg(blksnap_bugs)]
+        {
+            shared.bug = config.bug;
+        }
         Ok(Engine {
             shared: Arc::new(shared),
             disks: RwLock::new(BTreeMap::new()),
@@ -239,6 +247,14 @@ impl Engine {
     pub fn snapshot_add(&self, id: SnapshotId, dev: DeviceId) -> Result<()> {
         let (disk, tracker) = self.tracker(dev)?;
         let snapshot = self.snapshot(id)?;
+        #[cfg(blksnap_bugs)]
+        if self.shared.injected(crate::bugs::Bug::AbbaAddTake) {
+            // v3–v7: the ctl ran inside the device's queue usage and then took the snapshot
+            // lock, while TAKE holds the snapshot lock and freezes the queue.
+            let _queue_usage = disk.gate.read();
+            let _snapshot_lock = snapshot.state.lock();
+            return Err(Error::new(Errno::EBUSY, "bug build: add never completes"));
+        }
         snapshot.add(&disk, tracker)
     }
 
@@ -259,6 +275,17 @@ impl Engine {
     // ---- snapshots -------------------------------------------------------------------------
 
     fn snapshot(&self, id: SnapshotId) -> Result<Kref<Snapshot>> {
+        #[cfg(blksnap_bugs)]
+        if self.shared.injected(crate::bugs::Bug::GetFromZero) {
+            // The reference is taken after the list lock is gone: a destroy can put the last
+            // reference in between.
+            let raw = {
+                let list = self.snapshots.read();
+                list.iter().find(|s| s.id == id).map(crate::kref::Unowned::of)
+            };
+            crate::sync::thread::yield_now();
+            return raw.map(|r| r.upgrade()).ok_or(Error::new(Errno::ESRCH, "no such snapshot"));
+        }
         let list = self.snapshots.read();
         let found = list.iter().find(|s| s.id == id).cloned();
         found.ok_or(Error::new(Errno::ESRCH, "no such snapshot"))

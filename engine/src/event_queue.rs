@@ -27,6 +27,9 @@ struct QueueState {
 pub struct EventQueue {
     state: Mutex<QueueState>,
     wakeup: Condvar,
+    /// Bug builds: notify before publishing (a lost wake-up).
+    #[cfg(blksnap_bugs)]
+    lost_wakeup: bool,
 }
 
 impl Default for EventQueue {
@@ -45,11 +48,39 @@ impl EventQueue {
                 dropped: 0,
             }),
             wakeup: Condvar::new(),
+            #[cfg(blksnap_bugs)]
+            lost_wakeup: false,
         }
+    }
+
+    /// The queue of a snapshot of an engine (bug builds may restore the lost wake-up).
+    pub fn for_engine(shared: &crate::Shared) -> EventQueue {
+        let _ = shared;
+        #[allow(unused_mut)]
+        let mut q = EventQueue::new();
+        #[cfg(blksnap_bugs)]
+        {
+            q.lost_wakeup = shared.injected(crate::bugs::Bug::LostWakeup);
+        }
+        q
+    }
+
+    /// Bug builds: a queue with the lost wake-up restored.
+    #[cfg(blksnap_bugs)]
+    pub fn with_lost_wakeup() -> EventQueue {
+        EventQueue { lost_wakeup: true, ..EventQueue::new() }
     }
 
     /// Append `event` and wake the waiters. Ignored once closed.
     pub fn push(&self, event: Event) {
+        #[cfg(blksnap_bugs)]
+        if self.lost_wakeup {
+            // Wake first, publish after: a waiter between its check and its sleep misses it.
+            self.wakeup.notify_all();
+            let mut st = self.state.lock();
+            st.events.push_back(event);
+            return;
+        }
         let mut st = self.state.lock();
         if st.closed {
             return;

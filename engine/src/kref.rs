@@ -78,6 +78,9 @@ struct Inner<T> {
     count: AtomicUsize,
     kind: ObjKind,
     live: Arc<LiveObjects>,
+    /// Bug builds only: set at release instead of freeing (see `crate::bugs`).
+    #[cfg(blksnap_bugs)]
+    dead: crate::sync::atomic::AtomicBool,
     value: T,
 }
 
@@ -99,7 +102,14 @@ impl<T> Kref<T> {
     /// A new object with one reference, counted live under `kind`.
     pub fn new(value: T, kind: ObjKind, live: &Arc<LiveObjects>) -> Kref<T> {
         live.counts[kind as usize].fetch_add(1, Ordering::AcqRel);
-        let inner = Box::new(Inner { count: AtomicUsize::new(1), kind, live: live.clone(), value });
+        let inner = Box::new(Inner {
+            count: AtomicUsize::new(1),
+            kind,
+            live: live.clone(),
+            #[cfg(blksnap_bugs)]
+            dead: crate::sync::atomic::AtomicBool::new(false),
+            value,
+        });
         Kref { inner: NonNull::from(Box::leak(inner)) }
     }
 
@@ -139,6 +149,16 @@ impl<T> Drop for Kref<T> {
         if old != 1 {
             return;
         }
+        #[cfg(blksnap_bugs)]
+        {
+            // Bug builds keep the memory so that a use after release is an assertion.
+            let inner = self.inner();
+            inner.dead.store(true, Ordering::SeqCst);
+            let before = inner.live.counts[inner.kind as usize].fetch_sub(1, Ordering::AcqRel);
+            assert!(before > 0, "live counter below zero");
+            return;
+        }
+        #[allow(unreachable_code)]
         // SAFETY: the count went 1 → 0, so this is the only reference left; the pointer came
         // from `Box::leak` in `new` and is reconstructed exactly once.
         let inner = unsafe { Box::from_raw(self.inner.as_ptr()) };
@@ -147,6 +167,48 @@ impl<T> Drop for Kref<T> {
         drop(inner);
         let before = live.counts[kind as usize].fetch_sub(1, Ordering::AcqRel);
         assert!(before > 0, "live counter of {kind:?} below zero");
+    }
+}
+
+/// Bug builds only: a pointer that owns no reference, as upstream's raw pointers. Every use
+/// asserts that the object is still alive.
+#[cfg(blksnap_bugs)]
+pub struct Unowned<T> {
+    inner: NonNull<Inner<T>>,
+}
+
+#[cfg(blksnap_bugs)]
+// SAFETY: as for Kref; bug builds never free the memory behind it.
+unsafe impl<T: Send + Sync> Send for Unowned<T> {}
+#[cfg(blksnap_bugs)]
+// SAFETY: as for Kref.
+unsafe impl<T: Send + Sync> Sync for Unowned<T> {}
+
+#[cfg(blksnap_bugs)]
+impl<T> Unowned<T> {
+    /// A non-owning pointer to `k`'s object.
+    pub fn of(k: &Kref<T>) -> Unowned<T> {
+        Unowned { inner: k.inner }
+    }
+
+    fn inner(&self) -> &Inner<T> {
+        // SAFETY: bug builds never free a Kref's memory (released objects are leaked).
+        unsafe { self.inner.as_ref() }
+    }
+
+    /// Use the object; panics if it was released.
+    pub fn get(&self) -> &T {
+        let inner = self.inner();
+        assert!(!inner.dead.load(Ordering::SeqCst), "use after release of a {:?}", inner.kind);
+        &inner.value
+    }
+
+    /// Take a reference the way upstream's racy lookups did; panics on a get from zero.
+    pub fn upgrade(&self) -> Kref<T> {
+        let inner = self.inner();
+        let old = inner.count.fetch_add(1, Ordering::SeqCst);
+        assert!(old > 0, "Kref get from zero: {:?} already released", inner.kind);
+        Kref { inner: self.inner }
     }
 }
 

@@ -11,6 +11,8 @@
 //! [`kref::Kref`] with live counters.
 #![warn(missing_docs)]
 
+#[cfg(blksnap_bugs)]
+pub mod bugs;
 pub mod cbt;
 pub mod chunk;
 pub mod clock;
@@ -38,9 +40,42 @@ pub struct Shared {
     clock: Clock,
     live: sync::Arc<kref::LiveObjects>,
     ids: sync::Mutex<IdGen>,
+    /// Bug builds: the restored upstream bug, if any.
+    #[cfg(blksnap_bugs)]
+    pub bug: Option<bugs::Bug>,
 }
 
 impl Shared {
+    /// The context of one engine (parameters sanitised; EINVAL if invalid). Public so that
+    /// checker models can build single components (a diff storage, a diff area) without a
+    /// whole engine.
+    pub fn new(params: Params, clock: Clock, id_seed: u64) -> blksnap_model::Result<Shared> {
+        Ok(Shared {
+            params: sync::RwLock::new(params.sanitized()?),
+            clock,
+            live: sync::Arc::new(kref::LiveObjects::new()),
+            ids: sync::Mutex::new(IdGen::new(id_seed)),
+            #[cfg(blksnap_bugs)]
+            bug: None,
+        })
+    }
+
+    /// The live-object counters.
+    pub fn live(&self) -> &sync::Arc<kref::LiveObjects> {
+        &self.live
+    }
+
+    /// The clock.
+    pub fn clock(&self) -> &Clock {
+        &self.clock
+    }
+
+    /// Bug builds: whether `bug` is restored.
+    #[cfg(blksnap_bugs)]
+    pub fn injected(&self, bug: bugs::Bug) -> bool {
+        self.bug == Some(bug)
+    }
+
     /// A copy of the current parameters.
     pub fn params(&self) -> Params {
         *self.params.read()

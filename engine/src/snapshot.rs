@@ -18,6 +18,11 @@ use crate::sync::{Arc, Mutex};
 use crate::tracker::{Disk, Tracker};
 use crate::Shared;
 
+#[cfg(blksnap_bugs)]
+fn shared_bug(snapshot: &Snapshot, bug: crate::bugs::Bug) -> bool {
+    snapshot.storage.shared().injected(bug)
+}
+
 /// A member device: the membership reference on its tracker.
 pub struct Member {
     /// The disk.
@@ -67,6 +72,8 @@ impl Snapshot {
             Some(id) if id == self.id => {
                 return Err(Error::new(Errno::EALREADY, "the device is already in this snapshot"))
             }
+            #[cfg(blksnap_bugs)]
+            Some(_) if shared_bug(self, crate::bugs::Bug::SeedBDoubleMembership) => {}
             Some(_) => return Err(Error::new(Errno::EBUSY, "the device is in another snapshot")),
             None => {}
         }
@@ -87,10 +94,24 @@ impl Snapshot {
     /// are held for writing at once, so the devices are frozen at one common point.
     pub fn take(&self, shared: &Shared) -> Result<()> {
         let mut st = self.state.lock();
+        #[allow(unused_mut)]
+        let mut test_taken = true;
+        #[cfg(blksnap_bugs)]
+        if shared.injected(crate::bugs::Bug::TakeTakeDoubleSwitch) {
+            // `is_taken` tested without the lock held for the take: both takes pass the test.
+            let taken = st.taken;
+            drop(st);
+            if taken {
+                return Err(Error::new(Errno::EALREADY, "the snapshot is already taken"));
+            }
+            crate::sync::thread::yield_now();
+            st = self.state.lock();
+            test_taken = false;
+        }
         if st.destroyed {
             return Err(Error::new(Errno::ESRCH, "the snapshot was destroyed"));
         }
-        if st.taken {
+        if test_taken && st.taken {
             return Err(Error::new(Errno::EALREADY, "the snapshot is already taken"));
         }
         if st.members.is_empty() {

@@ -1,0 +1,311 @@
+//! loom models: every interleaving (up to the preemption bound) of small, focused shapes.
+//!
+//! Run: `RUSTFLAGS="--cfg blksnap_loom" CARGO_TARGET_DIR=target/loom cargo test --release -p
+//! blksnap-engine --test loom_models`. `LOOM_MAX_PREEMPTIONS` (default here: 2) bounds the
+//! search; loom's own variables (LOOM_CHECKPOINT_FILE, LOOM_LOG, ...) work as documented.
+#![cfg(blksnap_loom)]
+
+use blksnap_engine::chunk::{ChunkPermit, ChunkState};
+use blksnap_engine::clock::Clock;
+use blksnap_engine::diff_area::DiffArea;
+use blksnap_engine::diff_storage::{DiffStorage, StorageSpec};
+use blksnap_engine::event_queue::EventQueue;
+use blksnap_engine::io::{Dev, MemDev};
+use blksnap_engine::kref::{Kref, LiveCounts, LiveObjects, ObjKind};
+use blksnap_engine::sync::atomic::{AtomicUsize, Ordering};
+use blksnap_engine::sync::{thread, Arc, StdArc};
+use blksnap_engine::{Engine, EngineConfig, Shared};
+use blksnap_model::formulas::chunk_layout;
+use blksnap_model::{DeviceId, Errno, Event, EventKind, Params};
+
+/// The single entry point: loom's builder, with a default preemption bound of 2 unless the
+/// environment set one.
+fn model<F: Fn() + Sync + Send + 'static>(f: F) {
+    let mut builder = loom::model::Builder::new();
+    if builder.preemption_bound.is_none() {
+        builder.preemption_bound = Some(2);
+    }
+    // Count the executions (std atomics: outside the model) so the run reports its size.
+    let executions = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = executions.clone();
+    builder.check(move || {
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        f()
+    });
+    let n = executions.load(std::sync::atomic::Ordering::Relaxed);
+    eprintln!("loom: {n} executions explored");
+    assert!(n > 1, "a model with threads explores more than one interleaving");
+}
+
+const D0: DeviceId = DeviceId::new(7, 0);
+
+fn small_engine(jump_on_wait: bool) -> Engine {
+    let config = EngineConfig {
+        params: Params::small(),
+        id_seed: Some(1),
+        clock: Clock::manual(jump_on_wait),
+        ..EngineConfig::default()
+    };
+    Engine::new(config).unwrap()
+}
+
+fn mem(len: u64) -> Dev {
+    StdArc::new(MemDev::new(len))
+}
+
+fn file_storage() -> StorageSpec {
+    StorageSpec::File { backend: StdArc::new(MemDev::growable(0, 1 << 20)), limit_sectors: 64 }
+}
+
+/// A value that counts its own drops, to prove the release ran exactly once.
+struct DropCounter(Arc<AtomicUsize>);
+impl Drop for DropCounter {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn kref_last_put_races_release_exactly_once() {
+    model(|| {
+        let live = Arc::new(LiveObjects::new());
+        let drops = Arc::new(AtomicUsize::new(0));
+        let a = Kref::new(DropCounter(drops.clone()), ObjKind::Chunk, &live);
+        let b = a.clone();
+        let t = thread::spawn(move || {
+            // get then put in another thread while the owner puts.
+            let c = b.clone();
+            drop(b);
+            drop(c);
+        });
+        drop(a);
+        t.join().unwrap();
+        assert_eq!(drops.load(Ordering::SeqCst), 1, "release ran exactly once");
+        assert_eq!(live.counts(), LiveCounts::default());
+    });
+}
+
+/// A diff area over an 8 KiB origin (two 4 KiB chunks) with a growable file storage.
+fn diff_area() -> (Arc<Shared>, Kref<DiffArea>) {
+    let shared = Arc::new(Shared::new(Params::small(), Clock::manual(true), 1).unwrap());
+    let storage = DiffStorage::new(file_storage(), shared.clone()).unwrap();
+    let storage = Kref::new(storage, ObjKind::DiffStorage, shared.live());
+    let layout = chunk_layout(&shared.params(), 16, 1);
+    let area = DiffArea::new(D0, mem(8192), layout, storage, shared.live());
+    area.set_image_open(true);
+    (shared, area)
+}
+
+#[test]
+fn chunk_permit_moves_into_a_completion_and_excludes() {
+    model(|| {
+        let (shared, area) = diff_area();
+        let inside = Arc::new(AtomicUsize::new(0));
+        let permit = ChunkPermit::acquire(area.clone(), area.chunk(0), 0);
+        // The "completion" releases the permit in another thread.
+        let inside1 = inside.clone();
+        let completion = thread::spawn(move || {
+            assert_eq!(inside1.fetch_add(1, Ordering::SeqCst), 0, "one owner at a time");
+            inside1.fetch_sub(1, Ordering::SeqCst);
+            drop(permit);
+        });
+        let (area2, inside2) = (area.clone(), inside.clone());
+        let contender = thread::spawn(move || {
+            let p = ChunkPermit::acquire(area2.clone(), area2.chunk(0), 0);
+            assert_eq!(inside2.fetch_add(1, Ordering::SeqCst), 0, "one owner at a time");
+            inside2.fetch_sub(1, Ordering::SeqCst);
+            assert!(matches!(p.state(), ChunkState::New));
+        });
+        completion.join().unwrap();
+        contender.join().unwrap();
+        drop(area);
+        assert_eq!(shared.live().counts(), LiveCounts::default(), "permits pinned, then released");
+    });
+}
+
+#[test]
+fn image_writes_to_one_chunk_lose_no_update() {
+    model(|| {
+        let (shared, area) = diff_area();
+        let a2 = area.clone();
+        // Two partial writes to the same New chunk: each loads, applies and stores under the
+        // permit, so both survive.
+        let t = thread::spawn(move || DiffArea::image_write(&a2, 0, &[1u8; 512]).unwrap());
+        DiffArea::image_write(&area, 512, &[2u8; 512]).unwrap();
+        t.join().unwrap();
+        let mut buf = [0u8; 1024];
+        DiffArea::image_read(&area, 0, &mut buf).unwrap();
+        assert!(buf[..512].iter().all(|b| *b == 1) && buf[512..].iter().all(|b| *b == 2));
+        drop(area);
+        assert_eq!(shared.live().counts(), LiveCounts::default());
+    });
+}
+
+#[test]
+fn cow_vs_image_read_of_the_same_chunk() {
+    model(|| {
+        let e = Arc::new(small_engine(true));
+        e.add_disk(D0, mem(4096), 1).unwrap();
+        e.write(D0, 0, &[0xaa; 4096]).unwrap();
+        e.attach(D0).unwrap();
+        let id = e.snapshot_create(file_storage()).unwrap();
+        e.snapshot_add(id, D0).unwrap();
+        e.snapshot_take(id).unwrap();
+        let e2 = e.clone();
+        let writer = thread::spawn(move || e2.write(D0, 0, &[0xbb; 512]).unwrap());
+        let mut buf = [0u8; 512];
+        e.image_read(D0, 0, &mut buf).unwrap();
+        assert!(buf.iter().all(|b| *b == 0xaa), "the image never shows a post-take write");
+        writer.join().unwrap();
+        e.snapshot_destroy(id).unwrap();
+    });
+}
+
+#[test]
+fn cbt_switch_is_atomic_for_a_concurrent_writer() {
+    model(|| {
+        let e = Arc::new(small_engine(true));
+        e.add_disk(D0, mem(4096), 1).unwrap();
+        e.attach(D0).unwrap();
+        let id = e.snapshot_create(file_storage()).unwrap();
+        e.snapshot_add(id, D0).unwrap();
+        let e2 = e.clone();
+        let writer = thread::spawn(move || e2.write(D0, 0, &[1; 512]).unwrap());
+        e.snapshot_take(id).unwrap();
+        writer.join().unwrap();
+        let mut frozen = Vec::new();
+        e.cbt_map(D0, 0, 1, &mut frozen).unwrap();
+        // Freeze again to read the live map: the write is in exactly one generation.
+        e.snapshot_destroy(id).unwrap();
+        let id2 = e.snapshot_create(file_storage()).unwrap();
+        e.snapshot_add(id2, D0).unwrap();
+        e.snapshot_take(id2).unwrap();
+        let mut live_map = Vec::new();
+        e.cbt_map(D0, 0, 1, &mut live_map).unwrap();
+        match frozen[0] {
+            1 => assert_eq!(live_map[0], 1, "written before the switch: number 1"),
+            0 => assert_eq!(live_map[0], 2, "written after the switch: number 2"),
+            v => panic!("impossible CBT value {v}"),
+        }
+        e.snapshot_destroy(id2).unwrap();
+    });
+}
+
+#[test]
+fn membership_add_add_destroy_never_double_links() {
+    model(|| {
+        let e = Arc::new(small_engine(true));
+        e.add_disk(D0, mem(4096), 1).unwrap();
+        e.attach(D0).unwrap();
+        let s1 = e.snapshot_create(file_storage()).unwrap();
+        let s2 = e.snapshot_create(file_storage()).unwrap();
+        let e1 = e.clone();
+        let t1 = thread::spawn(move || e1.snapshot_add(s1, D0).map_err(|x| x.errno));
+        let e2 = e.clone();
+        let t2 = thread::spawn(move || {
+            let r = e2.snapshot_add(s2, D0).map_err(|x| x.errno);
+            e2.snapshot_destroy(s1).unwrap();
+            r
+        });
+        let (r1, r2) = (t1.join().unwrap(), t2.join().unwrap());
+        // s1's add may also find s1 destroyed already (ESRCH).
+        let ok = [r1, r2].iter().filter(|r| r.is_ok()).count();
+        assert!(ok <= 1 && ok + usize::from(r1 == Err(Errno::ESRCH)) >= 1, "{r1:?} {r2:?}");
+        assert!(r2.is_ok() || r2 == Err(Errno::EBUSY));
+        e.snapshot_destroy(s2).unwrap();
+        // Both gone: the device is free and nothing but the tracker lives.
+        assert_eq!(e.live(), LiveCounts { trackers: 1, ..LiveCounts::default() });
+        let s3 = e.snapshot_create(file_storage()).unwrap();
+        e.snapshot_add(s3, D0).unwrap();
+        e.snapshot_destroy(s3).unwrap();
+    });
+}
+
+fn ev(n: u64) -> Event {
+    Event { time_ns: n, kind: EventKind::NoSpace { requested_sectors: n } }
+}
+
+#[test]
+fn event_push_wakes_a_waiter() {
+    model(|| {
+        let q = Arc::new(EventQueue::new());
+        let clock = Clock::manual(false); // waits block: no timeout can fire
+        let q2 = q.clone();
+        let waiter = thread::spawn(move || q2.wait(1000, &clock).unwrap());
+        q.push(ev(1));
+        assert_eq!(waiter.join().unwrap(), ev(1), "no lost wake-up");
+    });
+}
+
+#[test]
+fn event_timeout_races_push_without_losing_the_event() {
+    model(|| {
+        let q = Arc::new(EventQueue::new());
+        let clock = Clock::manual(false);
+        let (q2, c2) = (q.clone(), clock.clone());
+        let waiter = thread::spawn(move || q2.wait(1, &c2));
+        // A timer actor fires the timeout while the event is pushed.
+        let (q3, c3) = (q.clone(), clock.clone());
+        let timer = thread::spawn(move || {
+            if let Clock::Manual(m) = &c3 {
+                m.advance(2_000_000);
+            }
+            q3.kick();
+        });
+        q.push(ev(7));
+        timer.join().unwrap();
+        match waiter.join().unwrap() {
+            Ok(e) => assert_eq!(e, ev(7)),
+            Err(e) => {
+                assert_eq!(e.errno, Errno::ENOENT);
+                assert_eq!(q.len(), 1, "a timed-out waiter leaves the event queued");
+            }
+        }
+    });
+}
+
+#[test]
+fn event_close_races_wait() {
+    model(|| {
+        let q = Arc::new(EventQueue::new());
+        let q2 = q.clone();
+        let waiter = thread::spawn(move || q2.wait(1000, &Clock::manual(false)));
+        q.close();
+        assert_eq!(waiter.join().unwrap().unwrap_err().errno, Errno::ESRCH);
+    });
+}
+
+#[test]
+fn two_waiters_one_event() {
+    model(|| {
+        let q = Arc::new(EventQueue::new());
+        // Jumping clock: a waiter that would sleep times out at once, so every ordering ends.
+        let clock = Clock::manual(true);
+        let spawn_waiter = |q: Arc<EventQueue>, c: Clock| thread::spawn(move || q.wait(1, &c));
+        let w1 = spawn_waiter(q.clone(), clock.clone());
+        let w2 = spawn_waiter(q.clone(), clock.clone());
+        q.push(ev(3));
+        let results = [w1.join().unwrap(), w2.join().unwrap()];
+        let got = results.iter().filter(|r| r.is_ok()).count();
+        assert!(results.iter().all(|r| match r {
+            Ok(e) => *e == ev(3),
+            Err(e) => e.errno == Errno::ENOENT,
+        }));
+        assert_eq!(got + q.len(), 1, "the event is delivered once or still queued, never twice");
+    });
+}
+
+#[test]
+fn destroy_races_wait_event_on_the_engine() {
+    model(|| {
+        let e = Arc::new(small_engine(false));
+        let id = e.snapshot_create(file_storage()).unwrap();
+        let e2 = e.clone();
+        let waiter = thread::spawn(move || e2.wait_event(id, 1000).map_err(|x| x.errno));
+        e.snapshot_destroy(id).unwrap();
+        // Either the waiter found it gone (ESRCH at lookup) or was woken by the close (ESRCH):
+        // the waiter may also have been the snapshot's last owner.
+        assert_eq!(waiter.join().unwrap(), Err(Errno::ESRCH));
+        assert_eq!(e.live(), LiveCounts::default());
+    });
+}
