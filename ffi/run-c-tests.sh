@@ -60,4 +60,11 @@ for client in client_v3 client_newest; do
   "$OUT/${client}_static"
   echo "${client} (static): ok"
 done
+echo "--- README example"
+# The README's "Using libblksnap from C" block must be exactly ffi/tests-c/readme_example.c.
+awk '/<!-- readme_example.c -->/{f=1; next} f && /^```c$/{g=1; next} g && /^```$/{exit} g' README.md |
+  diff -u ffi/tests-c/readme_example.c - || { echo "README example differs from the file"; exit 1; }
+"$CC" -std=c11 -Wall -Wextra -Werror -I include/newest -I include \
+  -o "$OUT/readme_example" ffi/tests-c/readme_example.c -L "$LIBDIR" -lblksnap
+LD_LIBRARY_PATH="$LIBDIR" "$OUT/readme_example"
 echo "--- all C tests passed"
