@@ -13,7 +13,7 @@ VALGRIND=1
 [ "${1:-}" = "--no-valgrind" ] && VALGRIND=0
 
 cargo build -p blksnap-ffi
-LIBDIR=target/debug
+LIBDIR=${CARGO_TARGET_DIR:-target}/debug
 OUT=$(mktemp -d /tmp/blksnap-c-tests.XXXXXX)
 trap 'rm -rf "$OUT"' EXIT
 CC=${CC:-gcc}
