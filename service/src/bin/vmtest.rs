@@ -1,1 +1,774 @@
-fn main() {}
+//! `blksnap-vmtest`: end-to-end scenarios of blksnapd on a kernel with the ublk driver (run
+//! inside the VM by `service/vm/ublk-vm.sh`, see README.md "VM tests"). Each scenario runs as a
+//! child process of this one with its own timeout; each starts the service in-process (engine,
+//! ublk devices, control socket) and drives it only through the control socket, the block
+//! devices and busybox (mke2fs, mount, fsfreeze) / e2fsck, as a host would.
+//!
+//! Usage: `blksnap-vmtest [--require-ublk] [--timeout S] [SCENARIO...]`; without names every
+//! scenario runs. On a host without `/dev/ublk-control` it skips (exit 0, nothing counted as
+//! passed) unless `--require-ublk`, which makes that a failure.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use blksnap_engine::{Engine, EngineConfig};
+use blksnap_proto::{Dev, EventKindW, Id, Reply, Request, Role, Storage};
+use blksnap_service::ublk::{available, UblkFrontend};
+use blksnap_service::{Client, Config, ControlServer, Daemon};
+
+type R<T = ()> = Result<T, String>;
+
+macro_rules! ensure {
+    ($cond:expr, $($msg:tt)+) => {
+        if !$cond {
+            return Err(format!($($msg)+));
+        }
+    };
+}
+
+struct Scenario {
+    name: &'static str,
+    about: &'static str,
+    run: fn(&Env) -> R,
+}
+
+const SCENARIOS: &[Scenario] = &[
+    Scenario {
+        name: "fs-image",
+        about: "ext2 on a tracked device, take, overwrite/delete, image has the pre-take files",
+        run: fs_image,
+    },
+    Scenario {
+        name: "cbt",
+        about: "cbtmap marks every block written after a take, and nothing else",
+        run: cbt,
+    },
+    Scenario {
+        name: "overflow",
+        about: "tiny diff storage: origin intact, corrupted event, image reads fail with EIO",
+        run: overflow,
+    },
+    Scenario {
+        name: "destroy-mounted",
+        about: "destroy while the image is mounted and written; origin keeps being served",
+        run: destroy_mounted,
+    },
+    Scenario {
+        name: "two-devices",
+        about: "two devices taken in one snapshot are coherent",
+        run: two_devices,
+    },
+    Scenario {
+        name: "daemon-process",
+        about: "the blksnapd binary: config by flags, socket, take, clean stop on SIGTERM",
+        run: daemon_process,
+    },
+];
+
+// ---------------------------------------------------------------------------------- helpers
+
+/// A test environment: backing files, an in-process daemon serving them, a client.
+struct Env {
+    dir: PathBuf,
+    daemon: Arc<Daemon>,
+    socket: PathBuf,
+}
+
+const MIB: u64 = 1 << 20;
+
+impl Env {
+    fn new(name: &str, sizes: &[u64]) -> R<Env> {
+        let dir = PathBuf::from(format!("/tmp/{name}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        let socket = dir.join("control");
+        let mut cfg = Config { socket: socket.clone(), queues: Some(2), ..Config::default() };
+        cfg.queue_depth = 32;
+        let engine = Arc::new(Engine::new(EngineConfig::default()).map_err(|e| format!("{e:?}"))?);
+        let frontend =
+            UblkFrontend { queues: 2, depth: cfg.queue_depth, io_buf_bytes: cfg.io_buf_bytes };
+        let daemon = Arc::new(Daemon::new(engine, Box::new(frontend), cfg));
+        let server = ControlServer::bind(&socket, None).map_err(|e| e.to_string())?;
+        let d = daemon.clone();
+        std::thread::spawn(move || server.serve(d));
+        for (i, size) in sizes.iter().enumerate() {
+            let backing = dir.join(format!("backing{i}.img"));
+            File::create(&backing).and_then(|f| f.set_len(*size)).map_err(|e| e.to_string())?;
+            daemon.add_origin(&backing, true).map_err(|e| format!("add_origin: {e:?}"))?;
+        }
+        Ok(Env { dir, daemon, socket })
+    }
+
+    fn client(&self) -> R<Client> {
+        Client::connect(&self.socket).map_err(|e| format!("connect: {e}"))
+    }
+
+    /// Origins in order of creation: (block device node, MAJ:MIN).
+    fn origins(&self) -> R<Vec<(String, Dev)>> {
+        let Reply::Devices(list) = self.client()?.req(Request::ListDevices)? else {
+            return Err("ListDevices: unexpected reply".into());
+        };
+        let mut o: Vec<_> = list
+            .into_iter()
+            .filter(|d| d.role == Role::Origin)
+            .map(|d| (d.backing.clone(), d.path, d.dev))
+            .collect();
+        o.sort();
+        Ok(o.into_iter().map(|(_, p, d)| (p, d)).collect())
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// Creates a snapshot on a new storage file of `mib` MiB (limit = size) and adds `devs`.
+    fn snapshot(&self, c: &mut Client, mib: u64, devs: &[Dev]) -> R<Id> {
+        let storage = self.path("diff.img");
+        File::create(&storage).and_then(|f| f.set_len(mib * MIB)).map_err(|e| e.to_string())?;
+        let Reply::Created(id) = c.req(Request::SnapshotCreate {
+            storage: Storage::File {
+                path: storage.display().to_string(),
+                limit_sectors: mib * MIB / 512,
+            },
+        })?
+        else {
+            return Err("SnapshotCreate: unexpected reply".into());
+        };
+        for dev in devs {
+            c.req(Request::SnapshotAdd { id, dev: *dev })?;
+        }
+        Ok(id)
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        self.daemon.shutdown();
+    }
+}
+
+fn run(cmd: &str, args: &[&str]) -> R<String> {
+    let out = Command::new(cmd)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("{cmd}: {e}"))?;
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    ensure!(out.status.success(), "{cmd} {}: {}: {}", args.join(" "), out.status, text.trim());
+    Ok(text)
+}
+
+fn mkfs(dev: &str) -> R {
+    run("mke2fs", &["-F", "-q", "-b", "4096", dev]).map(drop)
+}
+
+fn mount(dev: &str, dir: &Path, opts: &str) -> R {
+    std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+    run("mount", &["-t", "ext2", "-o", opts, dev, &dir.display().to_string()]).map(drop)
+}
+
+fn umount(dir: &Path) -> R {
+    run("umount", &[&dir.display().to_string()]).map(drop)
+}
+
+fn fsck(dev: &str) -> R {
+    run("e2fsck", &["-f", "-n", dev]).map(drop)
+}
+
+fn drop_caches() {
+    let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
+}
+
+fn sync() {
+    let _ = run("sync", &[]);
+}
+
+/// xorshift64* bytes.
+fn fill(seed: u64, buf: &mut [u8]) {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    for chunk in buf.chunks_mut(8) {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        let v = x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes();
+        chunk.copy_from_slice(&v[..chunk.len()]);
+    }
+}
+
+fn fnv(data: &[u8]) -> u64 {
+    data.iter()
+        .fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3))
+}
+
+/// Writes `n` files of varying size under `dir`; returns name → checksum.
+fn write_files(dir: &Path, prefix: &str, n: u64, seed: u64) -> R<BTreeMap<String, u64>> {
+    let mut out = BTreeMap::new();
+    for i in 0..n {
+        let size = 1024 + ((seed.wrapping_add(i) * 7919) % 257) as usize * 1024;
+        let mut data = vec![0u8; size];
+        fill(seed * 1000 + i, &mut data);
+        let name = format!("{prefix}{i:03}");
+        std::fs::write(dir.join(&name), &data).map_err(|e| format!("write {name}: {e}"))?;
+        out.insert(name, fnv(&data));
+    }
+    Ok(out)
+}
+
+fn verify_files(dir: &Path, files: &BTreeMap<String, u64>) -> R {
+    for (name, sum) in files {
+        let data = std::fs::read(dir.join(name)).map_err(|e| format!("read {name}: {e}"))?;
+        ensure!(fnv(&data) == *sum, "{name} in {}: checksum differs", dir.display());
+    }
+    Ok(())
+}
+
+/// A page-aligned 4 KiB buffer for O_DIRECT.
+#[repr(C, align(4096))]
+struct Page([u8; 4096]);
+
+fn open_direct(path: &str, write: bool) -> std::io::Result<File> {
+    OpenOptions::new().read(true).write(write).custom_flags(libc::O_DIRECT).open(path)
+}
+
+fn pwrite_page(f: &File, offset: u64, content: &[u8]) -> std::io::Result<()> {
+    let mut p = Box::new(Page([0; 4096]));
+    p.0[..content.len()].copy_from_slice(content);
+    f.write_all_at(&p.0, offset)
+}
+
+fn pread_page(f: &File, offset: u64) -> std::io::Result<Box<Page>> {
+    let mut p = Box::new(Page([0; 4096]));
+    f.read_exact_at(&mut p.0, offset)?;
+    Ok(p)
+}
+
+fn image_link(dev: Dev, v3: bool) -> String {
+    if v3 {
+        format!("/dev/blksnap-image_{}:{}", dev.major, dev.minor)
+    } else {
+        format!("/dev/blksnap-{}-{}", dev.major, dev.minor)
+    }
+}
+
+fn freeze(dir: &Path, on: bool) -> R {
+    let flag = if on { "--freeze" } else { "--unfreeze" };
+    run("fsfreeze", &[flag, &dir.display().to_string()]).map(drop)
+}
+
+fn take_frozen(c: &mut Client, id: Id, mounts: &[&Path]) -> R {
+    sync();
+    for m in mounts {
+        freeze(m, true)?;
+    }
+    let r = c.req(Request::SnapshotTake { id });
+    for m in mounts {
+        freeze(m, false)?;
+    }
+    r.map(drop)
+}
+
+fn wait_gone(path: &str, secs: u64) -> bool {
+    let until = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < until {
+        if !Path::new(path).exists() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+// ---------------------------------------------------------------------------------- scenarios
+
+fn fs_image(env: &Env) -> R {
+    let (origin, dev) = env.origins()?.remove(0);
+    let mut c = env.client()?;
+    mkfs(&origin)?;
+    let om = env.path("origin");
+    mount(&origin, &om, "rw")?;
+    let before = write_files(&om, "f", 40, 1)?;
+    let id = env.snapshot(&mut c, 32, &[dev])?;
+    take_frozen(&mut c, id, &[&om])?;
+    // After the take: overwrite half, delete a quarter, add new ones.
+    let mut after = write_files(&om, "f", 20, 2)?;
+    for i in 20..30 {
+        std::fs::remove_file(om.join(format!("f{i:03}"))).map_err(|e| e.to_string())?;
+    }
+    after.extend(write_files(&om, "new", 10, 3)?);
+    sync();
+    // The image, through both link names.
+    let v3 = image_link(dev, true);
+    let newest = image_link(dev, false);
+    for l in [&v3, &newest] {
+        let target = std::fs::read_link(l).map_err(|e| format!("{l}: {e}"))?;
+        ensure!(target.display().to_string().starts_with("/dev/ublkb"), "{l} -> {target:?}");
+    }
+    let Reply::SnapshotInfo { error_code: 0, image: Some(img), image_path: Some(_) } =
+        c.req(Request::SnapshotInfo { dev })?
+    else {
+        return Err("SnapshotInfo: no image".into());
+    };
+    ensure!(img == dev, "image of {img:?}");
+    fsck(&v3)?;
+    let im = env.path("image");
+    mount(&v3, &im, "ro")?;
+    verify_files(&im, &before)?;
+    verify_files(&om, &after)?;
+    for i in 30..40 {
+        let name = format!("f{i:03}");
+        ensure!(before.contains_key(&name), "bookkeeping");
+    }
+    umount(&im)?;
+    c.req(Request::SnapshotDestroy { id })?;
+    ensure!(!Path::new(&v3).exists() && !Path::new(&newest).exists(), "links left after destroy");
+    // The origin keeps being served after the destroy.
+    let more = write_files(&om, "post", 5, 4)?;
+    sync();
+    umount(&om)?;
+    drop_caches();
+    fsck(&origin)?;
+    mount(&origin, &om, "ro")?;
+    verify_files(&om, &after)?;
+    verify_files(&om, &more)?;
+    umount(&om)?;
+    let live = env.daemon.engine().live();
+    ensure!(live.snapshots == 0 && live.diff_areas == 0, "engine objects left: {live:?}");
+    Ok(())
+}
+
+fn cbt(env: &Env) -> R {
+    let (origin, dev) = env.origins()?.remove(0);
+    let mut c = env.client()?;
+    let id1 = env.snapshot(&mut c, 8, &[dev])?;
+    c.req(Request::SnapshotTake { id: id1 })?;
+    let Reply::CbtInfo(info1) = c.req(Request::CbtInfo { dev })? else {
+        return Err("CbtInfo".into());
+    };
+    let bs = u64::from(info1.block_size_bytes);
+    let count = u64::from(info1.block_count);
+    ensure!(count > 16, "device too small for the test: {count} blocks of {bs}");
+    // Write pages at scattered offsets (some straddling block boundaries when bs > 4 KiB).
+    let f = open_direct(&origin, true).map_err(|e| e.to_string())?;
+    let capacity = count * bs;
+    let mut written = std::collections::BTreeSet::new();
+    let mut x = 12345u64;
+    for _ in 0..40 {
+        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let page = (x >> 33) % (capacity / 4096 / 2); // the first half only
+        let off = page * 4096;
+        pwrite_page(&f, off, b"cbt").map_err(|e| e.to_string())?;
+        written.insert(off / bs);
+    }
+    f.sync_all().map_err(|e| e.to_string())?;
+    c.req(Request::SnapshotDestroy { id: id1 })?;
+    let id2 = env.snapshot(&mut c, 8, &[dev])?;
+    c.req(Request::SnapshotTake { id: id2 })?;
+    let Reply::CbtInfo(info2) = c.req(Request::CbtInfo { dev })? else {
+        return Err("CbtInfo".into());
+    };
+    ensure!(info2.generation_id == info1.generation_id, "generation changed");
+    ensure!(info2.changes_number > info1.changes_number, "take did not advance");
+    let Reply::CbtMap(map) =
+        c.req(Request::CbtMap { dev, offset: 0, length: info2.block_count })?
+    else {
+        return Err("CbtMap".into());
+    };
+    for (b, v) in map.iter().enumerate() {
+        let b = b as u64;
+        if written.contains(&b) {
+            ensure!(*v > info1.changes_number, "written block {b} not marked ({v})");
+        } else {
+            ensure!(*v == 0, "block {b} never written but marked {v}");
+        }
+    }
+    // Out-of-range map requests are refused.
+    let r = c.call(Request::CbtMap { dev, offset: 0, length: info2.block_count + 1 });
+    ensure!(matches!(r, Ok(Err(ref e)) if e.errno == 61), "cbtmap past the end: {r:?}");
+    c.req(Request::SnapshotDestroy { id: id2 })?;
+    Ok(())
+}
+
+fn overflow(env: &Env) -> R {
+    let (origin, dev) = env.origins()?.remove(0);
+    let mut c = env.client()?;
+    mkfs(&origin)?;
+    let om = env.path("origin");
+    mount(&origin, &om, "rw")?;
+    let before = write_files(&om, "f", 20, 5)?;
+    let id = env.snapshot(&mut c, 1, &[dev])?; // 1 MiB: four 256 KiB chunks
+    take_frozen(&mut c, id, &[&om])?;
+    let mut after = write_files(&om, "f", 10, 6)?;
+    after.extend(write_files(&om, "big", 8, 7)?);
+    sync();
+    // The corrupted event (a no-space event may come first).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        ensure!(Instant::now() < deadline, "no corrupted event");
+        match c.call(Request::WaitEvent { id, timeout_ms: 1000 }) {
+            Ok(Ok(Reply::Event(e))) => {
+                if let EventKindW::Corrupted { device, errno } = e.kind {
+                    ensure!(device == dev && errno == 28, "corrupted {device:?} errno {errno}");
+                    break;
+                }
+            }
+            Ok(Err(e)) if e.errno == 2 => {}
+            other => return Err(format!("WaitEvent: {other:?}")),
+        }
+    }
+    let Reply::SnapshotInfo { error_code, .. } = c.req(Request::SnapshotInfo { dev })? else {
+        return Err("SnapshotInfo".into());
+    };
+    ensure!(error_code == -28, "snapshot error code {error_code}");
+    let img = open_direct(&image_link(dev, false), false).map_err(|e| e.to_string())?;
+    let r = pread_page(&img, 0);
+    ensure!(
+        matches!(&r, Err(e) if e.raw_os_error() == Some(libc::EIO)),
+        "image read after overflow: {:?}",
+        r.map(|_| ())
+    );
+    drop(img);
+    // The origin is intact.
+    let mut expect = before.clone();
+    expect.extend(after);
+    verify_files(&om, &expect)?;
+    umount(&om)?;
+    drop_caches();
+    fsck(&origin)?;
+    mount(&origin, &om, "ro")?;
+    verify_files(&om, &expect)?;
+    umount(&om)?;
+    c.req(Request::SnapshotDestroy { id })?;
+    Ok(())
+}
+
+fn destroy_mounted(env: &Env) -> R {
+    let (origin, dev) = env.origins()?.remove(0);
+    let mut c = env.client()?;
+    mkfs(&origin)?;
+    let om = env.path("origin");
+    mount(&origin, &om, "rw")?;
+    let before = write_files(&om, "f", 10, 8)?;
+    let id = env.snapshot(&mut c, 32, &[dev])?;
+    take_frozen(&mut c, id, &[&om])?;
+    let image = image_link(dev, true);
+    let image_node = std::fs::read_link(&image).map_err(|e| e.to_string())?;
+    let im = env.path("image");
+    mount(&image, &im, "rw")?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let image_ok = Arc::new(AtomicU64::new(0));
+    // Image writer: new files with fsync until an error.
+    let (s, ok, dir) = (stop.clone(), image_ok.clone(), im.clone());
+    let image_writer = std::thread::spawn(move || -> Option<String> {
+        let mut i = 0u64;
+        while !s.load(Ordering::Relaxed) {
+            let mut data = vec![0u8; 64 << 10];
+            fill(i, &mut data);
+            let r = File::create(dir.join(format!("w{i}")))
+                .and_then(|mut f| f.write_all(&data).and_then(|()| f.sync_all()));
+            if let Err(e) = r {
+                return Some(e.to_string());
+            }
+            ok.fetch_add(1, Ordering::Relaxed);
+            i += 1;
+        }
+        None
+    });
+    // Origin writer: the origin must keep working throughout.
+    let (s, dir) = (stop.clone(), om.clone());
+    let origin_writer = std::thread::spawn(move || -> R<BTreeMap<String, u64>> {
+        let mut all = BTreeMap::new();
+        let mut round = 0;
+        while !s.load(Ordering::Relaxed) {
+            // a few names rewritten in turn: the file system never fills up
+            all.extend(write_files(&dir, &format!("o{}_", round % 4), 3, 100 + round)?);
+            File::open(&dir).and_then(|d| d.sync_all()).map_err(|e| e.to_string())?;
+            round += 1;
+        }
+        Ok(all)
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    ensure!(image_ok.load(Ordering::Relaxed) > 0, "the image writer made no progress");
+    let t = Instant::now();
+    c.req(Request::SnapshotDestroy { id })?;
+    let destroy_ms = t.elapsed().as_millis();
+    // The image writer fails from now on.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !image_writer.is_finished() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    ensure!(image_writer.is_finished(), "image writer still running 20 s after destroy");
+    let image_err = image_writer.join().map_err(|_| "image writer panicked")?;
+    ensure!(image_err.is_some(), "image writes kept succeeding after destroy");
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    let origin_files = origin_writer.join().map_err(|_| "origin writer panicked")??;
+    ensure!(!Path::new(&image).exists(), "image link left after destroy");
+    let _ = run("umount", &["-l", &im.display().to_string()]);
+    ensure!(
+        wait_gone(&format!("/sys/block/{}", image_node.file_name().unwrap().display()), 10),
+        "image block device still present after unmount"
+    );
+    let listed = env.origins()?.len();
+    let Reply::Devices(all) = c.req(Request::ListDevices)? else { return Err("list".into()) };
+    ensure!(all.len() == listed, "image still listed: {all:?}");
+    let live = env.daemon.engine().live();
+    ensure!(
+        live.snapshots == 0 && live.diff_areas == 0 && live.diff_storages == 0,
+        "engine objects left: {live:?}"
+    );
+    verify_files(&om, &before)?;
+    verify_files(&om, &origin_files)?;
+    umount(&om)?;
+    drop_caches();
+    fsck(&origin)?;
+    println!(
+        "    destroy took {destroy_ms} ms; image writer stopped by: {}",
+        image_err.unwrap_or_default()
+    );
+    Ok(())
+}
+
+fn two_devices(env: &Env) -> R {
+    let o = env.origins()?;
+    let (a, b) = (&o[0], &o[1]);
+    let mut c = env.client()?;
+    let fa = Arc::new(open_direct(&a.0, true).map_err(|e| e.to_string())?);
+    let fb = Arc::new(open_direct(&b.0, true).map_err(|e| e.to_string())?);
+    for f in [&fa, &fb] {
+        pwrite_page(f, MIB, b"BEFORE").map_err(|e| e.to_string())?;
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let (s, wa, wb) = (stop.clone(), fa.clone(), fb.clone());
+    let writer = std::thread::spawn(move || -> std::io::Result<u64> {
+        let mut n = 0u64;
+        while !s.load(Ordering::Relaxed) {
+            n += 1;
+            pwrite_page(&wa, 0, &n.to_le_bytes())?;
+            pwrite_page(&wb, 0, &n.to_le_bytes())?;
+        }
+        Ok(n)
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let id = env.snapshot(&mut c, 8, &[a.1, b.1])?;
+    c.req(Request::SnapshotTake { id })?;
+    for f in [&fa, &fb] {
+        pwrite_page(f, MIB, b"AFTER").map_err(|e| e.to_string())?;
+        pwrite_page(f, 2 * MIB, b"AFTER").map_err(|e| e.to_string())?;
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    let last = writer.join().map_err(|_| "writer panicked")?.map_err(|e| e.to_string())?;
+    let ia = open_direct(&image_link(a.1, false), false).map_err(|e| e.to_string())?;
+    let ib = open_direct(&image_link(b.1, true), false).map_err(|e| e.to_string())?;
+    let seq = |f: &File| -> R<u64> {
+        let p = pread_page(f, 0).map_err(|e| e.to_string())?;
+        Ok(u64::from_le_bytes(p.0[..8].try_into().expect("8 bytes")))
+    };
+    let (sa, sb) = (seq(&ia)?, seq(&ib)?);
+    ensure!(sa >= 1 && sa < last, "image A sequence {sa} (writer reached {last})");
+    ensure!(sa == sb || sa == sb + 1, "images incoherent: A has {sa}, B has {sb}");
+    for (name, f) in [("A", &ia), ("B", &ib)] {
+        let p = pread_page(f, MIB).map_err(|e| e.to_string())?;
+        ensure!(&p.0[..6] == b"BEFORE", "image {name}: marker written before the take missing");
+        let p = pread_page(f, 2 * MIB).map_err(|e| e.to_string())?;
+        ensure!(p.0.iter().all(|b| *b == 0), "image {name}: marker written after the take present");
+    }
+    let (ra, rb) = (seq(&fa)?, seq(&fb)?);
+    ensure!(ra == last && rb == last, "origins: {ra} {rb}, writer {last}");
+    drop((ia, ib));
+    c.req(Request::SnapshotDestroy { id })?;
+    println!("    images at sequence {sa}/{sb}, writer reached {last}");
+    Ok(())
+}
+
+fn daemon_process(env: &Env) -> R {
+    // `env` has no devices: this scenario runs the real binary.
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let bin = exe.with_file_name("blksnapd");
+    ensure!(bin.exists(), "{} missing (copy it next to this test)", bin.display());
+    let backing = env.path("d.img");
+    File::create(&backing).and_then(|f| f.set_len(16 * MIB)).map_err(|e| e.to_string())?;
+    let socket = env.path("d.sock");
+    let links = env.path("links");
+    std::fs::create_dir_all(&links).map_err(|e| e.to_string())?;
+    let mut child = Command::new(&bin)
+        .args(["--socket", &socket.display().to_string()])
+        .args(["--link-dir", &links.display().to_string(), "--image-link", "newest"])
+        .args(["--queues", "1", "--device", &backing.display().to_string()])
+        .stdin(Stdio::null())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let result = (|| -> R {
+        let t = Instant::now();
+        let mut c = loop {
+            if let Ok(c) = Client::connect(&socket) {
+                break c;
+            }
+            ensure!(t.elapsed() < Duration::from_secs(20), "blksnapd did not come up");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(&socket).map_err(|e| e.to_string())?.permissions(),
+        );
+        ensure!(mode & 0o777 == 0o600, "socket mode {mode:o}");
+        let Reply::Version { protocol, .. } = c.req(Request::Version)? else {
+            return Err("Version".into());
+        };
+        ensure!(protocol == blksnap_proto::PROTOCOL_VERSION, "protocol {protocol}");
+        let Reply::Devices(list) = c.req(Request::ListDevices)? else {
+            return Err("ListDevices".into());
+        };
+        ensure!(list.len() == 1, "devices: {list:?}");
+        let (node, dev) = (list[0].path.clone(), list[0].dev);
+        let f = open_direct(&node, true).map_err(|e| e.to_string())?;
+        pwrite_page(&f, 0, b"one").map_err(|e| e.to_string())?;
+        let storage = env.path("d.diff");
+        File::create(&storage).and_then(|f| f.set_len(4 * MIB)).map_err(|e| e.to_string())?;
+        let Reply::Created(id) = c.req(Request::SnapshotCreate {
+            storage: Storage::File {
+                path: storage.display().to_string(),
+                limit_sectors: 4 * MIB / 512,
+            },
+        })?
+        else {
+            return Err("create".into());
+        };
+        c.req(Request::SnapshotAdd { id, dev })?;
+        c.req(Request::SnapshotTake { id })?;
+        pwrite_page(&f, 0, b"two").map_err(|e| e.to_string())?;
+        let link = links.join(format!("blksnap-{}-{}", dev.major, dev.minor));
+        let img = open_direct(&link.display().to_string(), false).map_err(|e| e.to_string())?;
+        let p = pread_page(&img, 0).map_err(|e| e.to_string())?;
+        ensure!(&p.0[..3] == b"one", "image content");
+        drop((img, f));
+        // SIGTERM: clean stop while a snapshot is taken.
+        // SAFETY: plain kill(2) of our own child by its pid.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let t = Instant::now();
+        let status = loop {
+            if let Some(s) = child.try_wait().map_err(|e| e.to_string())? {
+                break s;
+            }
+            ensure!(t.elapsed() < Duration::from_secs(20), "blksnapd did not stop on SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        ensure!(status.success(), "blksnapd exit: {status}");
+        ensure!(!socket.exists() && !link.exists(), "socket or link left behind");
+        ensure!(wait_gone(&node, 10), "{node} left behind");
+        let mut data = vec![0u8; 3];
+        File::open(&backing)
+            .and_then(|mut f| f.read_exact(&mut data))
+            .map_err(|e| e.to_string())?;
+        ensure!(data == b"two", "backing content after stop");
+        Ok(())
+    })();
+    let _ = child.kill();
+    let _ = child.wait();
+    result
+}
+
+// ---------------------------------------------------------------------------------- runner
+
+fn sizes_for(name: &str) -> Vec<u64> {
+    match name {
+        "two-devices" => vec![16 * MIB, 16 * MIB],
+        "cbt" => vec![64 * MIB],
+        "daemon-process" => vec![],
+        _ => vec![64 * MIB],
+    }
+}
+
+fn run_one(name: &str) -> R {
+    let s = SCENARIOS.iter().find(|s| s.name == name).ok_or(format!("no scenario {name}"))?;
+    let env = Env::new(name, &sizes_for(name))?;
+    (s.run)(&env)
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if let [flag, name] = &args[..] {
+        if flag == "--scenario" {
+            match run_one(name) {
+                Ok(()) => std::process::exit(0),
+                Err(e) => {
+                    println!("    error: {e}");
+                    std::process::exit(1);
+                }
+            }
+        }
+    }
+    let mut require = false;
+    let mut timeout = 120u64;
+    let mut names = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--require-ublk" => require = true,
+            "--timeout" => timeout = it.next().and_then(|t| t.parse().ok()).unwrap_or(timeout),
+            "--list" => {
+                for s in SCENARIOS {
+                    println!("{:16} {}", s.name, s.about);
+                }
+                return;
+            }
+            n => names.push(n.to_string()),
+        }
+    }
+    if names.is_empty() {
+        names = SCENARIOS.iter().map(|s| s.name.to_string()).collect();
+    }
+    if !available() {
+        println!(
+            "SKIP: /dev/ublk-control is missing (no ublk driver on this kernel): {} scenario(s) \
+             not run; run them in the VM: service/vm/run-tests.sh",
+            names.len()
+        );
+        std::process::exit(if require { 1 } else { 0 });
+    }
+    let exe = std::env::current_exe().expect("own path");
+    let (mut passed, mut failed) = (0, 0);
+    let total = Instant::now();
+    for name in &names {
+        let t = Instant::now();
+        let mut child = match Command::new(&exe).args(["--scenario", name]).spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                println!("scenario {name}: cannot start: {e}");
+                failed += 1;
+                continue;
+            }
+        };
+        let ok = loop {
+            match child.try_wait() {
+                Ok(Some(s)) => break s.success(),
+                Ok(None) if t.elapsed() > Duration::from_secs(timeout) => {
+                    println!("scenario {name}: TIMEOUT after {timeout} s");
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break false;
+                }
+                Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+                Err(_) => break false,
+            }
+        };
+        let secs = t.elapsed().as_secs_f64();
+        if ok {
+            passed += 1;
+            println!("scenario {name}: ok in {secs:.1} s");
+        } else {
+            failed += 1;
+            println!("scenario {name}: FAILED in {secs:.1} s");
+        }
+    }
+    println!("vm scenarios took {:.1} s", total.elapsed().as_secs_f64());
+    println!("{passed} passed, {failed} failed");
+    std::process::exit(if failed == 0 { 0 } else { 1 });
+}
