@@ -679,8 +679,8 @@ impl Model {
             Some(InjectedFault::Error(_)) => 0,
             Some(InjectedFault::Torn { sectors_written, .. }) => sectors_written.min(count_sectors),
         };
-        let target =
-            &mut self.disk_mut(dev)?.data[sector_bytes(first_sector, first_sector + landed_sectors)];
+        let target = &mut self.disk_mut(dev)?.data
+            [sector_bytes(first_sector, first_sector + landed_sectors)];
         match data {
             Some(bytes) => target.copy_from_slice(&bytes[sector_bytes(0, landed_sectors)]),
             None => target.fill(0),

@@ -3,13 +3,22 @@
 //! [`Harness`] drives the model and the engine (single-threaded) with the same [`Op`]s over
 //! equivalent devices and compares every observable result: return codes, bytes read from
 //! devices and images, cbtinfo/cbtmap bytes, snapshot info, storage accounting and events.
+//!
+//! Every engine-side device is wrapped in a [`LogDev`] that counts (and on request records) each
+//! I/O with the op that issued it, so the simulation can report I/O totals and the fault sweep
+//! can fail exactly the k-th I/O on both sides. [`Harness::last`] keeps the result of the last
+//! operation for the simulation's own invariants and trace.
 
-use blksnap_engine::io::{Dev, Fault, FaultDev, FaultPlan, MemDev};
+pub mod sim;
+
+use std::sync::Mutex;
+
+use blksnap_engine::io::{BlockDev, Dev, Fault, FaultDev, FaultPlan, MemDev};
 use blksnap_engine::sync::{Arc, StdArc};
 use blksnap_engine::{Clock, Engine, EngineConfig, LiveCounts, StorageSpec};
 use blksnap_model::{
-    DeviceId, Errno, FaultTarget, IoKind, Model, Params, Result, SectorRange, SnapshotId,
-    StorageMode, Uuid, SECTOR_SIZE_BYTES,
+    DeviceId, Errno, Event, FaultTarget, InjectedFault, IoKind, Model, Params, Result, SectorRange,
+    SnapshotId, StorageMode, Uuid, SECTOR_SIZE_BYTES,
 };
 
 /// How a test snapshot's storage is made.
@@ -33,29 +42,315 @@ pub enum StorageKind {
 #[derive(Clone, Debug)]
 #[allow(missing_docs)]
 pub enum Op {
-    Attach { disk: usize },
-    Detach { disk: usize },
-    CbtInfo { disk: usize },
-    CbtMap { disk: usize, offset: u32, length: u32 },
-    CbtDirty { disk: usize, ranges: Vec<SectorRange> },
-    Create { storage: StorageKind },
-    Destroy { snap: usize },
-    Append { snap: usize, backend: usize, ranges: Vec<SectorRange> },
-    Add { snap: usize, disk: usize },
-    Take { snap: usize },
+    Attach {
+        disk: usize,
+    },
+    Detach {
+        disk: usize,
+    },
+    CbtInfo {
+        disk: usize,
+    },
+    CbtMap {
+        disk: usize,
+        offset: u32,
+        length: u32,
+    },
+    CbtDirty {
+        disk: usize,
+        ranges: Vec<SectorRange>,
+    },
+    Create {
+        storage: StorageKind,
+    },
+    Destroy {
+        snap: usize,
+    },
+    Append {
+        snap: usize,
+        backend: usize,
+        ranges: Vec<SectorRange>,
+    },
+    Add {
+        snap: usize,
+        disk: usize,
+    },
+    Take {
+        snap: usize,
+    },
     Collect,
-    Info { disk: usize },
-    WaitEvent { snap: usize, timeout_ms: u32 },
-    Read { disk: usize, sector: u64, sectors: u64 },
-    Write { disk: usize, sector: u64, sectors: u64, seed: u8 },
-    Discard { disk: usize, sector: u64, sectors: u64 },
-    WriteZeroes { disk: usize, sector: u64, sectors: u64 },
-    ImageRead { disk: usize, sector: u64, sectors: u64 },
-    ImageWrite { disk: usize, sector: u64, sectors: u64, seed: u8 },
-    Fault { target: Option<usize>, kind: IoKind, errno: Errno },
-    FailGrowth { errno: Errno },
-    SetStorageMinimum { sectors: u64 },
-    AdvanceClock { ns: u64 },
+    Info {
+        disk: usize,
+    },
+    WaitEvent {
+        snap: usize,
+        timeout_ms: u32,
+    },
+    Read {
+        disk: usize,
+        sector: u64,
+        sectors: u64,
+    },
+    Write {
+        disk: usize,
+        sector: u64,
+        sectors: u64,
+        seed: u8,
+    },
+    Discard {
+        disk: usize,
+        sector: u64,
+        sectors: u64,
+    },
+    WriteZeroes {
+        disk: usize,
+        sector: u64,
+        sectors: u64,
+    },
+    ImageRead {
+        disk: usize,
+        sector: u64,
+        sectors: u64,
+    },
+    ImageWrite {
+        disk: usize,
+        sector: u64,
+        sectors: u64,
+        seed: u8,
+    },
+    Fault {
+        target: Option<usize>,
+        kind: IoKind,
+        errno: Errno,
+    },
+    /// The next write on the target (an origin, or the storage for `None`) is torn: its first
+    /// `sectors_written` sectors land, then it fails with `errno`.
+    TornFault {
+        target: Option<usize>,
+        sectors_written: u64,
+        errno: Errno,
+    },
+    FailGrowth {
+        errno: Errno,
+    },
+    SetStorageMinimum {
+        sectors: u64,
+    },
+    AdvanceClock {
+        ns: u64,
+    },
+}
+
+/// Which device an I/O went to: an origin (disk index) or any storage backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum IoTarget {
+    /// The origin of disk `i` (harness order).
+    Origin(usize),
+    /// A difference-storage backend (File storages and append backends share one plan).
+    Storage,
+}
+
+/// The calls of [`BlockDev`] that a [`FaultPlan`] counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum IoOp {
+    /// `read_at`.
+    Read,
+    /// `write_at`.
+    Write,
+    /// `write_zeroes_at` (a write for fault injection).
+    WriteZeroes,
+    /// `set_len` (a File storage's growth).
+    SetLen,
+    /// `flush`.
+    Flush,
+}
+
+impl IoOp {
+    /// Every op, in report order.
+    pub const ALL: [IoOp; 5] =
+        [IoOp::Read, IoOp::Write, IoOp::WriteZeroes, IoOp::SetLen, IoOp::Flush];
+
+    /// The fault-injection kind of a read or write; `None` for `set_len` and `flush`.
+    pub fn kind(self) -> Option<IoKind> {
+        match self {
+            IoOp::Read => Some(IoKind::Read),
+            IoOp::Write | IoOp::WriteZeroes => Some(IoKind::Write),
+            IoOp::SetLen | IoOp::Flush => None,
+        }
+    }
+}
+
+/// One I/O the engine issued, as a [`LogDev`] saw it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IoRecord {
+    /// The harness operation that issued it ([`Harness::ops_applied`] during it, 1-based).
+    pub step: u64,
+    /// Where it went.
+    pub target: IoTarget,
+    /// What it was.
+    pub op: IoOp,
+    /// Its index in the target's [`FaultPlan`] (what [`FaultPlan::fail_at`] takes).
+    pub plan_index: u64,
+    /// Bytes asked for (0 for `flush`; the new length for `set_len`).
+    pub len_bytes: u64,
+    /// Whether it failed (injected or not).
+    pub failed: bool,
+}
+
+/// I/O totals per target kind (`[origin, storage]`) and op ([`IoOp::ALL`] order).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IoTotals {
+    /// Calls.
+    pub calls: [[u64; 5]; 2],
+    /// Bytes of the calls that succeeded (reads and writes only).
+    pub bytes: [[u64; 5]; 2],
+    /// Calls that failed.
+    pub failed: [[u64; 5]; 2],
+}
+
+#[derive(Debug, Default)]
+struct IoLogState {
+    step: u64,
+    recording: bool,
+    records: Vec<IoRecord>,
+    totals: IoTotals,
+}
+
+/// The I/O log shared by every [`LogDev`] of one harness.
+#[derive(Debug, Default)]
+pub struct IoLog {
+    state: Mutex<IoLogState>,
+}
+
+impl IoLog {
+    fn lock(&self) -> std::sync::MutexGuard<'_, IoLogState> {
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn note(&self, target: IoTarget, op: IoOp, plan_index: u64, len_bytes: u64, failed: bool) {
+        let mut st = self.lock();
+        let (t, o) = (usize::from(target == IoTarget::Storage), op as usize);
+        st.totals.calls[t][o] += 1;
+        if failed {
+            st.totals.failed[t][o] += 1;
+        } else if matches!(op, IoOp::Read | IoOp::Write | IoOp::WriteZeroes) {
+            st.totals.bytes[t][o] += len_bytes;
+        }
+        if st.recording {
+            let step = st.step;
+            st.records.push(IoRecord { step, target, op, plan_index, len_bytes, failed });
+        }
+    }
+}
+
+/// A device wrapper that tells the [`IoLog`] about every counted call it passes to the
+/// [`FaultDev`] below it, with the plan index that call gets.
+pub struct LogDev {
+    inner: Dev,
+    plan: Arc<FaultPlan>,
+    target: IoTarget,
+    log: StdArc<IoLog>,
+}
+
+impl LogDev {
+    fn call<T>(&self, op: IoOp, len_bytes: u64, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        // Single-threaded harness: the index read here is the one the plan gives this call.
+        let plan_index = self.plan.ops_seen();
+        let r = f();
+        self.log.note(self.target, op, plan_index, len_bytes, r.is_err());
+        r
+    }
+}
+
+impl BlockDev for LogDev {
+    fn len_bytes(&self) -> u64 {
+        self.inner.len_bytes()
+    }
+    fn read_at(&self, buf: &mut [u8], offset_bytes: u64) -> Result<()> {
+        let len = buf.len() as u64;
+        self.call(IoOp::Read, len, || self.inner.read_at(buf, offset_bytes))
+    }
+    fn write_at(&self, buf: &[u8], offset_bytes: u64) -> Result<()> {
+        self.call(IoOp::Write, buf.len() as u64, || self.inner.write_at(buf, offset_bytes))
+    }
+    fn write_zeroes_at(&self, offset_bytes: u64, len_bytes: u64) -> Result<()> {
+        self.call(IoOp::WriteZeroes, len_bytes, || {
+            self.inner.write_zeroes_at(offset_bytes, len_bytes)
+        })
+    }
+    fn flush(&self) -> Result<()> {
+        self.call(IoOp::Flush, 0, || self.inner.flush())
+    }
+    fn can_grow(&self) -> bool {
+        self.inner.can_grow()
+    }
+    fn set_len(&self, len_bytes: u64) -> Result<()> {
+        self.call(IoOp::SetLen, len_bytes, || self.inner.set_len(len_bytes))
+    }
+}
+
+/// What the last [`Harness::apply`] returned (both sides agreed on it, or it was the mismatch).
+#[derive(Clone, Debug, Default)]
+pub struct Outcome {
+    /// One short line: `Ok`, `Ok(value)`, `Ok(#hash)` for long values, `Err(ERRNO)`, `armed`.
+    pub summary: String,
+    /// The errno, if the operation failed.
+    pub errno: Option<Errno>,
+    /// The bytes a successful `Read` or `ImageRead` returned.
+    pub bytes: Option<Vec<u8>>,
+    /// The event a successful `WaitEvent` returned.
+    pub event: Option<Event>,
+}
+
+/// FNV-1a, for short stable digests in traces.
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3))
+}
+
+fn summarize<T: std::fmt::Debug>(r: &Result<T>) -> String {
+    match r {
+        Ok(v) => {
+            let text = format!("{v:?}");
+            if text == "()" {
+                "Ok".to_string()
+            } else if text.len() > 64 {
+                format!("Ok(#{:016x})", fnv1a(text.as_bytes()))
+            } else {
+                format!("Ok({text})")
+            }
+        }
+        Err(e) => format!("Err({:?})", e.errno),
+    }
+}
+
+/// Two long texts cut to a window around their first difference (short ones stay whole).
+fn clip_pair(a: &str, b: &str) -> (String, String) {
+    const LIMIT: usize = 240;
+    if a.len() <= LIMIT && b.len() <= LIMIT {
+        return (a.to_string(), b.to_string());
+    }
+    let first_diff = a.bytes().zip(b.bytes()).take_while(|(x, y)| x == y).count();
+    let clip = |t: &str| {
+        let mut start = first_diff.saturating_sub(60).min(t.len());
+        while !t.is_char_boundary(start) {
+            start -= 1;
+        }
+        let mut end = (first_diff + 120).min(t.len());
+        while !t.is_char_boundary(end) {
+            end += 1;
+        }
+        format!("[{} chars, differing from char {first_diff}] …{}…", t.len(), &t[start..end])
+    };
+    (clip(a), clip(b))
+}
+
+fn to_model_fault(fault: Fault) -> InjectedFault {
+    match fault {
+        Fault::Error(errno) => InjectedFault::Error(errno),
+        Fault::Torn { sectors_written, errno } => InjectedFault::Torn { sectors_written, errno },
+    }
 }
 
 /// A disk of the harness.
@@ -83,6 +378,11 @@ pub struct Harness {
     disk_plans: Vec<Arc<FaultPlan>>,
     storage_plan: Arc<FaultPlan>,
     append_backends: Vec<Dev>,
+    /// The origins' memory, under the fault and log layers: read without counting an I/O.
+    origin_mem: Vec<Dev>,
+    io_log: StdArc<IoLog>,
+    /// The result of the last [`Harness::apply`].
+    pub last: Outcome,
     /// Every id created so far (destroyed ones stay: they must then be unknown to both).
     pub snapshots: Vec<SnapshotId>,
     /// Operations applied.
@@ -94,7 +394,8 @@ pub struct Harness {
 /// A mismatch between model and engine: the test fails with this text.
 pub type Mismatch = String;
 
-fn data_of(sectors: u64, seed: u8) -> Vec<u8> {
+/// The bytes an `Op::Write` or `Op::ImageWrite` of `sectors` with `seed` writes.
+pub fn data_of(sectors: u64, seed: u8) -> Vec<u8> {
     let len = (sectors * SECTOR_SIZE_BYTES) as usize;
     (0..len).map(|i| (i as u8).wrapping_mul(13).wrapping_add(seed) ^ (i >> 9) as u8).collect()
 }
@@ -105,11 +406,14 @@ impl Harness {
         let mut model = Model::new(params, seed).expect("valid params");
         let config = EngineConfig { params, id_seed: Some(seed), clock: Clock::manual(true) };
         let engine = Engine::new(config).expect("valid params");
+        let io_log = StdArc::new(IoLog::default());
         let mut disk_plans = Vec::new();
-        for d in disks {
+        let mut origin_mem = Vec::new();
+        for (i, d) in disks.iter().enumerate() {
             let plan = FaultPlan::shared();
             let mem: Dev = StdArc::new(MemDev::new(d.sectors * SECTOR_SIZE_BYTES));
-            let dev: Dev = StdArc::new(FaultDev::new(mem, plan.clone()));
+            origin_mem.push(mem.clone());
+            let dev = Self::logged(mem, &plan, IoTarget::Origin(i), &io_log);
             engine.add_disk(d.id, dev, d.io_min_sectors).expect("add disk");
             model
                 .add_disk(d.id, d.sectors * SECTOR_SIZE_BYTES, d.io_min_sectors)
@@ -120,7 +424,7 @@ impl Harness {
         let append_backends = (0..APPEND_BACKENDS)
             .map(|_| {
                 let mem: Dev = StdArc::new(MemDev::new(APPEND_BACKEND_SECTORS * SECTOR_SIZE_BYTES));
-                StdArc::new(FaultDev::new(mem, storage_plan.clone())) as Dev
+                Self::logged(mem, &storage_plan, IoTarget::Storage, &io_log)
             })
             .collect();
         Harness {
@@ -130,14 +434,90 @@ impl Harness {
             disk_plans,
             storage_plan,
             append_backends,
+            origin_mem,
+            io_log,
+            last: Outcome::default(),
             snapshots: Vec::new(),
             ops_applied: 0,
             checks: 0,
         }
     }
 
+    /// `mem` under a fault layer on `plan`, under a log layer.
+    fn logged(mem: Dev, plan: &Arc<FaultPlan>, target: IoTarget, log: &StdArc<IoLog>) -> Dev {
+        let inner: Dev = StdArc::new(FaultDev::new(mem, plan.clone()));
+        StdArc::new(LogDev { inner, plan: plan.clone(), target, log: log.clone() })
+    }
+
     fn disk(&self, i: usize) -> DeviceId {
         self.disks[i % self.disks.len()]
+    }
+
+    /// The id of disk index `i` (modulo the disk count, as in [`Op`]s).
+    pub fn disk_id(&self, i: usize) -> DeviceId {
+        self.disk(i)
+    }
+
+    /// Number of disks.
+    pub fn disk_count(&self) -> usize {
+        self.disks.len()
+    }
+
+    /// The snapshot id that snapshot index `i` names in an [`Op`] (possibly an unknown one).
+    pub fn snapshot_id(&self, i: usize) -> SnapshotId {
+        self.snap(i)
+    }
+
+    /// `len_bytes` of disk `i`'s origin at `offset_bytes`, read below the fault layer: no I/O is
+    /// counted and no fault fires. Panics past the end.
+    pub fn peek_origin(&self, i: usize, offset_bytes: u64, len_bytes: u64) -> Vec<u8> {
+        let mut buf = vec![0u8; len_bytes as usize];
+        self.origin_mem[i % self.origin_mem.len()]
+            .read_at(&mut buf, offset_bytes)
+            .expect("a peek inside the origin");
+        buf
+    }
+
+    /// Start (or stop) recording every I/O in [`Harness::io_records`].
+    pub fn record_io(&mut self, on: bool) {
+        self.io_log.lock().recording = on;
+    }
+
+    /// The I/Os recorded so far, in issue order.
+    pub fn io_records(&self) -> Vec<IoRecord> {
+        self.io_log.lock().records.clone()
+    }
+
+    /// I/O totals since the harness was made.
+    pub fn io_totals(&self) -> IoTotals {
+        self.io_log.lock().totals
+    }
+
+    /// Engine-side fault rules that fired so far (every plan).
+    pub fn faults_fired(&self) -> u64 {
+        self.disk_plans.iter().chain([&self.storage_plan]).map(|p| p.faults_fired()).sum()
+    }
+
+    /// Engine-side fault rules still armed (every plan).
+    pub fn faults_pending(&self) -> usize {
+        self.disk_plans.iter().chain([&self.storage_plan]).map(|p| p.pending()).sum()
+    }
+
+    /// Fail, on both sides, the I/O that `rec` describes in a rerun of the same operations:
+    /// the engine's plan pins `fault` to `rec.plan_index`; the model lets `ordinal` earlier I/Os
+    /// of the same target and kind in the same operation pass (`set_len` → a growth fault).
+    /// Call it before the operation `rec.step` is applied; a `flush` has no model side.
+    pub fn fail_io(&mut self, rec: &IoRecord, ordinal: u64, fault: Fault) {
+        let (plan, target) = match rec.target {
+            IoTarget::Origin(i) => (&self.disk_plans[i], FaultTarget::Origin(self.disks[i])),
+            IoTarget::Storage => (&self.storage_plan, FaultTarget::Storage),
+        };
+        plan.fail_at(rec.plan_index, fault);
+        match rec.op.kind() {
+            Some(kind) => self.model.fail_nth(target, kind, ordinal, to_model_fault(fault)),
+            None if rec.op == IoOp::SetLen => self.model.fail_nth_growth(ordinal, fault.errno()),
+            None => {}
+        }
     }
 
     fn snap(&self, i: usize) -> SnapshotId {
@@ -155,6 +535,10 @@ impl Harness {
         e: &Result<T>,
     ) -> std::result::Result<(), Mismatch> {
         self.checks += 1;
+        if self.last.summary.is_empty() {
+            self.last.summary = summarize(m);
+            self.last.errno = m.as_ref().err().map(|e| e.errno);
+        }
         let equal = match (m, e) {
             (Ok(a), Ok(b)) => a == b,
             (Err(a), Err(b)) => a.errno == b.errno,
@@ -163,11 +547,16 @@ impl Harness {
         if equal {
             Ok(())
         } else {
-            Err(format!("{what}: model {m:?} vs engine {e:?}"))
+            let (m, e) = clip_pair(&format!("{m:?}"), &format!("{e:?}"));
+            Err(format!("{what}: model {m} vs engine {e}"))
         }
     }
 
-    fn storage_spec(kind: StorageKind, plan: &Arc<FaultPlan>) -> (StorageMode, u64, StorageSpec) {
+    fn storage_spec(
+        kind: StorageKind,
+        plan: &Arc<FaultPlan>,
+        log: &StdArc<IoLog>,
+    ) -> (StorageMode, u64, StorageSpec) {
         match kind {
             StorageKind::Ranges => (StorageMode::Ranges, 0, StorageSpec::Ranges),
             StorageKind::File { initial_sectors, limit_sectors, growable } => {
@@ -177,7 +566,7 @@ impl Harness {
                 } else {
                     StdArc::new(MemDev::new(len))
                 };
-                let dev: Dev = StdArc::new(FaultDev::new(mem, plan.clone()));
+                let dev = Self::logged(mem, plan, IoTarget::Storage, log);
                 let mode = StorageMode::File { limit_sectors, growable };
                 (mode, initial_sectors, StorageSpec::File { backend: dev, limit_sectors })
             }
@@ -187,6 +576,8 @@ impl Harness {
     /// Apply `op` to both sides and compare. Returns the first mismatch.
     pub fn apply(&mut self, op: &Op) -> std::result::Result<(), Mismatch> {
         self.ops_applied += 1;
+        self.io_log.lock().step = self.ops_applied;
+        self.last = Outcome::default();
         let what = format!("{op:?}");
         match op.clone() {
             Op::Attach { disk } => {
@@ -217,7 +608,8 @@ impl Harness {
                 self.same(&what, &m, &e)
             }
             Op::Create { storage } => {
-                let (mode, initial, spec) = Self::storage_spec(storage, &self.storage_plan);
+                let (mode, initial, spec) =
+                    Self::storage_spec(storage, &self.storage_plan, &self.io_log);
                 let m = self.model.snapshot_create(mode, initial);
                 let e = self.engine.snapshot_create(spec);
                 if let Ok(id) = &m {
@@ -269,6 +661,7 @@ impl Harness {
                 let s = self.snap(snap);
                 let m = self.model.wait_event(s, timeout_ms);
                 let e = self.engine.wait_event(s, timeout_ms);
+                self.last.event = m.as_ref().ok().cloned();
                 self.same(&what, &m, &e)
             }
             Op::Read { disk, sector, sectors } => {
@@ -277,6 +670,7 @@ impl Harness {
                 let m = self.model.read(d, off, len);
                 let mut buf = vec![0u8; len as usize];
                 let e = self.engine.read(d, off, &mut buf).map(|()| buf);
+                self.last.bytes = m.as_ref().ok().cloned();
                 self.same(&what, &m, &e)
             }
             Op::Write { disk, sector, sectors, seed } => {
@@ -305,6 +699,7 @@ impl Harness {
                 let m = self.model.image_read(d, off, len);
                 let mut buf = vec![0u8; len as usize];
                 let e = self.engine.image_read(d, off, &mut buf).map(|()| buf);
+                self.last.bytes = m.as_ref().ok().cloned();
                 self.same(&what, &m, &e)
             }
             Op::ImageWrite { disk, sector, sectors, seed } => {
@@ -327,11 +722,30 @@ impl Harness {
                         self.storage_plan.fail_next(kind, Fault::Error(errno));
                     }
                 }
+                self.last.summary = "armed".to_string();
+                Ok(())
+            }
+            Op::TornFault { target, sectors_written, errno } => {
+                let fault = Fault::Torn { sectors_written, errno };
+                match target {
+                    Some(i) => {
+                        let i = i % self.disks.len();
+                        let dev = self.disks[i];
+                        self.model.fail_next_torn(FaultTarget::Origin(dev), sectors_written, errno);
+                        self.disk_plans[i].fail_next(IoKind::Write, fault);
+                    }
+                    None => {
+                        self.model.fail_next_torn(FaultTarget::Storage, sectors_written, errno);
+                        self.storage_plan.fail_next(IoKind::Write, fault);
+                    }
+                }
+                self.last.summary = "armed".to_string();
                 Ok(())
             }
             Op::FailGrowth { errno } => {
                 self.model.fail_next_growth(errno);
                 self.storage_plan.fail_set_len(errno);
+                self.last.summary = "armed".to_string();
                 Ok(())
             }
             Op::SetStorageMinimum { sectors } => {
