@@ -1,0 +1,178 @@
+//! The control plane end to end on any host: the daemon with the null front end (no block
+//! devices), its socket, and the protocol — every request kind, errors, version mismatch,
+//! malformed frames, access rules.
+
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+
+use blksnap_engine::{Engine, EngineConfig};
+use blksnap_proto::{
+    encode, read_frame, Dev, EventKindW, Range, Reply, Request, RequestFrame, Storage,
+    PROTOCOL_VERSION,
+};
+use blksnap_service::control::{allowed, peer_cred, Peer};
+use blksnap_service::{Client, Config, ControlServer, Daemon, NullFrontend};
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    dir: std::path::PathBuf,
+    socket: std::path::PathBuf,
+    daemon: Arc<Daemon>,
+    devs: Vec<Dev>,
+}
+
+fn fixture(n: usize) -> Fixture {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_path_buf();
+    let socket = dir.join("run/control");
+    let cfg = Config { socket: socket.clone(), link_dir: dir.clone(), ..Config::default() };
+    let engine = Arc::new(Engine::new(EngineConfig::default()).unwrap());
+    let daemon = Arc::new(Daemon::new(engine, Box::new(NullFrontend::default()), cfg));
+    let server = ControlServer::bind(&socket, None).unwrap();
+    let d = daemon.clone();
+    std::thread::spawn(move || server.serve(d));
+    let mut devs = Vec::new();
+    for i in 0..n {
+        let backing = dir.join(format!("b{i}.img"));
+        std::fs::File::create(&backing).unwrap().set_len(8 << 20).unwrap();
+        devs.push(daemon.add_origin(&backing, true).unwrap().into());
+    }
+    Fixture { _dir: tmp, dir, socket, daemon, devs }
+}
+
+#[test]
+fn every_request_over_the_socket() {
+    let f = fixture(2);
+    let mut c = Client::connect(&f.socket).unwrap();
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&f.socket).unwrap().permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600);
+    assert!(matches!(c.req(Request::Version).unwrap(), Reply::Version { protocol: 1, .. }));
+    let Reply::Devices(list) = c.req(Request::ListDevices).unwrap() else { panic!() };
+    assert_eq!(list.len(), 2);
+    let (a, b) = (f.devs[0], f.devs[1]);
+
+    // filter and CBT
+    let e = c.call(Request::Attach { dev: a }).unwrap().unwrap_err();
+    assert_eq!(e.errno, 114); // EALREADY
+    let Reply::CbtInfo(info) = c.req(Request::CbtInfo { dev: a }).unwrap() else { panic!() };
+    assert_eq!(info.device_capacity_bytes, 8 << 20);
+    c.req(Request::CbtDirty { dev: a, ranges: vec![Range { offset: 0, count: 8 }] }).unwrap();
+    let Reply::CbtMap(map) =
+        c.req(Request::CbtMap { dev: a, offset: 0, length: info.block_count }).unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(map.len(), info.block_count as usize);
+    c.req(Request::Detach { dev: b }).unwrap();
+    assert_eq!(c.call(Request::CbtInfo { dev: b }).unwrap().unwrap_err().errno, 2);
+    c.req(Request::Attach { dev: b }).unwrap();
+
+    // snapshot life cycle on a file storage
+    let storage = f.dir.join("diff.img");
+    std::fs::File::create(&storage).unwrap().set_len(4 << 20).unwrap();
+    let Reply::Created(id) = c
+        .req(Request::SnapshotCreate {
+            storage: Storage::File { path: storage.display().to_string(), limit_sectors: 8192 },
+        })
+        .unwrap()
+    else {
+        panic!()
+    };
+    c.req(Request::SnapshotAdd { id, dev: a }).unwrap();
+    c.req(Request::SnapshotAdd { id, dev: b }).unwrap();
+    assert_eq!(c.call(Request::Detach { dev: a }).unwrap().unwrap_err().errno, 16); // EBUSY
+    c.req(Request::SnapshotTake { id }).unwrap();
+    let Reply::SnapshotInfo { error_code, image, .. } =
+        c.req(Request::SnapshotInfo { dev: a }).unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!((error_code, image), (0, Some(a)));
+    let Reply::Devices(list) = c.req(Request::ListDevices).unwrap() else { panic!() };
+    assert_eq!(list.len(), 4, "two origins and two images");
+    assert_eq!(c.req(Request::SnapshotCollect).unwrap(), Reply::Snapshots(vec![id]));
+    let Reply::Stats(s) = c.req(Request::StorageStats { id }).unwrap() else { panic!() };
+    assert_eq!(s.capacity_sectors, 8192);
+    // no event yet: ENOENT after the timeout
+    assert_eq!(c.call(Request::WaitEvent { id, timeout_ms: 10 }).unwrap().unwrap_err().errno, 2);
+    c.req(Request::SnapshotDestroy { id }).unwrap();
+    assert_eq!(c.call(Request::SnapshotTake { id }).unwrap().unwrap_err().errno, 3); // ESRCH
+    let Reply::Devices(list) = c.req(Request::ListDevices).unwrap() else { panic!() };
+    assert_eq!(list.len(), 2, "images gone");
+    c.req(Request::Detach { dev: a }).unwrap();
+
+    // v3 ranges storage: create queues a low-space event, append, take
+    let Reply::Created(id) = c.req(Request::SnapshotCreate { storage: Storage::Ranges }).unwrap()
+    else {
+        panic!()
+    };
+    let Reply::Event(ev) = c.req(Request::WaitEvent { id, timeout_ms: 0 }).unwrap() else {
+        panic!()
+    };
+    assert!(matches!(ev.kind, EventKindW::LowFreeSpace { .. }));
+    c.req(Request::SnapshotAppend {
+        id,
+        path: storage.display().to_string(),
+        ranges: vec![Range { offset: 0, count: 8192 }],
+    })
+    .unwrap();
+    c.req(Request::SnapshotAdd { id, dev: b }).unwrap();
+    c.req(Request::SnapshotTake { id }).unwrap();
+    // a waiter is woken by destroy with ESRCH
+    let sock = f.socket.clone();
+    let waiter = std::thread::spawn(move || {
+        let mut c2 = Client::connect(&sock).unwrap();
+        c2.call(Request::WaitEvent { id, timeout_ms: 60_000 }).unwrap()
+    });
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    c.req(Request::SnapshotDestroy { id }).unwrap();
+    assert_eq!(waiter.join().unwrap().unwrap_err().errno, 3);
+
+    // invalid fields are refused before any work
+    let e = c
+        .call(Request::SnapshotAppend { id, path: "relative".into(), ranges: vec![] })
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(e.errno, 22);
+    f.daemon.shutdown();
+    assert_eq!(f.daemon.engine().live().snapshots, 0);
+}
+
+#[test]
+fn bad_version_and_malformed_frames_close_the_connection() {
+    let f = fixture(0);
+    let mut s = UnixStream::connect(&f.socket).unwrap();
+    let frame = RequestFrame { version: PROTOCOL_VERSION + 1, request: Request::Version };
+    s.write_all(&encode(&frame).unwrap()).unwrap();
+    let body = read_frame(&mut s).unwrap().unwrap();
+    let resp = blksnap_proto::decode_response(&body).unwrap();
+    assert_eq!(resp.version, PROTOCOL_VERSION);
+    assert_eq!(resp.result.unwrap_err().errno, 22);
+    assert!(read_frame(&mut s).unwrap().is_none(), "closed after a version mismatch");
+
+    let mut s = UnixStream::connect(&f.socket).unwrap();
+    s.write_all(&[3, 0, 0, 0, 0xff, 0xff, 0xff]).unwrap();
+    let body = read_frame(&mut s).unwrap().unwrap();
+    assert!(blksnap_proto::decode_response(&body).unwrap().result.is_err());
+    assert!(read_frame(&mut s).unwrap().is_none());
+
+    let mut s = UnixStream::connect(&f.socket).unwrap();
+    s.write_all(&u32::MAX.to_le_bytes()).unwrap();
+    let body = read_frame(&mut s).unwrap().unwrap();
+    assert!(blksnap_proto::decode_response(&body).unwrap().result.is_err());
+}
+
+#[test]
+fn access_rules() {
+    let f = fixture(0);
+    let s = UnixStream::connect(&f.socket).unwrap();
+    let me = peer_cred(&s).unwrap();
+    assert_eq!(me.pid as u32, std::process::id());
+    assert!(allowed(&Peer { pid: 1, uid: 0, gid: 0 }, None));
+    assert!(!allowed(&Peer { pid: 1, uid: 1000, gid: 1000 }, None));
+    assert!(allowed(&Peer { pid: 1, uid: 1000, gid: 1000 }, Some(1000)));
+    assert!(!allowed(&Peer { pid: i32::MAX, uid: 1000, gid: 1000 }, Some(4242)));
+}
