@@ -211,6 +211,13 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_example_parses() {
+        let cfg = Config::parse(include_str!("../blksnapd.toml")).unwrap();
+        assert_eq!(cfg.devices.len(), 1);
+        assert_eq!(cfg.socket, PathBuf::from(blksnap_proto::DEFAULT_SOCKET));
+    }
+
+    #[test]
     fn refuses_bad_values() {
         assert!(Config::parse("unknown = 1").is_err());
         assert!(Config::parse("queues = 0").is_err());
