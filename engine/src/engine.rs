@@ -49,15 +49,22 @@ pub struct EngineConfig {
     pub bug: Option<crate::bugs::Bug>,
 }
 
-impl Default for EngineConfig {
-    fn default() -> EngineConfig {
+impl EngineConfig {
+    /// A configuration with these parts (no restored bug in bug builds).
+    pub fn new(params: Params, id_seed: Option<u64>, clock: Clock) -> EngineConfig {
         EngineConfig {
-            params: Params::default(),
-            id_seed: None,
-            clock: Clock::monotonic(),
+            params,
+            id_seed,
+            clock,
             #[cfg(blksnap_bugs)]
             bug: None,
         }
+    }
+}
+
+impl Default for EngineConfig {
+    fn default() -> EngineConfig {
+        EngineConfig::new(Params::default(), None, Clock::monotonic())
     }
 }
 
@@ -251,9 +258,11 @@ impl Engine {
         if self.shared.injected(crate::bugs::Bug::AbbaAddTake) {
             // v3–v7: the ctl ran inside the device's queue usage and then took the snapshot
             // lock, while TAKE holds the snapshot lock and freezes the queue.
-            let _queue_usage = disk.gate.read();
-            let _snapshot_lock = snapshot.state.lock();
-            return Err(Error::new(Errno::EBUSY, "bug build: add never completes"));
+            // (The lock order is what matters: the add itself follows below.)
+            let queue_usage = disk.gate.read();
+            let snapshot_lock = snapshot.state.lock();
+            drop(snapshot_lock);
+            drop(queue_usage);
         }
         snapshot.add(&disk, tracker)
     }
@@ -448,6 +457,19 @@ impl Engine {
             SectorRange::new(offset_bytes >> SECTOR_SHIFT, data.len() as u64 >> SECTOR_SHIFT);
         if let Some(tracker) = &disk.gate.read().tracker {
             tracker.cbt.mark_both(range)?;
+        }
+        #[cfg(blksnap_bugs)]
+        if self.shared.injected(crate::bugs::Bug::SeedADiffAreaUnpinned) {
+            // v3: image I/O holds no reference; each chunk's work finds the area by pointer.
+            let raw = crate::kref::Unowned::of(&area);
+            drop(area);
+            let chunk_bytes = raw.get().layout().chunk_size_bytes() as usize;
+            for (i, piece) in data.chunks(chunk_bytes).enumerate() {
+                crate::sync::thread::yield_now();
+                let area = raw.upgrade();
+                DiffArea::image_write(&area, offset_bytes + (i * chunk_bytes) as u64, piece)?;
+            }
+            return Ok(());
         }
         DiffArea::image_write(&area, offset_bytes, data)
     }

@@ -75,12 +75,18 @@ impl LiveObjects {
 }
 
 struct Inner<T> {
+    /// References that keep the memory: every Kref, and in bug builds every Unowned too.
     count: AtomicUsize,
-    kind: ObjKind,
-    live: Arc<LiveObjects>,
-    /// Bug builds only: set at release instead of freeing (see `crate::bugs`).
+    /// Bug builds: the references the kernel would count (Krefs only). Reaching zero is the
+    /// "release": the object is dead from then on, though its memory lives while an Unowned
+    /// pointer (upstream's raw pointer) still points at it — so a use after release is an
+    /// assertion, never undefined behaviour.
+    #[cfg(blksnap_bugs)]
+    logical: AtomicUsize,
     #[cfg(blksnap_bugs)]
     dead: crate::sync::atomic::AtomicBool,
+    kind: ObjKind,
+    live: Arc<LiveObjects>,
     value: T,
 }
 
@@ -104,10 +110,12 @@ impl<T> Kref<T> {
         live.counts[kind as usize].fetch_add(1, Ordering::AcqRel);
         let inner = Box::new(Inner {
             count: AtomicUsize::new(1),
-            kind,
-            live: live.clone(),
+            #[cfg(blksnap_bugs)]
+            logical: AtomicUsize::new(1),
             #[cfg(blksnap_bugs)]
             dead: crate::sync::atomic::AtomicBool::new(false),
+            kind,
+            live: live.clone(),
             value,
         });
         Kref { inner: NonNull::from(Box::leak(inner)) }
@@ -128,6 +136,28 @@ impl<T> Kref<T> {
     pub fn ptr_eq(a: &Kref<T>, b: &Kref<T>) -> bool {
         a.inner == b.inner
     }
+
+    /// The release: the object stops being live (its memory may outlive it in bug builds).
+    fn released(inner: &Inner<T>) {
+        let before = inner.live.counts[inner.kind as usize].fetch_sub(1, Ordering::AcqRel);
+        assert!(before > 0, "live counter of {:?} below zero", inner.kind);
+    }
+
+    /// Drop one memory reference; the last one frees.
+    fn put_memory(ptr: NonNull<Inner<T>>) {
+        // SAFETY: the caller owns one memory reference, so the allocation is live.
+        let old = unsafe { ptr.as_ref() }.count.fetch_sub(1, Ordering::AcqRel);
+        assert!(old > 0, "Kref put below zero");
+        if old != 1 {
+            return;
+        }
+        // SAFETY: the count went 1 → 0, so no reference is left; the pointer came from
+        // `Box::leak` in `new` and is reconstructed exactly once.
+        let inner = unsafe { Box::from_raw(ptr.as_ptr()) };
+        #[cfg(not(blksnap_bugs))]
+        Self::released(&inner);
+        drop(inner);
+    }
 }
 
 impl<T> Clone for Kref<T> {
@@ -137,6 +167,8 @@ impl<T> Clone for Kref<T> {
         let old = self.inner().count.fetch_add(1, Ordering::Relaxed);
         assert!(old > 0, "Kref get from zero: object already released");
         assert!(old < MAX_REFCOUNT, "Kref count overflow");
+        #[cfg(blksnap_bugs)]
+        self.inner().logical.fetch_add(1, Ordering::Relaxed);
         Kref { inner: self.inner }
     }
 }
@@ -144,41 +176,27 @@ impl<T> Clone for Kref<T> {
 impl<T> Drop for Kref<T> {
     /// `put`: AcqRel so that every other holder's accesses happen before the release.
     fn drop(&mut self) {
-        let old = self.inner().count.fetch_sub(1, Ordering::AcqRel);
-        assert!(old > 0, "Kref put below zero");
-        if old != 1 {
-            return;
-        }
         #[cfg(blksnap_bugs)]
         {
-            // Bug builds keep the memory so that a use after release is an assertion.
             let inner = self.inner();
-            inner.dead.store(true, Ordering::SeqCst);
-            let before = inner.live.counts[inner.kind as usize].fetch_sub(1, Ordering::AcqRel);
-            assert!(before > 0, "live counter below zero");
-            return;
+            if inner.logical.fetch_sub(1, Ordering::AcqRel) == 1 {
+                inner.dead.store(true, Ordering::SeqCst);
+                Self::released(inner);
+            }
         }
-        #[allow(unreachable_code)]
-        // SAFETY: the count went 1 → 0, so this is the only reference left; the pointer came
-        // from `Box::leak` in `new` and is reconstructed exactly once.
-        let inner = unsafe { Box::from_raw(self.inner.as_ptr()) };
-        let kind = inner.kind;
-        let live = inner.live.clone();
-        drop(inner);
-        let before = live.counts[kind as usize].fetch_sub(1, Ordering::AcqRel);
-        assert!(before > 0, "live counter of {kind:?} below zero");
+        Self::put_memory(self.inner);
     }
 }
 
-/// Bug builds only: a pointer that owns no reference, as upstream's raw pointers. Every use
-/// asserts that the object is still alive.
+/// Bug builds only: a pointer that holds the memory but no counted reference, as upstream's raw
+/// pointers. Every use asserts that the object was not released.
 #[cfg(blksnap_bugs)]
 pub struct Unowned<T> {
     inner: NonNull<Inner<T>>,
 }
 
 #[cfg(blksnap_bugs)]
-// SAFETY: as for Kref; bug builds never free the memory behind it.
+// SAFETY: as for Kref: it hands out `&T` and may free in any thread.
 unsafe impl<T: Send + Sync> Send for Unowned<T> {}
 #[cfg(blksnap_bugs)]
 // SAFETY: as for Kref.
@@ -188,11 +206,12 @@ unsafe impl<T: Send + Sync> Sync for Unowned<T> {}
 impl<T> Unowned<T> {
     /// A non-owning pointer to `k`'s object.
     pub fn of(k: &Kref<T>) -> Unowned<T> {
+        k.inner().count.fetch_add(1, Ordering::Relaxed);
         Unowned { inner: k.inner }
     }
 
     fn inner(&self) -> &Inner<T> {
-        // SAFETY: bug builds never free a Kref's memory (released objects are leaked).
+        // SAFETY: an Unowned holds one memory reference, so the allocation is live.
         unsafe { self.inner.as_ref() }
     }
 
@@ -206,9 +225,17 @@ impl<T> Unowned<T> {
     /// Take a reference the way upstream's racy lookups did; panics on a get from zero.
     pub fn upgrade(&self) -> Kref<T> {
         let inner = self.inner();
-        let old = inner.count.fetch_add(1, Ordering::SeqCst);
+        let old = inner.logical.fetch_add(1, Ordering::SeqCst);
         assert!(old > 0, "Kref get from zero: {:?} already released", inner.kind);
+        inner.count.fetch_add(1, Ordering::Relaxed);
         Kref { inner: self.inner }
+    }
+}
+
+#[cfg(blksnap_bugs)]
+impl<T> Drop for Unowned<T> {
+    fn drop(&mut self) {
+        Kref::put_memory(self.inner);
     }
 }
 

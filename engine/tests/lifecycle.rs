@@ -11,8 +11,7 @@ const D0: DeviceId = DeviceId::new(7, 0);
 const D1: DeviceId = DeviceId::new(7, 1);
 
 fn engine() -> Engine {
-    let config =
-        EngineConfig { params: Params::small(), id_seed: Some(1), clock: Clock::manual(true) };
+    let config = EngineConfig::new(Params::small(), Some(1), Clock::manual(true));
     Engine::new(config).unwrap()
 }
 

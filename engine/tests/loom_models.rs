@@ -40,12 +40,7 @@ fn model<F: Fn() + Sync + Send + 'static>(f: F) {
 const D0: DeviceId = DeviceId::new(7, 0);
 
 fn small_engine(jump_on_wait: bool) -> Engine {
-    let config = EngineConfig {
-        params: Params::small(),
-        id_seed: Some(1),
-        clock: Clock::manual(jump_on_wait),
-        ..EngineConfig::default()
-    };
+    let config = EngineConfig::new(Params::small(), Some(1), Clock::manual(jump_on_wait));
     Engine::new(config).unwrap()
 }
 

@@ -19,7 +19,7 @@ const DISK_BYTES: u64 = 512 * KIB;
 const D0: DeviceId = DeviceId::new(7, 0);
 
 fn engine() -> Arc<Engine> {
-    let config = EngineConfig { params: Params::small(), id_seed: None, clock: Clock::monotonic() };
+    let config = EngineConfig::new(Params::small(), None, Clock::monotonic());
     Arc::new(Engine::new(config).unwrap())
 }
 

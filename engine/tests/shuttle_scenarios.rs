@@ -38,12 +38,7 @@ fn iterations() -> usize {
 }
 
 fn engine() -> Arc<Engine> {
-    let config = EngineConfig {
-        params: Params::small(),
-        id_seed: Some(1),
-        clock: Clock::manual(true),
-        ..EngineConfig::default()
-    };
+    let config = EngineConfig::new(Params::small(), Some(1), Clock::manual(true));
     Arc::new(Engine::new(config).unwrap())
 }
 
