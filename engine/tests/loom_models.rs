@@ -304,3 +304,33 @@ fn destroy_races_wait_event_on_the_engine() {
         assert_eq!(e.live(), LiveCounts::default());
     });
 }
+
+#[test]
+fn permit_released_on_the_error_path() {
+    use blksnap_engine::io::{Fault, FaultDev, FaultPlan};
+    use blksnap_model::IoKind;
+    model(|| {
+        let shared = Arc::new(Shared::new(Params::small(), Clock::manual(true), 1).unwrap());
+        let plan = FaultPlan::shared();
+        let backing: Dev = StdArc::new(MemDev::growable(0, 1 << 20));
+        let backend: Dev = StdArc::new(FaultDev::new(backing, plan.clone()));
+        let spec = StorageSpec::File { backend, limit_sectors: 64 };
+        let storage = DiffStorage::new(spec, shared.clone()).unwrap();
+        let storage = Kref::new(storage, ObjKind::DiffStorage, shared.live());
+        let layout = chunk_layout(&shared.params(), 16, 1);
+        let area = DiffArea::new(D0, mem(8192), layout, storage, shared.live());
+        area.set_image_open(true);
+        // The first storage write fails: whichever writer stores first gets EIO and the area is
+        // corrupted; the other must still get the permit (no leak, no deadlock) and see EIO.
+        plan.fail_next(IoKind::Write, Fault::Error(Errno::EIO));
+        let a2 = area.clone();
+        let t =
+            thread::spawn(move || DiffArea::image_write(&a2, 0, &[1u8; 512]).map_err(|e| e.errno));
+        let mine = DiffArea::image_write(&area, 512, &[2u8; 512]).map_err(|e| e.errno);
+        let theirs = t.join().unwrap();
+        assert_eq!((mine, theirs), (Err(Errno::EIO), Err(Errno::EIO)));
+        assert_eq!(area.error(), Some(Errno::EIO));
+        drop(area);
+        assert_eq!(shared.live().counts(), LiveCounts::default(), "every permit released");
+    });
+}
