@@ -324,7 +324,8 @@ while :; do
   tail -n 8 "$CONSOLE" >&2
 done
 
-START=$(grep -a -m1 '@@BLKSNAP_VM_START' "$CONSOLE" | sed -n 's/.*uptime=\([0-9.]*\)@@.*/\1/p')
+START=$( (grep -a -m1 '@@BLKSNAP_VM_START' "$CONSOLE" || true) |
+  sed -n 's/.*uptime=\([0-9.]*\)@@.*/\1/p')
 EXIT_LINE=$(grep -a -m1 '@@BLKSNAP_VM_EXIT=' "$CONSOLE" || true)
 if [ -n "$EXIT_LINE" ]; then
   RC=$(sed -n 's/.*@@BLKSNAP_VM_EXIT=\([0-9]*\).*/\1/p' <<< "$EXIT_LINE")
