@@ -32,6 +32,25 @@ pub struct CbtMap {
     generation: Mutex<Uuid>,
 }
 
+/// A CBT's whole state, for persisting it across a clean restart of the service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CbtState {
+    /// log2 of the block size in bytes.
+    pub block_shift: u32,
+    /// Capacity in sectors the map was made for.
+    pub capacity_sectors: u64,
+    /// The live map.
+    pub write_map: Vec<u8>,
+    /// The map frozen at the last take.
+    pub read_map: Vec<u8>,
+    /// `snap_number_active`.
+    pub active: u8,
+    /// `snap_number_previous`.
+    pub previous: u8,
+    /// The generation id.
+    pub generation: Uuid,
+}
+
 fn zeroed_map(len: u64) -> Box<[AtomicU8]> {
     (0..len).map(|_| AtomicU8::new(0)).collect()
 }
@@ -48,6 +67,49 @@ impl CbtMap {
             active: AtomicU8::new(1),
             previous: AtomicU8::new(0),
             generation: Mutex::new(generation),
+        }
+    }
+
+    /// Rebuild a map from a saved state. EINVAL unless the state is self-consistent and made for
+    /// `capacity_sectors` (a device that changed size gets a fresh map instead).
+    pub fn from_state(state: &CbtState, capacity_sectors: u64) -> Result<CbtMap> {
+        let invalid = |why| Err(Error::new(Errno::EINVAL, why));
+        if state.capacity_sectors != capacity_sectors {
+            return invalid("saved CBT is for another capacity");
+        }
+        if !(SECTOR_SHIFT..=62).contains(&state.block_shift) {
+            return invalid("saved CBT block shift out of range");
+        }
+        let block_count =
+            blksnap_model::formulas::count_by_shift(capacity_sectors, state.block_shift);
+        let lens_ok = state.write_map.len() as u64 == block_count
+            && state.read_map.len() as u64 == block_count;
+        if !lens_ok || state.active == 0 {
+            return invalid("saved CBT maps or numbers are inconsistent");
+        }
+        let map = |v: &[u8]| v.iter().map(|b| AtomicU8::new(*b)).collect::<Box<[AtomicU8]>>();
+        Ok(CbtMap {
+            layout: CbtLayout { block_shift: state.block_shift, block_count },
+            capacity_sectors,
+            write_map: map(&state.write_map),
+            read_map: map(&state.read_map),
+            active: AtomicU8::new(state.active),
+            previous: AtomicU8::new(state.previous),
+            generation: Mutex::new(state.generation),
+        })
+    }
+
+    /// The whole state. Caller holds the gate for writing, so no marker runs meanwhile.
+    pub fn state(&self) -> CbtState {
+        let load = |m: &[AtomicU8]| m.iter().map(|b| b.load(Ordering::Relaxed)).collect();
+        CbtState {
+            block_shift: self.layout.block_shift,
+            capacity_sectors: self.capacity_sectors,
+            write_map: load(&self.write_map),
+            read_map: load(&self.read_map),
+            active: self.active.load(Ordering::Relaxed),
+            previous: self.previous.load(Ordering::Relaxed),
+            generation: *self.generation.lock(),
         }
     }
 
@@ -216,6 +278,26 @@ mod tests {
         m.switch(|| unreachable!());
         assert_eq!(m.info().changes_number, 1);
         assert_eq!(&read_all(&m)[..3], &[0, 0, 1]);
+    }
+
+    #[test]
+    fn state_round_trip_and_validation() {
+        let m = map();
+        m.mark_write(SectorRange::new(130, 8)).unwrap();
+        m.switch(|| unreachable!());
+        m.mark_write(SectorRange::new(0, 1)).unwrap();
+        let st = m.state();
+        let back = CbtMap::from_state(&st, 2048).unwrap();
+        assert_eq!(back.state(), st);
+        assert_eq!(back.info(), m.info());
+        assert_eq!(CbtMap::from_state(&st, 4096).unwrap_err().errno, Errno::EINVAL);
+        let mut bad = st.clone();
+        bad.read_map.pop();
+        assert_eq!(CbtMap::from_state(&bad, 2048).unwrap_err().errno, Errno::EINVAL);
+        let bad = CbtState { active: 0, ..st.clone() };
+        assert_eq!(CbtMap::from_state(&bad, 2048).unwrap_err().errno, Errno::EINVAL);
+        let bad = CbtState { block_shift: 70, ..st };
+        assert_eq!(CbtMap::from_state(&bad, 2048).unwrap_err().errno, Errno::EINVAL);
     }
 
     #[test]

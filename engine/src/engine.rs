@@ -198,6 +198,29 @@ impl Engine {
         Ok(())
     }
 
+    /// Attach with a CBT saved by [`Engine::cbt_export`] (a clean restart keeps incremental
+    /// backups working). EINVAL if the state does not fit the disk; EALREADY if attached.
+    pub fn attach_with_cbt(&self, dev: DeviceId, state: &crate::cbt::CbtState) -> Result<()> {
+        let disk = self.disk(dev)?;
+        let cbt = CbtMap::from_state(state, disk.capacity_sectors())?;
+        let mut gate = disk.gate.write();
+        if gate.tracker.is_some() {
+            return Err(Error::new(Errno::EALREADY, "the filter is already attached"));
+        }
+        let tracker = Tracker { device: dev, cbt, owner: Mutex::new(None) };
+        gate.tracker = Some(Kref::new(tracker, ObjKind::Tracker, &self.shared.live));
+        Ok(())
+    }
+
+    /// The CBT of `dev`, whole, taken with the device frozen (for persisting at a clean stop).
+    pub fn cbt_export(&self, dev: DeviceId) -> Result<crate::cbt::CbtState> {
+        let disk = self.disk(dev)?;
+        let gate = disk.gate.write();
+        let tracker =
+            gate.tracker.as_ref().ok_or(Error::new(Errno::ENOENT, "no filter attached"))?;
+        Ok(tracker.cbt.state())
+    }
+
     /// BLKFILTER_DETACH: stop tracking. EBUSY while the device is in a snapshot.
     pub fn detach(&self, dev: DeviceId) -> Result<()> {
         let disk = self.disk(dev)?;

@@ -168,3 +168,31 @@ fn full_chunk_image_write_does_not_read_the_origin() {
     e.image_write(D0, 16 * KIB, &[7; 512]).unwrap();
     e.snapshot_destroy(id).unwrap();
 }
+
+#[test]
+fn cbt_survives_a_clean_restart() {
+    let disk = mem(64 * KIB);
+    let e = engine();
+    e.add_disk(D0, disk.clone(), 1).unwrap();
+    e.attach(D0).unwrap();
+    e.write(D0, 8 * KIB, &[1; 512]).unwrap();
+    let id = e.snapshot_create(StorageSpec::Ranges).unwrap();
+    e.snapshot_add(id, D0).unwrap();
+    e.snapshot_append_storage(id, mem(64 * KIB), &[SectorRange::new(0, 128)]).unwrap();
+    e.snapshot_take(id).unwrap();
+    e.snapshot_destroy(id).unwrap();
+    e.write(D0, 16 * KIB, &[2; 512]).unwrap();
+    let saved = e.cbt_export(D0).unwrap();
+    let info = e.cbt_info(D0).unwrap();
+    drop(e);
+    // A new engine (the restarted service) over the same disk.
+    let e2 = engine();
+    e2.add_disk(D0, disk, 1).unwrap();
+    e2.attach_with_cbt(D0, &saved).unwrap();
+    assert_eq!(e2.cbt_info(D0).unwrap(), info, "same generation and numbers");
+    assert_eq!(e2.attach_with_cbt(D0, &saved).unwrap_err().errno, Errno::EALREADY);
+    assert_eq!(e2.cbt_export(D0).unwrap(), saved);
+    let e3 = engine();
+    e3.add_disk(D0, mem(128 * KIB), 1).unwrap();
+    assert_eq!(e3.attach_with_cbt(D0, &saved).unwrap_err().errno, Errno::EINVAL, "resized");
+}
