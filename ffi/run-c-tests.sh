@@ -6,13 +6,20 @@
 #  2. exported symbols of libblksnap.so: only blksnap_*.
 #  3. the C (v3) and C++ (newest) lifecycle clients, linked against the shared library and run
 #     under valgrind memcheck (zero errors, no leaks), then linked against the static library.
-# Options: --no-valgrind (run the shared-library clients directly).
+#  4. the README example.
+#  5. the LD_PRELOAD shim (libblksnap-preload.so): its exports and soname, then
+#     tests-c/preload_client.c -- an upstream-style client using only open/ioctl/pread/pwrite/stat
+#     on /dev/... paths -- built against each profile's headers, plain (-O0) and fortified
+#     (-O2 -D_FORTIFY_SOURCE=2, so the __open_2/__read_chk/__pread_chk entry points are used),
+#     run under LD_PRELOAD (valgrind memcheck, following its fork+exec); and without the shim it
+#     must fail (nothing is served by accident).
+# Options: --no-valgrind (run the shared-library clients and the shim tests directly).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VALGRIND=1
 [ "${1:-}" = "--no-valgrind" ] && VALGRIND=0
 
-cargo build -p blksnap-ffi
+cargo build -p blksnap-ffi -p blksnap-preload
 LIBDIR=${CARGO_TARGET_DIR:-target}/debug
 OUT=$(mktemp -d /tmp/blksnap-c-tests.XXXXXX)
 trap 'rm -rf "$OUT"' EXIT
@@ -67,4 +74,46 @@ awk '/<!-- readme_example.c -->/{f=1; next} f && /^```c$/{g=1; next} g && /^```$
 "$CC" -std=c11 -Wall -Wextra -Werror -I include/newest -I include \
   -o "$OUT/readme_example" ffi/tests-c/readme_example.c -L "$LIBDIR" -lblksnap
 LD_LIBRARY_PATH="$LIBDIR" "$OUT/readme_example"
+
+echo "--- LD_PRELOAD shim"
+# Cargo names the artifact libblksnap_preload.so; its soname and installed name use a hyphen.
+SHIM="$OUT/libblksnap-preload.so"
+cp "$LIBDIR/libblksnap_preload.so" "$SHIM"
+soname=$(readelf -d "$SHIM" | sed -n 's/.*Library soname: \[\(.*\)\]/\1/p')
+[ "$soname" = libblksnap-preload.so ] || { echo "shim soname: '$soname'"; exit 1; }
+hooks='open open64 openat openat64 __open_2 __open64_2 __openat_2 __openat64_2 creat creat64
+  close close_range closefrom dup dup2 dup3 fcntl fcntl64 ioctl read write pread pread64 pwrite
+  pwrite64 readv writev preadv preadv64 pwritev pwritev64 __read_chk __pread_chk __pread64_chk
+  lseek lseek64 fsync fdatasync sync stat stat64 lstat lstat64 fstat fstat64 fstatat fstatat64
+  __xstat __xstat64 __lxstat __lxstat64 __fxstat __fxstat64 __fxstatat __fxstatat64 statx access
+  faccessat'
+exports=$(nm -D --defined-only "$SHIM" | awk '{print $3}' | grep -v '^blksnap_' | sort)
+if [ "$exports" != "$(echo $hooks | tr ' ' '\n' | sort)" ]; then
+  echo "shim exports differ from the hook list:"
+  diff <(echo $hooks | tr ' ' '\n' | sort) <(echo "$exports") || true
+  exit 1
+fi
+echo "shim: soname $soname, $(echo $hooks | wc -w) libc hooks (+ the blksnap_* API)"
+for profile in v3 newest; do
+  for variant in plain fortified; do
+    flags="-O0 -g"
+    [ "$variant" = fortified ] && flags="-O2 -g -D_FORTIFY_SOURCE=2"
+    bin="$OUT/preload_${profile}_$variant"
+    # shellcheck disable=SC2086
+    "$CC" -std=c11 -Wall -Wextra -Werror $flags -I "include/$profile" -o "$bin" \
+      ffi/tests-c/preload_client.c
+    if [ "$VALGRIND" = 1 ]; then
+      LD_PRELOAD="$SHIM" valgrind -q --trace-children=yes --error-exitcode=1 --leak-check=full \
+        --errors-for-leak-kinds=definite,possible "$bin"
+      echo "preload_client $profile $variant (valgrind): ok"
+    else
+      LD_PRELOAD="$SHIM" "$bin"
+    fi
+  done
+  if "$OUT/preload_${profile}_plain" >/dev/null 2>&1; then
+    echo "preload_client $profile passed without the shim"
+    exit 1
+  fi
+  echo "preload_client $profile without the shim: fails, as it must"
+done
 echo "--- all C tests passed"

@@ -219,12 +219,81 @@ static void unrelated_files(const char *dir)
 	CHECK(stat(path, &st) == 0 && S_ISREG(st.st_mode) && st.st_size == DISK0_BYTES);
 }
 
+/* glibc's fortified and pre-2.33 entry points, which binaries call directly. */
+extern int __open_2(const char *path, int flags);
+extern int __openat_2(int dirfd, const char *path, int flags);
+#if defined(__x86_64__)
+extern int __xstat(int ver, const char *path, struct stat *buf);
+extern int __fxstat(int ver, int fd, struct stat *buf);
+#endif
+
+/* Every open / stat / offset-width variant reaches the shim. */
+static void entry_points(void)
+{
+	struct stat st;
+	struct stat64 st64;
+	volatile int rdwr = O_RDWR; /* not a constant: fortified open() calls __open_2 */
+	int fds[6];
+	fds[0] = open64(DEV0, O_RDONLY);
+	fds[1] = openat(AT_FDCWD, "/dev/blksnap-control", O_RDWR);
+	fds[2] = openat64(AT_FDCWD, DEV1, O_RDONLY | O_CLOEXEC);
+	fds[3] = __open_2("/dev/blksnap-control", O_RDWR);
+	fds[4] = __openat_2(AT_FDCWD, DEV0, O_RDONLY);
+	fds[5] = open(DEV1, rdwr);
+	for (int i = 0; i < 6; i++) {
+		CHECK(fds[i] >= 0 && fstat(fds[i], &st) == 0);
+		CHECK(fstat64(fds[i], &st64) == 0 && st64.st_rdev == st.st_rdev);
+	}
+	CHECK(S_ISCHR(st64.st_mode) || S_ISBLK(st64.st_mode));
+	CHECK((fcntl(fds[2], F_GETFD) & FD_CLOEXEC) != 0);
+	CHECK((fcntl(fds[0], F_GETFD) & FD_CLOEXEC) == 0);
+	CHECK(stat64(DEV0, &st64) == 0 && S_ISBLK(st64.st_mode));
+	CHECK(lstat64(DEV0, &st64) == 0 && S_ISBLK(st64.st_mode));
+	CHECK(fstatat64(AT_FDCWD, DEV0, &st64, 0) == 0 && S_ISBLK(st64.st_mode));
+	CHECK(lstat(DEV1, &st) == 0 && S_ISBLK(st.st_mode));
+	CHECK(faccessat(AT_FDCWD, DEV0, R_OK, 0) == 0);
+	CHECK_ERR(access(DEV0, X_OK), EACCES);
+#if defined(__x86_64__)
+	CHECK(__xstat(1, DEV0, &st) == 0 && S_ISBLK(st.st_mode));
+	CHECK(__fxstat(1, fds[1], &st) == 0 && S_ISCHR(st.st_mode));
+#endif
+	char buf[512];
+	CHECK(pread64(fds[0], buf, sizeof buf, 0) == (ssize_t)sizeof buf);
+	CHECK(lseek64(fds[0], 512, SEEK_SET) == 512 && read(fds[0], buf, sizeof buf) == 512);
+	volatile size_t len = sizeof buf; /* not a constant: fortified read/pread call the _chk forms */
+	CHECK(read(fds[0], buf, len) == 512 && pread(fds[0], buf, len, 0) == 512);
+	CHECK(pread64(fds[0], buf, len, 0) == 512);
+	CHECK_ERR(write(fds[0], buf, sizeof buf), EBADF); /* read-only */
+	CHECK(pwrite64(fds[5], buf, sizeof buf, 512) == (ssize_t)sizeof buf);
+	for (int i = 0; i < 6; i++)
+		CHECK(close(fds[i]) == 0);
+	CHECK_ERR(open(DEV0, O_RDONLY | O_DIRECTORY), ENOTDIR);
+	CHECK_ERR(open(DEV0, O_RDWR | O_CREAT | O_EXCL, 0600), EEXIST);
+	CHECK_ERR(open("/dev/blksnap-control", 3), EINVAL);
+	int excl = open(DEV0, O_RDONLY | O_EXCL);
+	CHECK(excl >= 0);
+	CHECK_ERR(open(DEV0, O_RDONLY | O_EXCL), EBUSY);
+	int again = open(DEV0, O_RDONLY); /* not exclusive: allowed */
+	CHECK(again >= 0 && close(again) == 0 && close(excl) == 0);
+	excl = open(DEV0, O_RDONLY | O_EXCL); /* released with its last descriptor */
+	CHECK(excl >= 0 && close(excl) == 0);
+}
+
 static int client(void)
 {
 	const char *dir = getenv("BLKSNAP_TEST_DIR");
 	if (!dir) {
 		fprintf(stderr, "BLKSNAP_TEST_DIR not set\n");
 		return 2;
+	}
+	/* Nothing below may touch a real device: only run if DEV0 is the served one (a real
+	 * /dev/sdz is 65:160, and 8:240 is /dev/sdp). */
+	struct stat probe;
+	if (stat(DEV0, &probe) != 0 || !S_ISBLK(probe.st_mode) ||
+	    probe.st_rdev != makedev(DEV0_MAJOR, DEV0_MINOR)) {
+		fprintf(stderr, "preload_client[" PROFILE "]: " DEV0
+			" is not served: is libblksnap-preload.so preloaded?\n");
+		return 1;
 	}
 	unrelated_files(dir);
 
@@ -303,6 +372,9 @@ static int client(void)
 	CHECK(writev(dev1, iov, 2) == 512 && lseek(dev1, 0, SEEK_CUR) == 8192 + 512);
 	memcpy(orig1 + 8192, orig1 + 4096, 512);
 	CHECK(fdatasync(dev1) == 0);
+	entry_points();
+	CHECK(pread(dev1, buf, 512, 512) == 512);
+	memcpy(orig1 + 512, buf, 512); /* entry_points() rewrote that sector */
 
 	/* Attach the filter (EALREADY the second time; an unknown filter name is ENOENT). */
 	CHECK(filter_attach(dev0) == 0);
@@ -441,12 +513,19 @@ static int client(void)
 	CHECK(dup2(control, d3) == d3 && ioctl(d3, IOCTL_BLKSNAP_VERSION, &ver) == 0);
 	CHECK(close(d3) == 0);
 	CHECK_ERR(ioctl(d3, BLKGETSIZE64, &size), EBADF);
+	fflush(NULL);
 	pid_t pid = fork();
 	if (pid == 0) {
 		/* The child has the same descriptors and engine state. */
 		int ok = pread(img1, buf, DISK1_BYTES, 0) == DISK1_BYTES &&
 			 memcmp(buf, orig1, DISK1_BYTES) == 0 && close(img1) == 0;
-		_exit(ok ? 0 : 1);
+		free(orig0);
+		free(orig1);
+		free(buf);
+		free(fresh);
+		free(map);
+		free(ev);
+		exit(ok ? 0 : 1);
 	}
 	int status = -1;
 	CHECK(pid > 0 && waitpid(pid, &status, 0) == pid && WIFEXITED(status) &&

@@ -198,7 +198,21 @@ fn create_engine() -> Res<c_int> {
         eprintln!("libblksnap-preload: cannot serve the configured devices ({})", e.name());
         e.code()
     })?;
-    handles::insert(Arc::new(instance)).map_err(|negative| -negative)
+    let handle = handles::insert(Arc::new(instance)).map_err(|negative| -negative)?;
+    // SAFETY: registers a plain `extern "C" fn()` (glibc ties it to this object).
+    unsafe { libc::atexit(release_engine) };
+    Ok(handle)
+}
+
+/// At exit: closes the engine's handle, so the engine (and its backing files) is released
+/// unless a call is still using it (memory checkers then see no leak).
+extern "C" fn release_engine() {
+    let Some(_inside) = crate::guard::Inside::enter() else { return };
+    crate::guard::catch((), || {
+        if let Some(Ok(handle)) = ENGINE.get() {
+            handles::remove(*handle);
+        }
+    });
 }
 
 /// The engine (created on first use; the same for the whole process).
