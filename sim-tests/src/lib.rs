@@ -136,6 +136,11 @@ pub enum Op {
     SetStorageMinimum {
         sectors: u64,
     },
+    /// New chunk and CBT block minimum shifts (later attaches and takes use them).
+    SetShifts {
+        chunk_minimum_shift: u32,
+        tracking_block_minimum_shift: u32,
+    },
     AdvanceClock {
         ns: u64,
     },
@@ -362,6 +367,10 @@ pub struct DiskSetup {
     /// io_min in sectors.
     pub io_min_sectors: u64,
 }
+
+/// [`Harness::check_state`] compares the storage of every alive snapshot and of this many of the
+/// most recently created ids.
+pub const RECENT_IDS_CHECKED: usize = 16;
 
 /// Sectors of each v3 storage backend (append targets).
 pub const APPEND_BACKEND_SECTORS: u64 = 512;
@@ -754,6 +763,16 @@ impl Harness {
                 self.same(&what, &m, &e)?;
                 self.same("params after set", &Ok(self.model.params()), &Ok(self.engine.params()))
             }
+            Op::SetShifts { chunk_minimum_shift, tracking_block_minimum_shift } => {
+                let p = Params {
+                    chunk_minimum_shift,
+                    tracking_block_minimum_shift,
+                    ..self.model.params()
+                };
+                let (m, e) = (self.model.set_params(p), self.engine.set_params(p));
+                self.same(&what, &m, &e)?;
+                self.same("params after set", &Ok(self.model.params()), &Ok(self.engine.params()))
+            }
             Op::AdvanceClock { ns } => {
                 self.model.advance_clock(ns);
                 self.engine.advance_clock(ns);
@@ -777,7 +796,14 @@ impl Harness {
             let (m, e) = (self.model.snapshot_info(d), self.engine.snapshot_info(d));
             self.same(&format!("state snapshot_info {d}"), &m, &e)?;
         }
-        for s in self.snapshots.clone() {
+        // Every alive id, and the most recent ids (destroyed ones must be unknown to both): all
+        // of them would make long simulations quadratic, and collect covers the rest.
+        let mut ids = self.model.snapshot_collect();
+        let recent = self.snapshots.len().saturating_sub(RECENT_IDS_CHECKED);
+        ids.extend(
+            self.snapshots[recent..].iter().filter(|id| !ids.contains(id)).collect::<Vec<_>>(),
+        );
+        for s in ids {
             let (m, e) = (self.model.storage_stats(s), self.engine.storage_stats(s));
             self.same(&format!("state storage_stats {s}"), &m, &e)?;
         }

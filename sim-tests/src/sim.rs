@@ -177,6 +177,7 @@ fn op_name(op: &Op) -> &'static str {
         Op::TornFault { .. } => "torn_fault",
         Op::FailGrowth { .. } => "fail_growth",
         Op::SetStorageMinimum { .. } => "set_storage_minimum",
+        Op::SetShifts { .. } => "set_shifts",
         Op::AdvanceClock { .. } => "advance_clock",
     }
 }
@@ -229,7 +230,8 @@ pub struct Checker {
     pub h: Harness,
     disk_sectors: Vec<u64>,
     disk_io_min: Vec<u64>,
-    params_chunk: Params,
+    /// Chunks of each disk's diff area (layout at its take).
+    area_chunks: BTreeMap<usize, u64>,
     /// Alive snapshots → member disks (add order), from the operations' results.
     members: BTreeMap<SnapshotId, Vec<usize>>,
     /// Index in `h.snapshots` of each id.
@@ -268,7 +270,7 @@ impl Checker {
             h: Harness::new(params, disks, seed),
             disk_sectors: disks.iter().map(|d| d.sectors).collect(),
             disk_io_min: disks.iter().map(|d| d.io_min_sectors).collect(),
-            params_chunk: params,
+            area_chunks: BTreeMap::new(),
             members: BTreeMap::new(),
             snap_index: BTreeMap::new(),
             taken: BTreeSet::new(),
@@ -543,7 +545,10 @@ impl Checker {
                 let id = self.h.snapshot_id(snap);
                 self.taken.insert(id);
                 self.stats.snapshots_taken += 1;
+                let params = self.h.model.params();
                 for d in self.members[&id].clone() {
+                    let layout = chunk_layout(&params, self.disk_sectors[d], self.disk_io_min[d]);
+                    self.area_chunks.insert(d, layout.chunk_count);
                     let bytes = self.disk_sectors[d] * SECTOR_SIZE_BYTES;
                     let data = self.h.peek_origin(d, 0, bytes);
                     self.frozen.insert(d, Frozen { data, alternatives: BTreeMap::new() });
@@ -760,13 +765,7 @@ impl Checker {
             .filter(|(id, _)| self.taken.contains(id))
             .flat_map(|(_, m)| m.iter().copied())
             .collect();
-        let chunk_bound: u64 = taken_members
-            .iter()
-            .map(|&d| {
-                chunk_layout(&self.params_chunk, self.disk_sectors[d], self.disk_io_min[d])
-                    .chunk_count
-            })
-            .sum();
+        let chunk_bound: u64 = taken_members.iter().map(|d| self.area_chunks[d]).sum();
         let expected = LiveCounts {
             snapshots: alive,
             trackers: attached,
@@ -832,6 +831,7 @@ enum Planned {
     Add(usize),
     Append,
     Take,
+    Destroy,
 }
 
 /// A run's outcome.
@@ -913,6 +913,9 @@ pub struct Sim {
 
 const DISK_SECTORS: [u64; 7] = [8, 64, 75, 131, 200, 256, 256];
 
+/// One step in this many starts a take storm (about 1,300 steps).
+const TAKE_STORM_ODDS: u64 = 10_000;
+
 impl Sim {
     /// A simulation of `config`, its trace to `trace_out`.
     pub fn new(config: SimConfig, trace_out: Option<Box<dyn Write + Send>>) -> Sim {
@@ -972,7 +975,7 @@ impl Sim {
         for _ in 0..self.config.steps {
             let op = self.next_op();
             self.c.step(&op)?;
-            self.after(&op);
+            self.after(&op)?;
         }
         self.c.finish()
     }
@@ -1005,7 +1008,7 @@ impl Sim {
     }
 
     /// Bookkeeping the generator needs from an operation's result.
-    fn after(&mut self, op: &Op) {
+    fn after(&mut self, op: &Op) -> Result<(), String> {
         let ok = self.c.h.last.errno.is_none();
         match op {
             Op::Create { .. } if ok && self.plan_target == Some(SnapshotId::default()) => {
@@ -1021,6 +1024,14 @@ impl Sim {
                 let owner = &mut self.owner[backend % APPEND_BACKENDS];
                 for r in ranges.iter().filter(|r| r.count > 0) {
                     for s in r.offset..r.offset + r.count {
+                        if owner[s as usize].is_some_and(|o| o != id) {
+                            // Two alive snapshots sharing storage corrupt each other: the
+                            // contract leaves that to the user, so the workload must not.
+                            return Err(format!(
+                                "workload error: backend {backend} sector {s} appended to two \
+                                 alive snapshots"
+                            ));
+                        }
                         owner[s as usize] = Some(id);
                     }
                 }
@@ -1035,6 +1046,7 @@ impl Sim {
             }
             _ => {}
         }
+        Ok(())
     }
 
     fn next_op(&mut self) -> Op {
@@ -1048,6 +1060,10 @@ impl Sim {
             self.plan_target = None;
             let alive = self.c.alive();
             let healthy = alive.iter().any(|id| self.c.is_healthy(*id));
+            if self.rng.below(TAKE_STORM_ODDS) == 0 {
+                self.plan_take_storm();
+                continue;
+            }
             if (!healthy && self.rng.chance(20)) || (alive.len() < 2 && self.rng.chance(1)) {
                 self.plan_lifecycle();
                 continue;
@@ -1081,6 +1097,34 @@ impl Sim {
                 self.c.is_ranges(id).then(|| self.append_op(id, true))
             }
             Planned::Take => Some(Op::Take { snap: self.c.index_of(target?) }),
+            Planned::Destroy => Some(Op::Destroy { snap: self.c.index_of(target?) }),
+        }
+    }
+
+    /// A take storm: 260 quick snapshots of one free disk (create, add, write, take, destroy),
+    /// so its CBT numbering wraps past 255 and the wrap's rules (new generation, numbering from
+    /// 1, stale read map) are checked.
+    fn plan_take_storm(&mut self) {
+        let n = self.c.disks();
+        let free: Vec<usize> = (0..n).filter(|&d| self.c.snapshot_of(d).is_none()).collect();
+        if free.is_empty() {
+            return;
+        }
+        let disk = self.rng.pick(&free);
+        if !self.c.is_attached(disk) {
+            self.plan.push_back(Planned::Op(Op::Attach { disk }));
+        }
+        let sectors = self.c.disk_sectors(disk);
+        let storage =
+            StorageKind::File { initial_sectors: 2 * sectors, limit_sectors: 0, growable: false };
+        for _ in 0..260 {
+            let (sector, count) = self.io_range(disk);
+            let seed = self.rng.next_u64() as u8;
+            self.plan.push_back(Planned::Create(storage));
+            self.plan.push_back(Planned::Add(disk));
+            self.plan.push_back(Planned::Op(Op::Write { disk, sector, sectors: count, seed }));
+            self.plan.push_back(Planned::Take);
+            self.plan.push_back(Planned::Destroy);
         }
     }
 
@@ -1228,7 +1272,7 @@ impl Sim {
             10,  // 19 fault
             5,   // 20 torn fault
             3,   // 21 growth fault
-            4,   // 22 set storage minimum
+            6,   // 22 set storage minimum or shifts
             10,  // 23 advance clock
             5,   // 24 whole-image read
         ];
@@ -1282,9 +1326,17 @@ impl Sim {
             11 => {
                 let alive = self.c.alive();
                 if alive.is_empty() || self.rng.chance(10) {
+                    // Any snapshot index (maybe destroyed or unknown): a range nobody owns, or
+                    // one past the backend's end.
                     let snap = self.pick_snap();
                     let backend = self.rng.below(2) as usize;
-                    Op::Append { snap, backend, ranges: vec![SectorRange::new(0, 8)] }
+                    let free = self.owner[backend][..8].iter().all(Option::is_none);
+                    let range = if free {
+                        SectorRange::new(0, 8)
+                    } else {
+                        SectorRange::new(APPEND_BACKEND_SECTORS - 4, 8)
+                    };
+                    Op::Append { snap, backend, ranges: vec![range] }
                 } else {
                     let id = self.rng.pick(&alive);
                     self.append_op(id, false)
@@ -1326,7 +1378,13 @@ impl Sim {
             21 => Op::FailGrowth {
                 errno: self.rng.pick(&[Errno::ENOSPC, Errno::ENOSPC, Errno::EIO, Errno::EFBIG]),
             },
-            22 => Op::SetStorageMinimum { sectors: self.rng.pick(&[16, 64, 64, 100, 256]) },
+            22 if self.rng.chance(70) => {
+                Op::SetStorageMinimum { sectors: self.rng.pick(&[16, 64, 64, 100, 256]) }
+            }
+            22 => Op::SetShifts {
+                chunk_minimum_shift: self.rng.pick(&[12, 12, 13, 14]),
+                tracking_block_minimum_shift: self.rng.pick(&[12, 12, 13, 11]),
+            },
             23 => Op::AdvanceClock { ns: self.rng.below(2_000_000_000) },
             _ => {
                 let disk = self.pick_disk();
@@ -1498,6 +1556,8 @@ pub struct SweepRun {
     pub origin_write_errors: u64,
     /// Diff areas corrupted.
     pub corruptions: u64,
+    /// Operations that returned an error.
+    pub failed_ops: u64,
 }
 
 /// What the sweep did.
@@ -1511,8 +1571,12 @@ pub struct SweepReport {
     pub runs: usize,
     /// Runs in which an origin write failed (and was checked: prefix or old data, never loss).
     pub runs_with_origin_write_error: usize,
-    /// Runs in which a diff area was corrupted.
+    /// Runs in which more diff areas were corrupted than in the fault-free run.
     pub runs_with_corruption: usize,
+    /// Runs in which more operations failed than in the fault-free run (the fault surfaced).
+    pub runs_with_more_errors: usize,
+    /// The fault-free run.
+    pub baseline: SweepRun,
     /// I/Os per (target, op) of the counting run.
     pub by_kind: BTreeMap<(IoTarget, IoOp), usize>,
     /// Failures: "k=…, fault …: message" with the trace tail.
@@ -1558,7 +1622,9 @@ pub fn sweep_run(
         .iter()
         .map(|k| c.stats.ops.get(k).map_or(0, |(_, f)| *f))
         .sum();
-    Ok((SweepRun { origin_write_errors, corruptions: c.stats.corruptions }, c.h.io_records()))
+    let failed_ops = c.stats.ops.values().map(|(_, f)| f).sum();
+    let run = SweepRun { origin_write_errors, corruptions: c.stats.corruptions, failed_ops };
+    Ok((run, c.h.io_records()))
 }
 
 /// The fault sweep: count the I/Os of the fixed workload, then fail each one (EIO; torn as well
@@ -1566,7 +1632,10 @@ pub fn sweep_run(
 pub fn sweep(mut progress: impl FnMut(usize, usize)) -> SweepReport {
     let mut report = SweepReport::default();
     let records = match sweep_run(None, true) {
-        Ok((_, records)) => records,
+        Ok((baseline, records)) => {
+            report.baseline = baseline;
+            records
+        }
         Err(m) => {
             report.failures.push(format!("the fault-free run failed: {m}"));
             return report;
@@ -1598,8 +1667,10 @@ pub fn sweep(mut progress: impl FnMut(usize, usize)) -> SweepReport {
         report.runs += 1;
         match sweep_run(Some(*inj), false) {
             Ok((run, _)) => {
+                let base = report.baseline;
                 report.runs_with_origin_write_error += usize::from(run.origin_write_errors > 0);
-                report.runs_with_corruption += usize::from(run.corruptions > 0);
+                report.runs_with_corruption += usize::from(run.corruptions > base.corruptions);
+                report.runs_with_more_errors += usize::from(run.failed_ops > base.failed_ops);
             }
             Err(m) => report.failures.push(format!(
                 "k={} ({:?} {:?} at step {}), {:?}: {m}",
@@ -1625,8 +1696,18 @@ impl SweepReport {
         );
         let _ = writeln!(
             s,
-            "  runs with an origin-write error {} (prefix-or-old checked), with a corruption {}",
-            self.runs_with_origin_write_error, self.runs_with_corruption
+            "  runs where the fault surfaced {} (more failed operations than the fault-free run)",
+            self.runs_with_more_errors
+        );
+        let _ = writeln!(
+            s,
+            "  runs with an origin-write error {} (device left old data or a prefix: checked)",
+            self.runs_with_origin_write_error
+        );
+        let _ = writeln!(
+            s,
+            "  runs with an extra corruption {} (fault-free run: {} diff areas corrupted)",
+            self.runs_with_corruption, self.baseline.corruptions
         );
         let _ = write!(s, "  failures                     {}", self.failures.len());
         for f in &self.failures {

@@ -52,6 +52,7 @@ fn fail_every_io_once() {
     assert!(report.ios >= 100, "the workload issues only {} I/Os", report.ios);
     assert_eq!(report.runs, 1 + report.ios + report.writes);
     assert!(report.runs_with_origin_write_error > 0 && report.runs_with_corruption > 0);
+    assert!(report.runs_with_more_errors > report.ios / 2, "most faults must surface");
 }
 
 /// The fault-free sweep workload passes on its own, and recording I/O changes nothing.

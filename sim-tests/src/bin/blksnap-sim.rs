@@ -89,6 +89,11 @@ fn run_once(
     watched(format!("seed {}", config.seed), heartbeat, move || s.run())
 }
 
+/// Prints a line to stdout; a closed pipe (`| head`) is not an error worth a panic.
+fn say(text: impl std::fmt::Display) {
+    let _ = writeln!(std::io::stdout(), "{text}");
+}
+
 fn main() -> ExitCode {
     let m = command().get_matches();
     if m.get_flag("sweep") {
@@ -99,7 +104,7 @@ fn main() -> ExitCode {
                 }
             })
         });
-        println!("{}", report.render());
+        say(report.render());
         return if report.failures.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE };
     }
     let config = SimConfig {
@@ -122,28 +127,28 @@ fn main() -> ExitCode {
     let first = match run_once(config, out) {
         Ok(r) => r,
         Err(f) => {
-            println!("{f}");
+            say(f);
             return ExitCode::FAILURE;
         }
     };
-    println!("{}", first.render());
+    say(first.render());
     if m.get_flag("check-determinism") {
         match run_once(config, None) {
             Ok(second) if second.trace_hash == first.trace_hash && second.stats == first.stats => {
-                println!(
+                say(format!(
                     "determinism: OK, two runs of seed {} gave trace hash {:016x}",
                     config.seed, first.trace_hash
-                );
+                ));
             }
             Ok(second) => {
-                println!(
+                say(format!(
                     "determinism: FAILED, seed {} gave trace hashes {:016x} and {:016x}",
                     config.seed, first.trace_hash, second.trace_hash
-                );
+                ));
                 return ExitCode::FAILURE;
             }
             Err(f) => {
-                println!("determinism: FAILED, the second run failed:\n{f}");
+                say(format!("determinism: FAILED, the second run failed:\n{f}"));
                 return ExitCode::FAILURE;
             }
         }
