@@ -169,6 +169,21 @@ impl Engine {
         Ok(())
     }
 
+    /// Unregister a disk (its block device is going away): EBUSY while it is in a snapshot;
+    /// its tracker, if any, goes with it. ENODEV if not registered.
+    pub fn remove_disk(&self, dev: DeviceId) -> Result<()> {
+        let disk = self.disk(dev)?;
+        let mut gate = disk.gate.write();
+        if gate.tracker.as_ref().is_some_and(|t| t.owner.lock().is_some()) {
+            return Err(Error::new(Errno::EBUSY, "the device is in a snapshot: destroy it first"));
+        }
+        let tracker = gate.tracker.take();
+        drop(gate);
+        self.disks.write().remove(&dev);
+        drop(tracker);
+        Ok(())
+    }
+
     /// Capacity of a registered disk in bytes.
     pub fn disk_capacity_bytes(&self, dev: DeviceId) -> Result<u64> {
         Ok(self.disk(dev)?.capacity_bytes)

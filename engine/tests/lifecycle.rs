@@ -196,3 +196,20 @@ fn cbt_survives_a_clean_restart() {
     e3.add_disk(D0, mem(128 * KIB), 1).unwrap();
     assert_eq!(e3.attach_with_cbt(D0, &saved).unwrap_err().errno, Errno::EINVAL, "resized");
 }
+
+#[test]
+fn remove_disk_refuses_a_member_and_frees_the_number() {
+    let e = engine();
+    e.add_disk(D0, mem(64 * KIB), 1).unwrap();
+    e.attach(D0).unwrap();
+    let id = e.snapshot_create(StorageSpec::Ranges).unwrap();
+    e.snapshot_add(id, D0).unwrap();
+    assert_eq!(e.remove_disk(D0).unwrap_err().errno, Errno::EBUSY);
+    e.snapshot_destroy(id).unwrap();
+    e.remove_disk(D0).unwrap();
+    assert_eq!(e.remove_disk(D0).unwrap_err().errno, Errno::ENODEV);
+    assert_eq!(e.cbt_info(D0).unwrap_err().errno, Errno::ENODEV);
+    assert_eq!(e.live(), LiveCounts::default(), "tracker freed with the disk");
+    // the number can be registered again (a new device that got the same MAJ:MIN)
+    e.add_disk(D0, mem(64 * KIB), 1).unwrap();
+}

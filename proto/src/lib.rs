@@ -6,10 +6,15 @@
 //! [`RequestFrame`] (client → daemon) or a [`ResponseFrame`] (daemon → client). One request, one
 //! response, in order; a connection may carry any number of them.
 //!
-//! Versioning: every frame carries [`PROTOCOL_VERSION`]. A daemon answers a request of another
-//! version with `EPROTO`-like [`WireError`] `{errno: EINVAL, message: "protocol version ..."}` and
-//! the version it speaks in the response frame, then closes the connection; message layouts
-//! never change within a version (variants are only appended in a new version).
+//! Versioning: every frame carries [`PROTOCOL_VERSION`]. Message layouts never change within a
+//! version; a new version only appends variants, so a daemon accepts every version from
+//! [`MIN_PROTOCOL_VERSION`] to its own (version 2 appended [`Request::AddDevice`],
+//! [`Request::RemoveDevice`] and [`Reply::Device`]; a request that names a variant its frame's
+//! version does not have is refused). A daemon answers a request of a version outside that range
+//! with [`WireError`] `{errno: EINVAL, message: "protocol version ..."}` and the version it speaks
+//! in the response frame, then closes the connection.
+//!
+//! [`client::Client`] is a small blocking client (one request at a time on one connection).
 //!
 //! Validation: decoding checks the frame length (≤ [`MAX_FRAME_BYTES`]), that the whole payload
 //! is consumed, and then every field ([`Request::validate`], [`ResponseFrame::validate`]): range
@@ -27,8 +32,12 @@ use blksnap_model::{
 };
 use serde::{Deserialize, Serialize};
 
+pub mod client;
+
 /// The protocol version this crate speaks.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
+/// The oldest version a daemon of this crate still accepts.
+pub const MIN_PROTOCOL_VERSION: u32 = 1;
 /// Where the daemon listens unless configured otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/blksnap/control";
 /// Largest frame payload either side accepts.
@@ -202,6 +211,20 @@ pub enum Request {
     StorageStats {
         /// The snapshot.
         id: Id,
+    },
+    /// (v2) Serve another tracked device in front of `backing` (a regular file or block device
+    /// opened by the daemon); answered with [`Reply::Device`]. EALREADY if already served.
+    AddDevice {
+        /// Absolute path of the backing.
+        backing: String,
+        /// Attach the tracker at once.
+        attach: bool,
+    },
+    /// (v2) Stop serving a tracked device and remove its block device (its tracker goes with
+    /// it). EBUSY while it is in a snapshot; ENODEV if not served.
+    RemoveDevice {
+        /// The tracked device.
+        dev: Dev,
     },
 }
 
@@ -395,6 +418,8 @@ pub enum Reply {
     Event(EventW),
     /// Answer to [`Request::StorageStats`].
     Stats(StatsW),
+    /// (v2) Answer to [`Request::AddDevice`].
+    Device(DeviceEntry),
 }
 
 /// A failed request: the errno the engine (or the daemon) returned and why.
@@ -493,7 +518,23 @@ fn check_ranges(ranges: &[Range]) -> Result<(), Error> {
     Ok(())
 }
 
+fn check_entry(d: &DeviceEntry) -> Result<(), Error> {
+    check_path(&d.path)?;
+    if !d.backing.is_empty() {
+        check_path(&d.backing)?;
+    }
+    Ok(())
+}
+
 impl Request {
+    /// The first protocol version that has this request.
+    pub fn since_version(&self) -> u32 {
+        match self {
+            Request::AddDevice { .. } | Request::RemoveDevice { .. } => 2,
+            _ => 1,
+        }
+    }
+
     /// Checks every field; the daemon refuses invalid requests with EINVAL before any work.
     pub fn validate(&self) -> Result<(), Error> {
         match self {
@@ -512,6 +553,7 @@ impl Request {
                 check_path(path)?;
                 check_ranges(ranges)
             }
+            Request::AddDevice { backing, .. } => check_path(backing),
             _ => Ok(()),
         }
     }
@@ -532,12 +574,10 @@ impl ResponseFrame {
                     return Err(invalid("device list too long"));
                 }
                 for d in list {
-                    check_path(&d.path)?;
-                    if !d.backing.is_empty() {
-                        check_path(&d.backing)?;
-                    }
+                    check_entry(d)?;
                 }
             }
+            Ok(Reply::Device(d)) => check_entry(d)?,
             Ok(Reply::CbtMap(map)) if map.len() > MAX_CBTMAP_LEN as usize => {
                 return Err(invalid("cbtmap reply too long"));
             }
@@ -590,10 +630,19 @@ pub fn decode<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, Error> {
     Ok(msg)
 }
 
-/// Decodes and validates a request frame payload.
+/// Whether a daemon of this crate serves requests of `version`.
+pub fn version_supported(version: u32) -> bool {
+    (MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&version)
+}
+
+/// Decodes and validates a request frame payload (of a supported version: a request the
+/// frame's version does not have is EINVAL).
 pub fn decode_request(body: &[u8]) -> Result<RequestFrame, Error> {
     let frame: RequestFrame = decode(body)?;
-    if frame.version == PROTOCOL_VERSION {
+    if version_supported(frame.version) {
+        if frame.request.since_version() > frame.version {
+            return Err(invalid("request not in the frame's protocol version"));
+        }
         frame.request.validate()?;
     }
     Ok(frame)
@@ -674,9 +723,34 @@ mod tests {
             Request::SnapshotInfo { dev },
             Request::WaitEvent { id, timeout_ms: 10 },
             Request::StorageStats { id },
+            Request::AddDevice { backing: "/tmp/disk.img".into(), attach: true },
+            Request::RemoveDevice { dev },
         ] {
             round_trip_request(req);
         }
+    }
+
+    #[test]
+    fn versions() {
+        // v1 frames decode with the v1 variants (indices unchanged by the appended ones)...
+        let v1 = RequestFrame { version: 1, request: Request::SnapshotCollect };
+        let bytes = encode(&v1).unwrap();
+        assert_eq!(decode_request(&bytes[4..]).unwrap(), v1);
+        // ...but may not use a v2 request
+        let v1_add = RequestFrame {
+            version: 1,
+            request: Request::RemoveDevice { dev: Dev { major: 1, minor: 2 } },
+        };
+        let bytes = encode(&v1_add).unwrap();
+        assert_eq!(decode_request(&bytes[4..]).unwrap_err().errno, Errno::EINVAL);
+        assert!(version_supported(1) && version_supported(2));
+        assert!(!version_supported(0) && !version_supported(3));
+        let bad = RequestFrame {
+            version: PROTOCOL_VERSION,
+            request: Request::AddDevice { backing: "relative".into(), attach: false },
+        };
+        let bytes = encode(&bad).unwrap();
+        assert_eq!(decode_request(&bytes[4..]).unwrap_err().errno, Errno::EINVAL);
     }
 
     #[test]

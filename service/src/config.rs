@@ -8,6 +8,7 @@
 //! queues = 2                        # per ublk device; default: one per core
 //! queue_depth = 64
 //! io_buf_bytes = 524288
+//! state_dir = "/var/lib/blksnap"  # CBT kept across clean restarts; crash marker; device map
 //!
 //! [[device]]
 //! backing = "/var/lib/vm/disk0.img" # regular file or block device
@@ -78,6 +79,9 @@ pub struct Config {
     /// Largest I/O in bytes.
     #[serde(default = "default_io_buf")]
     pub io_buf_bytes: u32,
+    /// State directory (`crate::state`): saved CBT, the running marker, the device map.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
     /// Tracked devices.
     #[serde(default, rename = "device")]
     pub devices: Vec<DeviceConfig>,
@@ -94,6 +98,9 @@ fn default_link_dir() -> PathBuf {
 }
 fn default_links() -> Vec<LinkStyle> {
     vec![LinkStyle::V3, LinkStyle::Newest]
+}
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/blksnap")
 }
 fn default_depth() -> u16 {
     64
@@ -112,6 +119,7 @@ impl Default for Config {
             queues: None,
             queue_depth: default_depth(),
             io_buf_bytes: default_io_buf(),
+            state_dir: default_state_dir(),
             devices: Vec::new(),
         }
     }
@@ -134,8 +142,11 @@ impl Config {
 
     /// Checks the values.
     pub fn validate(&self) -> Result<(), String> {
-        if !self.socket.is_absolute() || !self.link_dir.is_absolute() {
-            return Err("socket and link_dir must be absolute paths".into());
+        if !self.socket.is_absolute()
+            || !self.link_dir.is_absolute()
+            || !self.state_dir.is_absolute()
+        {
+            return Err("socket, link_dir and state_dir must be absolute paths".into());
         }
         if self.queues == Some(0) || self.queues.is_some_and(|q| q > 64) {
             return Err("queues must be 1..=64".into());

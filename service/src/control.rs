@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use blksnap_model::Errno;
 use blksnap_proto::{
-    decode_request, read_frame, write_frame, Reply, Request, RequestFrame, ResponseFrame,
+    decode_request, read_frame, write_frame, Reply, RequestFrame, ResponseFrame,
     WireError, PROTOCOL_VERSION,
 };
 
@@ -149,10 +149,11 @@ pub fn serve_connection(mut stream: UnixStream, daemon: &Daemon, group: Option<u
                 return;
             }
         };
-        if frame.version != PROTOCOL_VERSION {
+        if !blksnap_proto::version_supported(frame.version) {
             let msg = format!(
-                "protocol version {} not supported (this daemon speaks {PROTOCOL_VERSION})",
-                frame.version
+                "protocol version {} not supported (this daemon speaks {}..={PROTOCOL_VERSION})",
+                frame.version,
+                blksnap_proto::MIN_PROTOCOL_VERSION
             );
             let _ = respond(&mut stream, Err(WireError::new(Errno::EINVAL, msg)));
             return;
@@ -164,33 +165,5 @@ pub fn serve_connection(mut stream: UnixStream, daemon: &Daemon, group: Option<u
     }
 }
 
-/// A client of the control socket.
-pub struct Client {
-    stream: UnixStream,
-}
-
-impl Client {
-    /// Connects to `path`.
-    pub fn connect(path: &Path) -> io::Result<Client> {
-        Ok(Client { stream: UnixStream::connect(path)? })
-    }
-
-    /// Sends one request and waits for its answer.
-    pub fn call(&mut self, request: Request) -> io::Result<Result<Reply, WireError>> {
-        write_frame(&mut self.stream, &RequestFrame { version: PROTOCOL_VERSION, request })?;
-        let body = read_frame(&mut self.stream)?
-            .ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "daemon hung up"))?;
-        let frame = blksnap_proto::decode_response(&body)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.detail))?;
-        Ok(frame.result)
-    }
-
-    /// [`Client::call`] with transport and request errors folded into one string error.
-    pub fn req(&mut self, request: Request) -> Result<Reply, String> {
-        match self.call(request) {
-            Ok(Ok(r)) => Ok(r),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(e) => Err(format!("transport: {e}")),
-        }
-    }
-}
+/// The blocking client (moved to `blksnap-proto`; re-exported for existing users).
+pub use blksnap_proto::client::Client;

@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
-use blksnap_engine::io::{Dev, FileDev};
+use blksnap_engine::io::{BlockDev, Dev, FileDev};
 
 use blksnap_engine::{Engine, StorageSpec};
 use blksnap_model::{DeviceId, Errno, Error, SectorRange, SnapshotId};
@@ -20,6 +20,7 @@ use blksnap_proto::{
 };
 
 use crate::config::Config;
+use crate::state::{Identity, MapEntry, MapRole, SavedCbt, StateDir};
 
 /// What one served device needs on its data path.
 pub struct Target {
@@ -64,6 +65,10 @@ pub trait Served: Send {
     fn path(&self) -> String;
     /// Removes it (even while open or mounted: later I/O fails) and releases everything.
     fn stop(self: Box<Self>);
+    /// The frontend's handle for recovering it after a crash (ublk: the device id N).
+    fn handle(&self) -> Option<u32> {
+        None
+    }
 }
 
 /// Makes block devices.
@@ -76,6 +81,29 @@ pub trait Frontend: Send + Sync {
         target: Arc<Target>,
         started: Box<dyn FnOnce(DeviceId) -> Result<(), Error> + Send>,
     ) -> Result<Box<dyn Served>, Error>;
+
+    /// Whether the device `handle`, left by a previous run that did not stop cleanly, can be
+    /// taken over ([`Frontend::recover`]): it exists, was made recoverable and has
+    /// `capacity_bytes`.
+    fn recoverable(&self, _handle: u32, _capacity_bytes: u64) -> bool {
+        false
+    }
+
+    /// Takes over the device `handle` of a previous run (user recovery): the block device, its
+    /// number and whatever is mounted on it stay; I/O queued meanwhile is served now.
+    /// `started` runs before any I/O reaches the engine.
+    fn recover(
+        &self,
+        _handle: u32,
+        _name: &str,
+        _target: Arc<Target>,
+        _started: Box<dyn FnOnce(DeviceId) -> Result<(), Error> + Send>,
+    ) -> Result<Box<dyn Served>, Error> {
+        Err(Error::new(Errno::EOPNOTSUPP, "this frontend cannot recover devices"))
+    }
+
+    /// Deletes a device a previous run left behind (an image, or an origin not recovered).
+    fn remove_stale(&self, _handle: u32) {}
 }
 
 /// A frontend with no block devices: origins get ids `240:N` (a local/experimental major);
@@ -121,6 +149,8 @@ struct Origin {
     served: Box<dyn Served>,
     target: Arc<Target>,
     backing_path: PathBuf,
+    /// Canonical backing path (the device's identity in the state directory).
+    canonical: String,
 }
 
 struct Image {
@@ -147,12 +177,67 @@ pub struct Daemon {
     frontend: Box<dyn Frontend>,
     config: Config,
     state: Mutex<State>,
+    persist: Mutex<Option<StateDir>>,
+}
+
+/// How [`Daemon::add_origin_with`] brings a device up.
+#[derive(Default)]
+pub struct OriginStart {
+    /// Attach the tracker (fresh generation) unless `cbt` is given.
+    pub attach: bool,
+    /// Attach with this saved CBT (same generation as before the restart).
+    pub cbt: Option<blksnap_engine::cbt::CbtState>,
+    /// Recover this frontend device of the previous run instead of adding a new one.
+    pub recover: Option<u32>,
 }
 
 impl Daemon {
     /// A daemon with no devices yet.
     pub fn new(engine: Arc<Engine>, frontend: Box<dyn Frontend>, config: Config) -> Daemon {
-        Daemon { engine, frontend, config, state: Mutex::new(State::default()) }
+        Daemon {
+            engine,
+            frontend,
+            config,
+            state: Mutex::new(State::default()),
+            persist: Mutex::new(None),
+        }
+    }
+
+    /// A daemon that persists CBT across clean restarts and recovers devices after unclean
+    /// ones, in `state` ([`crate::state`]).
+    pub fn with_state(
+        engine: Arc<Engine>,
+        frontend: Box<dyn Frontend>,
+        config: Config,
+        state: StateDir,
+    ) -> Daemon {
+        let d = Daemon::new(engine, frontend, config);
+        *d.persist.lock().unwrap_or_else(|p| p.into_inner()) = Some(state);
+        d
+    }
+
+    fn persist(&self) -> std::sync::MutexGuard<'_, Option<StateDir>> {
+        self.persist.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Rewrites the device map of the state directory (if any).
+    fn save_map(&self, st: &State) {
+        let persist = self.persist();
+        let Some(sd) = persist.as_ref() else { return };
+        let mut map = Vec::new();
+        for o in st.origins.values() {
+            if let Some(handle) = o.served.handle() {
+                map.push(MapEntry { handle, role: MapRole::Origin(o.canonical.clone()) });
+            }
+        }
+        for i in st.images.values() {
+            if let Some(handle) = i.served.handle() {
+                map.push(MapEntry { handle, role: MapRole::Image });
+            }
+        }
+        if let Err(e) = sd.save_map(&map) {
+            eprintln!("blksnapd: {e}");
+        }
     }
 
     /// The engine.
@@ -171,6 +256,16 @@ impl Daemon {
 
     /// Serves `backing` as a tracked device (attached at once when `attach`); returns its id.
     pub fn add_origin(&self, backing: &Path, attach: bool) -> Result<DeviceId, Error> {
+        self.add_origin_with(backing, OriginStart { attach, ..OriginStart::default() })
+    }
+
+    /// Serves `backing` as a tracked device, as `how` says; returns its id.
+    pub fn add_origin_with(&self, backing: &Path, how: OriginStart) -> Result<DeviceId, Error> {
+        let canonical = std::fs::canonicalize(backing)
+            .map_or_else(|_| backing.display().to_string(), |p| p.display().to_string());
+        if self.state().origins.values().any(|o| o.canonical == canonical) {
+            return Err(Error::new(Errno::EALREADY, "this backing is already served"));
+        }
         let file = FileDev::open(backing, true)?;
         let dev: Dev = Arc::new(file);
         let target = Arc::new(Target {
@@ -182,33 +277,136 @@ impl Daemon {
         });
         let engine = self.engine.clone();
         let t = target.clone();
+        let OriginStart { attach, cbt, recover } = how;
         let started = Box::new(move |id: DeviceId| {
             engine.add_disk(id, dev, 1)?;
-            if attach {
-                engine.attach(id)?;
+            match &cbt {
+                Some(state) => {
+                    if let Err(e) = engine.attach_with_cbt(id, state) {
+                        eprintln!(
+                            "blksnapd: {id}: saved CBT refused by the engine ({e:?}): tracking \
+                             starts a new generation"
+                        );
+                        engine.attach(id)?;
+                    }
+                }
+                None if attach => engine.attach(id)?,
+                None => {}
             }
             *t.origin.write().unwrap_or_else(|p| p.into_inner()) = Some(id);
             Ok(())
         });
         let name = format!("blksnap-{}", backing.display());
-        let served = self.frontend.serve(&name, target.clone(), started)?;
+        let served = match recover {
+            Some(handle) => self.frontend.recover(handle, &name, target.clone(), started)?,
+            None => self.frontend.serve(&name, target.clone(), started)?,
+        };
         let id = served.dev();
-        self.state()
-            .origins
-            .insert(id, Origin { served, target, backing_path: backing.to_path_buf() });
+        let mut st = self.state();
+        st.origins
+            .insert(id, Origin { served, target, backing_path: backing.to_path_buf(), canonical });
+        self.save_map(&st);
         Ok(id)
     }
 
-    /// Serves every configured device.
+    /// Serves every configured device. With a state directory: after a clean stop, each
+    /// tracker comes back with its saved CBT (same generation); after an unclean one, the
+    /// previous run's origin devices are recovered (same block devices, filesystems stay
+    /// mounted), its image devices deleted, and every tracker starts a new generation.
     pub fn add_configured(&self) -> Result<Vec<DeviceId>, String> {
+        let (unclean, map) = match self.persist().as_ref() {
+            Some(sd) => (sd.unclean(), sd.load_map()),
+            None => (false, Vec::new()),
+        };
+        if unclean {
+            eprintln!(
+                "blksnapd: the previous run did not stop cleanly: every tracker starts a new \
+                 CBT generation; recovering its devices"
+            );
+            for e in &map {
+                if e.role == MapRole::Image {
+                    self.frontend.remove_stale(e.handle);
+                }
+            }
+        }
         let mut ids = Vec::new();
+        let mut recovered = Vec::new();
         for d in &self.config.devices {
+            let how = self.start_plan(&d.backing, d.attach, unclean, &map);
+            if let Some(h) = how.recover {
+                recovered.push(h);
+            }
             let id = self
-                .add_origin(&d.backing, d.attach)
+                .add_origin_with(&d.backing, how)
                 .map_err(|e| format!("{}: {e:?}", d.backing.display()))?;
             ids.push(id);
         }
+        for e in &map {
+            if matches!(e.role, MapRole::Origin(_)) && !recovered.contains(&e.handle) {
+                // A device of the previous run that is not configured any more.
+                self.frontend.remove_stale(e.handle);
+            }
+        }
         Ok(ids)
+    }
+
+    /// How the configured device `backing` comes up (see [`Daemon::add_configured`]); logs
+    /// the decision.
+    fn start_plan(
+        &self,
+        backing: &Path,
+        attach: bool,
+        unclean: bool,
+        map: &[MapEntry],
+    ) -> OriginStart {
+        let mut how = OriginStart { attach, ..OriginStart::default() };
+        let persist = self.persist();
+        let Some(sd) = persist.as_ref() else { return how };
+        let name = backing.display();
+        let capacity = FileDev::open(backing, false).map(|f| f.len_bytes()).unwrap_or(0);
+        let identity = match Identity::of(backing, capacity) {
+            Ok(i) => i,
+            Err(e) => {
+                eprintln!("blksnapd: {name}: {e}: CBT not restored");
+                return how;
+            }
+        };
+        if unclean {
+            let handle = map.iter().find_map(|e| match &e.role {
+                MapRole::Origin(b) if *b == identity.backing => Some(e.handle),
+                _ => None,
+            });
+            match handle {
+                Some(h) if self.frontend.recoverable(h, capacity) => {
+                    eprintln!("blksnapd: {name}: recovering its device {h} of the previous run");
+                    how.recover = Some(h);
+                }
+                Some(h) => {
+                    eprintln!("blksnapd: {name}: device {h} of the previous run cannot be recovered: a new device");
+                    self.frontend.remove_stale(h);
+                }
+                None => {}
+            }
+        }
+        match sd.take_cbt(&identity) {
+            Ok(Some(saved)) => {
+                eprintln!(
+                    "blksnapd: {name}: CBT restored (generation {}, changes number {})",
+                    blksnap_model::Uuid(saved.generation),
+                    saved.previous
+                );
+                how.cbt = Some(saved.cbt());
+            }
+            Ok(None) if attach => {
+                eprintln!("blksnapd: {name}: no saved CBT: tracking starts a new generation");
+            }
+            Ok(None) => {}
+            Err(why) if attach => {
+                eprintln!("blksnapd: {name}: saved CBT not used ({why}): tracking starts a new generation");
+            }
+            Err(why) => eprintln!("blksnapd: {name}: saved CBT not used ({why})"),
+        }
+        how
     }
 
     /// Served devices.
@@ -340,7 +538,31 @@ impl Daemon {
                 Reply::Event(e.wait_event(id.into(), timeout_ms)?.into())
             }
             Request::StorageStats { id } => Reply::Stats(e.storage_stats(id.into())?.into()),
+            Request::AddDevice { backing, attach } => {
+                let id = self.add_origin(Path::new(&backing), attach)?;
+                let entry = self.list().into_iter().find(|d| d.dev == id.into());
+                Reply::Device(entry.ok_or(Error::new(Errno::ENODEV, "device gone"))?)
+            }
+            Request::RemoveDevice { dev } => {
+                self.remove_origin(dev.into())?;
+                Reply::Done
+            }
         })
+    }
+
+    /// Stops serving the origin `dev` (EBUSY while it is in a snapshot, ENODEV if not served):
+    /// its tracker is dropped (no CBT is saved for it) and its block device removed.
+    pub fn remove_origin(&self, dev: DeviceId) -> Result<(), Error> {
+        let mut st = self.state();
+        if !st.origins.contains_key(&dev) {
+            return Err(Error::new(Errno::ENODEV, "not a served origin"));
+        }
+        self.engine.remove_disk(dev)?;
+        let o = st.origins.remove(&dev).expect("checked");
+        self.save_map(&st);
+        drop(st);
+        o.served.stop();
+        Ok(())
     }
 
     fn take(&self, id: SnapshotId) -> Result<(), Error> {
@@ -364,6 +586,7 @@ impl Daemon {
                 Ok(served) => {
                     let links = self.make_links(origin, &served.path());
                     st.images.insert(origin, Image { served, links });
+                    self.save_map(&st);
                 }
                 Err(err) => {
                     eprintln!("blksnapd: image of {origin}: cannot start its device: {err:?}");
@@ -403,6 +626,7 @@ impl Daemon {
                 images.push(img);
             }
         }
+        self.save_map(&st);
         drop(st);
         for img in images {
             for l in &img.links {
@@ -414,6 +638,8 @@ impl Daemon {
     }
 
     /// Clean stop: destroys every snapshot (removing images), then stops every origin device.
+    /// With a state directory, each origin's tracker is saved once its device is stopped (no
+    /// write can reach it any more) and its backing flushed; the marker goes last.
     pub fn shutdown(&self) {
         for id in self.engine.snapshot_collect() {
             if let Err(e) = self.destroy(id) {
@@ -421,8 +647,37 @@ impl Daemon {
             }
         }
         let origins = std::mem::take(&mut self.state().origins);
-        for (_, o) in origins {
+        let persist = self.persist().take();
+        for (id, o) in origins {
             o.served.stop();
+            let Some(sd) = persist.as_ref() else { continue };
+            let Ok(cbt) = self.engine.cbt_export(id) else { continue }; // no tracker
+            let saved = o
+                .target
+                .backing
+                .flush()
+                .map_err(|e| format!("flush: {e:?}"))
+                .and_then(|()| {
+                    Identity::of(&o.backing_path, o.target.capacity_bytes())
+                        .map_err(|e| e.to_string())
+                })
+                .and_then(|identity| sd.save_cbt(&SavedCbt::new(identity, cbt)));
+            match saved {
+                Ok(path) => eprintln!(
+                    "blksnapd: {}: CBT saved to {}",
+                    o.backing_path.display(),
+                    path.display()
+                ),
+                Err(e) => eprintln!(
+                    "blksnapd: {}: CBT not saved ({e}): the next start begins a new generation",
+                    o.backing_path.display()
+                ),
+            }
+        }
+        if let Some(sd) = persist {
+            if let Err(e) = sd.close_clean() {
+                eprintln!("blksnapd: state directory: {e}");
+            }
         }
     }
 }
@@ -437,12 +692,28 @@ fn set_storages(st: &State, members: &[DeviceId], storages: &[Dev]) {
     }
 }
 
+/// Opens a difference storage by its type, as the newest uapi's CREATE does: a regular file
+/// (growable) or a block device (fixed size) as it is, a directory → an unnamed `O_TMPFILE`
+/// file in it; anything else EINVAL.
 fn open_storage(path: &str) -> Result<FileDev, Error> {
-    FileDev::open(path, true).map_err(|e| {
-        if e.errno == Errno::ENOENT {
-            Error::new(Errno::ENOENT, "storage path does not exist")
-        } else {
-            e
-        }
-    })
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => Error::new(Errno::ENOENT, "storage path does not exist"),
+        _ => Error::new(Errno::EIO, "cannot stat the storage path"),
+    })?;
+    let kind = meta.file_type();
+    if kind.is_dir() {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_TMPFILE)
+            .mode(0o600)
+            .open(path)
+            .map_err(|_| Error::new(Errno::EIO, "cannot create a file in the storage directory"))?;
+        FileDev::from_file(file)
+    } else if kind.is_file() || kind.is_block_device() {
+        FileDev::open(path, true)
+    } else {
+        Err(Error::new(Errno::EINVAL, "storage must be a file, block device or directory"))
+    }
 }

@@ -10,9 +10,11 @@
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod state;
 #[cfg(feature = "ublk")]
 pub mod ublk;
 
 pub use config::Config;
 pub use control::{Client, ControlServer};
-pub use daemon::{Daemon, Frontend, NullFrontend};
+pub use daemon::{Daemon, Frontend, NullFrontend, OriginStart};
+pub use state::StateDir;

@@ -13,6 +13,14 @@
 //! A device's thread runs libublk's `run_target`; stopping is `STOP_DEV` from the control side
 //! (the kernel removes the disk even while it is open or mounted, aborts the queues, and the
 //! queue threads end), then `DEL_DEV_ASYNC`, which does not wait for the last opener to close.
+//!
+//! Origins are created with `UBLK_F_USER_RECOVERY | UBLK_F_USER_RECOVERY_REISSUE`: when the
+//! daemon dies (`kill -9`, crash) the kernel keeps `/dev/ublkbN` and whatever is mounted on it,
+//! queues new I/O and requeues the requests the dead daemon had not completed; a new daemon
+//! takes the device over with `START_USER_RECOVERY`, fetches on every queue and ends with
+//! `END_USER_RECOVERY` ([`Frontend::recover`]), after which the queued and reissued I/O is served.
+//! Images are not recoverable (a snapshot does not survive the daemon): they fail and are
+//! deleted by the next run.
 
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -154,6 +162,19 @@ fn block_devt(dev_id: u32) -> Result<DeviceId, Error> {
     }
 }
 
+/// The `MAJ:MIN`, size in bytes and state of an existing ublk device (None: no such device).
+fn existing(dev_id: u32) -> Option<(sys::ublksrv_ctrl_dev_info, u64)> {
+    if !std::path::Path::new(&format!("/sys/class/ublk-char/ublkc{dev_id}")).exists() {
+        return None;
+    }
+    let ctrl = UblkCtrl::new_simple(dev_id as i32).ok()?;
+    let sectors = std::fs::read_to_string(format!("/sys/block/ublkb{dev_id}/size"))
+        .ok()
+        .and_then(|t| t.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    Some((ctrl.dev_info(), sectors * 512))
+}
+
 /// A running ublk device.
 pub struct UblkServed {
     dev_id: u32,
@@ -172,6 +193,10 @@ impl Served for UblkServed {
 
     fn stop(mut self: Box<Self>) {
         self.stop_now();
+    }
+
+    fn handle(&self) -> Option<u32> {
+        Some(self.dev_id)
     }
 }
 
@@ -196,19 +221,20 @@ impl Drop for UblkServed {
 
 type Started = Box<dyn FnOnce(DeviceId) -> Result<(), Error> + Send>;
 
-impl Frontend for UblkFrontend {
-    fn serve(
+impl UblkFrontend {
+    fn start(
         &self,
         name: &str,
         target: Arc<Target>,
         started: Started,
+        recover: Option<u32>,
     ) -> Result<Box<dyn Served>, Error> {
         let (tx, rx) = mpsc::channel::<Result<(u32, DeviceId), Error>>();
         let shape = *self;
         let name = name.chars().filter(|c| c.is_ascii_graphic()).take(64).collect::<String>();
         let thread = std::thread::Builder::new()
             .name("blksnapd-ublk".into())
-            .spawn(move || run_device(shape, &name, target, started, tx))
+            .spawn(move || run_device(shape, &name, target, started, tx, recover))
             .map_err(|_| Error::new(Errno::ENOMEM, "cannot spawn a device thread"))?;
         match rx.recv_timeout(Duration::from_secs(60)) {
             Ok(Ok((dev_id, devt))) => {
@@ -219,6 +245,52 @@ impl Frontend for UblkFrontend {
                 Err(e)
             }
             Err(_) => Err(Error::new(Errno::EIO, "the ublk device did not start")),
+        }
+    }
+}
+
+impl Frontend for UblkFrontend {
+    fn serve(
+        &self,
+        name: &str,
+        target: Arc<Target>,
+        started: Started,
+    ) -> Result<Box<dyn Served>, Error> {
+        self.start(name, target, started, None)
+    }
+
+    fn recoverable(&self, handle: u32, capacity_bytes: u64) -> bool {
+        existing(handle).is_some_and(|(info, size)| {
+            info.flags & u64::from(sys::UBLK_F_USER_RECOVERY) != 0
+                && u32::from(info.state) != sys::UBLK_S_DEV_DEAD
+                && size == capacity_bytes
+        })
+    }
+
+    fn recover(
+        &self,
+        handle: u32,
+        name: &str,
+        target: Arc<Target>,
+        started: Started,
+    ) -> Result<Box<dyn Served>, Error> {
+        self.start(name, target, started, Some(handle))
+    }
+
+    fn remove_stale(&self, handle: u32) {
+        if existing(handle).is_none() {
+            return;
+        }
+        match UblkCtrl::new_simple(handle as i32) {
+            Ok(c) => {
+                let _ = c.kill_dev();
+                if c.del_dev_async().is_err() && c.del_dev().is_err() {
+                    eprintln!("blksnapd: cannot delete ublk device {handle} of the previous run");
+                } else {
+                    eprintln!("blksnapd: deleted ublk device {handle} of the previous run");
+                }
+            }
+            Err(e) => eprintln!("blksnapd: ublk device {handle} of the previous run: {e}"),
         }
     }
 }
@@ -234,14 +306,45 @@ fn run_device(
     target: Arc<Target>,
     started: Started,
     tx: mpsc::Sender<Result<(u32, DeviceId), Error>>,
+    recover: Option<u32>,
 ) {
+    // Recovery: the block device exists, so its number is known and the engine is set up
+    // before the first (queued or reissued) request reaches a queue.
+    let mut started = Some(started);
+    if let Some(id) = recover {
+        let prepared = block_devt(id).and_then(|devt| {
+            (started.take().expect("once"))(devt)?;
+            let ctrl = UblkCtrl::new_simple(id as i32).map_err(|e| ublk_error(&e))?;
+            match ctrl.start_user_recover() {
+                Ok(r) if r >= 0 => Ok(()),
+                Ok(r) => Err(ublk_error(&libublk::UblkError::OtherError(r))),
+                Err(e) => Err(ublk_error(&e)),
+            }
+        });
+        if let Err(e) = prepared {
+            let _ = tx.send(Err(e));
+            return;
+        }
+    }
+    // Origins survive a crash of the daemon (user recovery, requests reissued); images do not.
+    let ctrl_flags = if target.image_of.is_none() {
+        u64::from(sys::UBLK_F_USER_RECOVERY | sys::UBLK_F_USER_RECOVERY_REISSUE)
+    } else {
+        0
+    };
+    let dev_flags = if recover.is_some() {
+        UblkFlags::UBLK_DEV_F_RECOVER_DEV
+    } else {
+        UblkFlags::UBLK_DEV_F_ADD_DEV
+    };
     let ctrl = match UblkCtrlBuilder::default()
         .name(name)
-        .id(-1)
+        .id(recover.map_or(-1, |id| id as i32))
         .nr_queues(shape.queues)
         .depth(shape.depth)
         .io_buf_bytes(shape.io_buf_bytes)
-        .dev_flags(UblkFlags::UBLK_DEV_F_ADD_DEV)
+        .ctrl_flags(ctrl_flags)
+        .dev_flags(dev_flags)
         .build()
     {
         Ok(c) => c,
@@ -270,12 +373,14 @@ fn run_device(
     let q_target = target.clone();
     let q_fn = move |qid: u16, dev: &UblkDev| queue_fn(qid, dev, &q_target);
     let tx2 = std::sync::Mutex::new(tx.clone());
-    let started = std::sync::Mutex::new(Some(started));
+    let recovering = recover.is_some();
+    let started = std::sync::Mutex::new(started);
     let on_start = move |ctrl: &UblkCtrl| {
         let dev_id = ctrl.dev_info().dev_id;
         let started = started.lock().ok().and_then(|mut s| s.take());
         let result = block_devt(dev_id).and_then(|devt| match started {
             Some(f) => f(devt).map(|()| (dev_id, devt)),
+            None if recovering => Ok((dev_id, devt)),
             None => Err(Error::new(Errno::EIO, "started twice")),
         });
         if result.is_err() {

@@ -49,7 +49,10 @@ fn every_request_over_the_socket() {
         &std::fs::metadata(&f.socket).unwrap().permissions(),
     );
     assert_eq!(mode & 0o777, 0o600);
-    assert!(matches!(c.req(Request::Version).unwrap(), Reply::Version { protocol: 1, .. }));
+    assert!(matches!(
+        c.req(Request::Version).unwrap(),
+        Reply::Version { protocol: PROTOCOL_VERSION, .. }
+    ));
     let Reply::Devices(list) = c.req(Request::ListDevices).unwrap() else { panic!() };
     assert_eq!(list.len(), 2);
     let (a, b) = (f.devs[0], f.devs[1]);
@@ -139,6 +142,48 @@ fn every_request_over_the_socket() {
     assert_eq!(e.errno, 22);
     f.daemon.shutdown();
     assert_eq!(f.daemon.engine().live().snapshots, 0);
+}
+
+#[test]
+fn add_and_remove_devices() {
+    let f = fixture(0);
+    let mut c = Client::connect(&f.socket).unwrap();
+    let backing = f.dir.join("added.img");
+    std::fs::File::create(&backing).unwrap().set_len(4 << 20).unwrap();
+    let path = backing.display().to_string();
+    let Reply::Device(d) =
+        c.req(Request::AddDevice { backing: path.clone(), attach: false }).unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(d.capacity_bytes, 4 << 20);
+    assert_eq!(d.backing, path);
+    let e = c.call(Request::AddDevice { backing: path.clone(), attach: true }).unwrap();
+    assert_eq!(e.unwrap_err().errno, 114, "EALREADY: served already");
+    let e = c.call(Request::AddDevice { backing: "/nonexistent".into(), attach: true }).unwrap();
+    assert_eq!(e.unwrap_err().errno, 2);
+    // in a snapshot: EBUSY; after destroy: removed, tracker gone, number free
+    c.req(Request::Attach { dev: d.dev }).unwrap();
+    let Reply::Created(id) = c.req(Request::SnapshotCreate { storage: Storage::Ranges }).unwrap()
+    else {
+        panic!()
+    };
+    c.req(Request::SnapshotAdd { id, dev: d.dev }).unwrap();
+    let e = c.call(Request::RemoveDevice { dev: d.dev }).unwrap();
+    assert_eq!(e.unwrap_err().errno, 16, "EBUSY");
+    c.req(Request::SnapshotDestroy { id }).unwrap();
+    c.req(Request::RemoveDevice { dev: d.dev }).unwrap();
+    let e = c.call(Request::RemoveDevice { dev: d.dev }).unwrap();
+    assert_eq!(e.unwrap_err().errno, 19, "ENODEV");
+    let Reply::Devices(list) = c.req(Request::ListDevices).unwrap() else { panic!() };
+    assert!(list.is_empty());
+    assert_eq!(f.daemon.engine().live().trackers, 0);
+    // a v1 client is still served, without the v2 requests
+    let mut s = UnixStream::connect(&f.socket).unwrap();
+    s.write_all(&encode(&RequestFrame { version: 1, request: Request::ListDevices }).unwrap())
+        .unwrap();
+    let body = read_frame(&mut s).unwrap().unwrap();
+    assert!(blksnap_proto::decode_response(&body).unwrap().result.is_ok());
 }
 
 #[test]

@@ -1,13 +1,16 @@
 //! `blksnapd`: serves tracked devices and snapshot images as ublk block devices and takes
 //! control requests on a Unix socket. Runs in the foreground (systemd `Type=simple`); SIGTERM or
-//! SIGINT stops it cleanly (snapshots destroyed, images and devices removed, socket unlinked).
+//! SIGINT stops it cleanly (snapshots destroyed, images and devices removed, each tracker's CBT
+//! saved in the state directory, socket unlinked); a restart after a clean stop restores the
+//! CBT (same generation), one after a crash recovers the ublk devices (user recovery) and starts
+//! new generations.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use blksnap_engine::{Engine, EngineConfig};
 use blksnap_service::config::{Config, DeviceConfig, LinkStyle, DEFAULT_CONFIG};
-use blksnap_service::{ControlServer, Daemon};
+use blksnap_service::{ControlServer, Daemon, StateDir};
 use clap::Parser;
 
 /// Command line; flags override the configuration file.
@@ -35,6 +38,9 @@ struct Args {
     /// Queue depth.
     #[arg(long)]
     queue_depth: Option<u16>,
+    /// State directory (saved CBT, crash marker, device map for recovery).
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
     /// Another tracked device: a backing file or block device (repeatable).
     #[arg(short, long = "device")]
     devices: Vec<PathBuf>,
@@ -76,6 +82,9 @@ fn config(args: &Args) -> Result<Config, String> {
     }
     if let Some(d) = args.queue_depth {
         cfg.queue_depth = d;
+    }
+    if let Some(d) = &args.state_dir {
+        cfg.state_dir = std::path::absolute(d).map_err(|e| format!("{}: {e}", d.display()))?;
     }
     for d in &args.devices {
         let backing = std::path::absolute(d).map_err(|e| format!("{}: {e}", d.display()))?;
@@ -126,7 +135,9 @@ fn run() -> Result<(), String> {
     let frontend = frontend(&cfg)?;
     let engine = Arc::new(Engine::new(EngineConfig::default()).map_err(|e| format!("{e:?}"))?);
     let group = cfg.group_gid()?;
-    let daemon = Arc::new(Daemon::new(engine, frontend, cfg.clone()));
+    let state = StateDir::open(&cfg.state_dir)
+        .map_err(|e| format!("state directory {}: {e}", cfg.state_dir.display()))?;
+    let daemon = Arc::new(Daemon::with_state(engine, frontend, cfg.clone(), state));
     let server = ControlServer::bind(&cfg.socket, group)
         .map_err(|e| format!("{}: {e}", cfg.socket.display()))?;
     if let Err(e) = daemon.add_configured() {

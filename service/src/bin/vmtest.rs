@@ -75,6 +75,16 @@ const SCENARIOS: &[Scenario] = &[
         about: "the blksnapd binary: config by flags, socket, take, clean stop on SIGTERM",
         run: daemon_process,
     },
+    Scenario {
+        name: "restart",
+        about: "CBT kept across a clean restart; corrupted state or kill -9: new generation",
+        run: restart,
+    },
+    Scenario {
+        name: "recovery",
+        about: "kill -9 during writes to a mounted fs, restart recovers the device: data intact",
+        run: recovery,
+    },
 ];
 
 // ---------------------------------------------------------------------------------- helpers
@@ -680,6 +690,336 @@ fn daemon_process(env: &Env) -> R {
     result
 }
 
+/// The real `blksnapd` binary as a child process, with a state directory.
+struct DaemonProc {
+    child: std::process::Child,
+    args: Vec<String>,
+    socket: PathBuf,
+}
+
+impl DaemonProc {
+    /// Starts `blksnapd` serving `backing` with its socket, links and state under `env`'s dir.
+    fn start(env: &Env, backing: &Path, queues: u16) -> R<DaemonProc> {
+        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+        let bin = exe.with_file_name("blksnapd");
+        ensure!(bin.exists(), "{} missing (copy it next to this test)", bin.display());
+        let socket = env.path("d.sock");
+        let links = env.path("links");
+        std::fs::create_dir_all(&links).map_err(|e| e.to_string())?;
+        let mut args = vec![bin.display().to_string()];
+        for (k, v) in [
+            ("--socket", socket.display().to_string()),
+            ("--link-dir", links.display().to_string()),
+            ("--image-link", "newest".into()),
+            ("--queues", queues.to_string()),
+            ("--state-dir", env.path("state").display().to_string()),
+            ("--device", backing.display().to_string()),
+        ] {
+            args.push(k.into());
+            args.push(v);
+        }
+        let mut d = DaemonProc { child: Self::spawn(&args)?, args, socket };
+        d.wait_up()?;
+        Ok(d)
+    }
+
+    fn spawn(args: &[String]) -> R<std::process::Child> {
+        Command::new(&args[0])
+            .args(&args[1..])
+            .stdin(Stdio::null())
+            .spawn()
+            .map_err(|e| e.to_string())
+    }
+
+    fn wait_up(&mut self) -> R {
+        let t = Instant::now();
+        loop {
+            if let Ok(mut c) = Client::connect(&self.socket) {
+                if c.req(Request::Version).is_ok() {
+                    return Ok(());
+                }
+            }
+            if let Some(s) = self.child.try_wait().map_err(|e| e.to_string())? {
+                return Err(format!("blksnapd exited at start: {s}"));
+            }
+            ensure!(t.elapsed() < Duration::from_secs(60), "blksnapd did not come up");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn client(&self) -> R<Client> {
+        Client::connect(&self.socket).map_err(|e| format!("connect: {e}"))
+    }
+
+    /// The one origin: (node, MAJ:MIN).
+    fn origin(&self) -> R<(String, Dev)> {
+        let Reply::Devices(list) = self.client()?.req(Request::ListDevices)? else {
+            return Err("ListDevices".into());
+        };
+        let o: Vec<_> = list.into_iter().filter(|d| d.role == Role::Origin).collect();
+        ensure!(o.len() == 1, "origins: {o:?}");
+        Ok((o[0].path.clone(), o[0].dev))
+    }
+
+    fn cbt(&self, dev: Dev) -> R<(blksnap_proto::CbtInfoW, Vec<u8>)> {
+        let mut c = self.client()?;
+        let Reply::CbtInfo(info) = c.req(Request::CbtInfo { dev })? else {
+            return Err("CbtInfo".into());
+        };
+        let Reply::CbtMap(map) =
+            c.req(Request::CbtMap { dev, offset: 0, length: info.block_count })?
+        else {
+            return Err("CbtMap".into());
+        };
+        Ok((info, map))
+    }
+
+    /// SIGTERM and a clean exit.
+    fn stop(&mut self) -> R {
+        // SAFETY: plain kill(2) of our own child by its pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let t = Instant::now();
+        loop {
+            if let Some(s) = self.child.try_wait().map_err(|e| e.to_string())? {
+                ensure!(s.success(), "blksnapd exit: {s}");
+                return Ok(());
+            }
+            ensure!(t.elapsed() < Duration::from_secs(30), "blksnapd did not stop on SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGKILL, reaped.
+    fn kill9(&mut self) -> R {
+        self.child.kill().map_err(|e| e.to_string())?;
+        self.child.wait().map_err(|e| e.to_string()).map(drop)
+    }
+
+    /// Starts the binary again with the same arguments.
+    fn restart(&mut self) -> R {
+        self.child = Self::spawn(&self.args)?;
+        self.wait_up()
+    }
+}
+
+impl Drop for DaemonProc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.stop();
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn state_files(env: &Env) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(env.path("state"))
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+fn restart(env: &Env) -> R {
+    let backing = env.path("r.img");
+    File::create(&backing).and_then(|f| f.set_len(64 * MIB)).map_err(|e| e.to_string())?;
+    let mut d = DaemonProc::start(env, &backing, 1)?;
+    let (node, dev) = d.origin()?;
+    let f = open_direct(&node, true).map_err(|e| e.to_string())?;
+    for i in 0..8u64 {
+        pwrite_page(&f, i * 3 * MIB, b"before take").map_err(|e| e.to_string())?;
+    }
+    // take and destroy, then more writes: both maps and both numbers are non-trivial
+    let mut c = d.client()?;
+    let storage = env.path("diff.img");
+    File::create(&storage).and_then(|f| f.set_len(8 * MIB)).map_err(|e| e.to_string())?;
+    let Reply::Created(id) = c.req(Request::SnapshotCreate {
+        storage: Storage::File {
+            path: storage.display().to_string(),
+            limit_sectors: 8 * MIB / 512,
+        },
+    })?
+    else {
+        return Err("create".into());
+    };
+    c.req(Request::SnapshotAdd { id, dev })?;
+    c.req(Request::SnapshotTake { id })?;
+    c.req(Request::SnapshotDestroy { id })?;
+    for i in 0..5u64 {
+        pwrite_page(&f, 40 * MIB + i * MIB, b"after take").map_err(|e| e.to_string())?;
+    }
+    drop(f);
+    drop(c);
+    let (info1, map1) = d.cbt(dev)?;
+    ensure!(info1.changes_number >= 1, "take did not advance: {info1:?}");
+    ensure!(map1.iter().any(|b| *b != 0), "no change before the take marked");
+
+    // 1. clean restart: same generation, same numbers, same map
+    let t = Instant::now();
+    d.stop()?;
+    let files = state_files(env);
+    ensure!(!env.path("state/running").exists(), "marker left after a clean stop: {files:?}");
+    ensure!(
+        files.iter().any(|p| p.display().to_string().ends_with(".state")),
+        "no saved CBT: {files:?}"
+    );
+    d.restart()?;
+    let (node2, dev2) = d.origin()?;
+    let (info2, map2) = d.cbt(dev2)?;
+    println!(
+        "    clean restart in {} ms ({node} {}:{} -> {node2} {}:{})",
+        t.elapsed().as_millis(),
+        dev.major,
+        dev.minor,
+        dev2.major,
+        dev2.minor
+    );
+    ensure!(info2.generation_id == info1.generation_id, "generation changed on a clean restart");
+    ensure!(info2.changes_number == info1.changes_number, "{info1:?} -> {info2:?}");
+    ensure!(map2 == map1, "cbtmap differs after a clean restart");
+    ensure!(env.path("state/running").exists(), "no marker while running");
+    // incremental backups keep working: the next take advances from the restored numbers
+    let mut c = d.client()?;
+    let Reply::Created(id) = c.req(Request::SnapshotCreate {
+        storage: Storage::File {
+            path: storage.display().to_string(),
+            limit_sectors: 8 * MIB / 512,
+        },
+    })?
+    else {
+        return Err("create".into());
+    };
+    c.req(Request::SnapshotAdd { id, dev: dev2 })?;
+    c.req(Request::SnapshotTake { id })?;
+    c.req(Request::SnapshotDestroy { id })?;
+    drop(c);
+    let (info3, map3) = d.cbt(dev2)?;
+    ensure!(info3.generation_id == info1.generation_id, "generation changed by a take");
+    ensure!(info3.changes_number == info1.changes_number + 1, "{info1:?} -> {info3:?}");
+    // the writes after the first take (made before the restart, kept in the restored live
+    // map) show up with the new number; the older marks stay
+    let bs = u64::from(info3.block_size_bytes);
+    for i in 0..5u64 {
+        let b = ((40 * MIB + i * MIB) / bs) as usize;
+        ensure!(
+            map3[b] == info3.changes_number,
+            "block {b} written before the restart: {}",
+            map3[b]
+        );
+    }
+    for (b, (old, new)) in map1.iter().zip(&map3).enumerate() {
+        ensure!(*old == 0 || new == old, "block {b}: {old} before restart, {new} after take");
+    }
+
+    // 2. a corrupted state file: refused, new generation
+    d.stop()?;
+    let state = state_files(env)
+        .into_iter()
+        .find(|p| p.display().to_string().ends_with(".state"))
+        .ok_or("no state file")?;
+    let mut bytes = std::fs::read(&state).map_err(|e| e.to_string())?;
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    std::fs::write(&state, bytes).map_err(|e| e.to_string())?;
+    d.restart()?;
+    let (_, dev4) = d.origin()?;
+    let (info4, map4) = d.cbt(dev4)?;
+    ensure!(info4.generation_id != info1.generation_id, "a corrupted state was used");
+    ensure!(map4.iter().all(|b| *b == 0) && info4.changes_number == 0, "{info4:?}");
+    ensure!(!state.exists(), "the corrupted state file was left");
+
+    // 3. kill -9: the next start does not trust anything saved; new generation
+    let (node5, dev5) = d.origin()?;
+    let f = open_direct(&node5, true).map_err(|e| e.to_string())?;
+    pwrite_page(&f, 0, b"before kill").map_err(|e| e.to_string())?;
+    drop(f);
+    let (info5, _) = d.cbt(dev5)?;
+    d.kill9()?;
+    ensure!(env.path("state/running").exists(), "marker gone after kill -9");
+    let t = Instant::now();
+    d.restart()?;
+    let (node6, dev6) = d.origin()?;
+    let (info6, _) = d.cbt(dev6)?;
+    println!("    restart after kill -9 in {} ms ({node5} -> {node6})", t.elapsed().as_millis());
+    ensure!(info6.generation_id != info5.generation_id, "generation kept after kill -9");
+    let f = open_direct(&node6, false).map_err(|e| e.to_string())?;
+    let p = pread_page(&f, 0).map_err(|e| e.to_string())?;
+    ensure!(&p.0[..11] == b"before kill", "data written before kill -9 lost");
+    drop(f);
+    d.stop()?;
+    ensure!(!env.path("state/running").exists(), "marker left after the last clean stop");
+    Ok(())
+}
+
+fn recovery(env: &Env) -> R {
+    let backing = env.path("rec.img");
+    File::create(&backing).and_then(|f| f.set_len(64 * MIB)).map_err(|e| e.to_string())?;
+    let mut d = DaemonProc::start(env, &backing, 2)?;
+    let (node, dev) = d.origin()?;
+    mkfs(&node)?;
+    let om = env.path("origin");
+    mount(&node, &om, "rw")?;
+    let before = write_files(&om, "f", 30, 21)?;
+    sync();
+    let (info1, _) = d.cbt(dev)?;
+    // a writer that keeps going across the crash and the recovery
+    let stop = Arc::new(AtomicBool::new(false));
+    let progress = Arc::new(AtomicU64::new(0));
+    let (s, p, dir) = (stop.clone(), progress.clone(), om.clone());
+    let writer = std::thread::spawn(move || -> R<BTreeMap<String, u64>> {
+        let mut all = BTreeMap::new();
+        let mut i = 0;
+        while !s.load(Ordering::Relaxed) {
+            all.extend(write_files(&dir, &format!("w{i:04}-"), 2, 1000 + i)?);
+            // fsync some of them: writes reach the device (and the dead daemon) for real
+            File::open(dir.join(format!("w{i:04}-000")))
+                .and_then(|f| f.sync_all())
+                .map_err(|e| format!("fsync: {e}"))?;
+            i += 1;
+            p.store(i, Ordering::Relaxed);
+        }
+        Ok(all)
+    });
+    while progress.load(Ordering::Relaxed) < 3 {
+        ensure!(!writer.is_finished(), "the writer stopped early");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    d.kill9()?;
+    let at_kill = progress.load(Ordering::Relaxed);
+    std::thread::sleep(Duration::from_millis(300));
+    let t = Instant::now();
+    d.restart()?;
+    let recovered_ms = t.elapsed().as_millis();
+    let (node2, dev2) = d.origin()?;
+    ensure!(node2 == node && dev2 == dev, "not recovered: {node}/{dev:?} -> {node2}/{dev2:?}");
+    let (info2, _) = d.cbt(dev)?;
+    ensure!(info2.generation_id != info1.generation_id, "CBT generation kept after kill -9");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while progress.load(Ordering::Relaxed) < at_kill + 5 {
+        ensure!(Instant::now() < deadline, "the writer made no progress after the recovery");
+        ensure!(!writer.is_finished(), "the writer failed after the recovery");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let written = writer.join().map_err(|_| "writer panicked")??;
+    sync();
+    verify_files(&om, &before)?;
+    verify_files(&om, &written)?;
+    umount(&om)?;
+    drop_caches();
+    fsck(&node)?;
+    mount(&node, &om, "ro")?;
+    verify_files(&om, &before)?;
+    verify_files(&om, &written)?;
+    umount(&om)?;
+    d.stop()?;
+    println!(
+        "    writer at {at_kill} rounds at kill -9, {} files in all; recovery took {recovered_ms} ms",
+        written.len()
+    );
+    Ok(())
+}
+
 /// One timed pass of 4 KiB O_DIRECT I/O over `region` bytes from the start of `path`; MB/s.
 fn pass(path: &str, write: bool, random: bool, region: u64, seed: u64) -> R<f64> {
     let f = open_direct(path, write).map_err(|e| format!("{path}: {e}"))?;
@@ -764,7 +1104,7 @@ fn sizes_for(name: &str) -> Vec<u64> {
     match name {
         "two-devices" => vec![16 * MIB, 16 * MIB],
         "cbt" => vec![64 * MIB],
-        "daemon-process" => vec![],
+        "daemon-process" | "restart" | "recovery" => vec![],
         _ => vec![64 * MIB],
     }
 }
