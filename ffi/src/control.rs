@@ -204,7 +204,15 @@ unsafe fn collect<T>(
     } else {
         let written = capacity.min(total);
         let mut result = if total > capacity { Err(Errno::ENODATA) } else { Ok(0) };
-        for (i, id) in list.iter().take(written as usize).enumerate() {
+        // The described array (`capacity` ids) must not wrap the address space: a copy fault
+        // before any id is written (found by the abi_ioctl fuzz target).
+        let described = (capacity as usize).checked_mul(size_of::<uapi::blksnap_uuid>());
+        let in_bounds = described.is_some_and(|len| ids.check(len, Errno::ENODATA).is_ok());
+        if !in_bounds {
+            result = Err(Errno::ENODATA);
+        }
+        let copies = if in_bounds { written as usize } else { 0 };
+        for (i, id) in list.iter().take(copies).enumerate() {
             let at = ids.add(i * size_of::<uapi::blksnap_uuid>(), Errno::ENODATA);
             // SAFETY: contract: ids holds `capacity` elements and i < capacity.
             let copied = at.and_then(|at| unsafe { user::write_bytes(at, &id.0, Errno::ENODATA) });

@@ -97,12 +97,15 @@ unsafe fn ctl(inst: &Instance, dev: &Device, arg: UserAddr, mismatch: Errno) -> 
 }
 
 /// The option struct's address: optlen too short → EINVAL (checked first, as upstream);
-/// unrepresentable → ENODATA.
+/// unrepresentable, NULL, or an `opt + optlen` that wraps → ENODATA (the described buffer is
+/// `optlen` bytes, of which the command reads its struct: found by the abi_ioctl fuzz target).
 fn opt_addr(optlen: usize, needed: usize, opt: Option<UserAddr>) -> R<UserAddr> {
     if optlen < needed {
         return Err(Errno::EINVAL);
     }
-    opt.ok_or(Errno::ENODATA)
+    let opt = opt.ok_or(Errno::ENODATA)?;
+    opt.check(optlen, Errno::ENODATA)?;
+    Ok(opt)
 }
 
 unsafe fn cbtinfo(inst: &Instance, dev: &Device, optlen: usize, opt: Option<UserAddr>) -> R<c_int> {
@@ -142,6 +145,9 @@ unsafe fn cbtmap(inst: &Instance, dev: &Device, optlen: usize, opt: Option<UserA
         // ENODATA instead of an out-of-bounds read (§7.11).
         let block_count = inst.engine.cbt_info(dev.id).map_err(|e| e.errno)?.block_count;
         let left = block_count.checked_sub(offset).ok_or(Errno::ENODATA)?;
+        // The described buffer is `length` bytes before the clamp: one that wraps is a copy
+        // fault even when fewer bytes would be written (found by the abi_ioctl fuzz target).
+        buffer.add(length as usize, Errno::EINVAL)?;
         length = length.min(left);
     }
     let mut map = Vec::new();

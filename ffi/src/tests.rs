@@ -560,3 +560,59 @@ fn paths_with_interior_bytes_are_plain_bytes() {
     assert_eq!(rc, ENOTTY);
     close(f.handle);
 }
+
+/// Regressions found by the `abi_ioctl` fuzz target (`fuzz/`): a nested pointer whose
+/// *described* span wraps the address space is a copy fault, even when the part the command
+/// would touch first does not wrap. Each of these dereferenced an invalid address before.
+#[test]
+fn fuzz_regressions_wrapping_described_spans_are_faults() {
+    // A wrapping address the first 16 (or 40) bytes from which do not wrap.
+    let wrap = |span: usize| usize::MAX - span / 2;
+    // newest CREATE: file name read byte by byte up to PATH_MAX.
+    let f = fixture(BLKSNAP_PROFILE_NEWEST);
+    let mut c = newest::blksnap_snapshot_create {
+        diff_storage_limit_sect: 1 << 20,
+        diff_storage_filename: wrap(uapi::PATH_MAX) as u64,
+        id: blksnap_uuid::default(),
+    };
+    assert_eq!(ioctl(f.handle, newest::IOCTL_BLKSNAP_SNAPSHOT_CREATE, &mut c), EFAULT);
+    // COLLECT: two ids into a described array of 4 that wraps after the first one.
+    let mut storage = newest::blksnap_snapshot_create {
+        diff_storage_limit_sect: 1 << 20,
+        diff_storage_filename: f.storage.as_ptr() as u64,
+        id: blksnap_uuid::default(),
+    };
+    for _ in 0..2 {
+        assert_eq!(ioctl(f.handle, newest::IOCTL_BLKSNAP_SNAPSHOT_CREATE, &mut storage), 0);
+    }
+    let mut col = newest::blksnap_snapshot_collect { count: 4, ids: wrap(64) as u64 };
+    assert_eq!(ioctl(f.handle, newest::IOCTL_BLKSNAP_SNAPSHOT_COLLECT, &mut col), ENODATA);
+    // BLKFILTER_CTL: an opt of optlen bytes that wraps, though the struct itself would not.
+    attach(&f, BLKSNAP_PROFILE_NEWEST);
+    for cmd in [ctl_cmd::CBTINFO, ctl_cmd::CBTMAP, ctl_cmd::SNAPSHOTINFO] {
+        let opt = wrap(4096) as *mut u8;
+        assert_eq!(ctl(&f, newest::BLKFILTER_CTL, cmd, opt, 4096), ENODATA, "cmd {cmd}");
+    }
+    close(f.handle);
+
+    let f = fixture(BLKSNAP_PROFILE_V3);
+    // v3 APPEND_STORAGE: bdev_path of bdev_path_size bytes that wraps.
+    let id = create_v3(f.handle);
+    let mut range = uapi::blksnap_sectors { offset: 0, count: 64 };
+    let mut a = v3::blksnap_snapshot_append_storage {
+        id,
+        bdev_path: wrap(4096) as *mut u8,
+        bdev_path_size: 4096,
+        count: 1,
+        ranges: &mut range,
+    };
+    assert_eq!(ioctl(f.handle, v3::IOCTL_BLKSNAP_SNAPSHOT_APPEND_STORAGE, &mut a), EFAULT);
+    // v3 cbtmap: `length` bytes described, clamped to the block count: the described buffer
+    // wraps although the clamped copy would not.
+    attach(&f, BLKSNAP_PROFILE_V3);
+    let mut m =
+        v3::blksnap_cbtmap { offset: 0, length: u32::MAX, buffer: wrap(1 << 20) as *mut u8 };
+    let len = size_of::<v3::blksnap_cbtmap>();
+    assert_eq!(ctl(&f, v3::BLKFILTER_CTL, ctl_cmd::CBTMAP, &mut m, len), EINVAL);
+    close(f.handle);
+}

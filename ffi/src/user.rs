@@ -136,7 +136,8 @@ pub unsafe fn write_bytes(addr: UserAddr, bytes: &[u8], fault: Errno) -> R<()> {
 }
 
 /// Reads a NUL-terminated string of at most `max_bytes` bytes including the NUL, byte by byte
-/// (never past the NUL). NULL → `fault`; no NUL within `max_bytes` → `too_long`.
+/// (never past the NUL). NULL, or an `addr + max_bytes` that wraps (no string can lie there), →
+/// `fault`; no NUL within `max_bytes` → `too_long`.
 ///
 /// # Safety
 /// A non-NULL `addr` points to a readable NUL-terminated string, or to `max_bytes` readable
@@ -147,9 +148,9 @@ pub unsafe fn read_cstr(
     fault: Errno,
     too_long: Errno,
 ) -> R<Vec<u8>> {
-    if addr.is_null() {
-        return Err(fault);
-    }
+    // The whole span is checked before the first byte is read: a wrapping address is a fault,
+    // never dereferenced (found by the abi_ioctl fuzz target).
+    addr.check(max_bytes, fault)?;
     let mut out = Vec::new();
     for i in 0..max_bytes {
         let Some(at) = addr.0.checked_add(i) else {
@@ -208,6 +209,11 @@ mod tests {
             assert_eq!(read_bytes(UserAddr(0), 0, Errno::EINVAL), Ok(Vec::new()));
             assert_eq!(
                 read_cstr(UserAddr(0), 10, Errno::EFAULT, Errno::EINVAL),
+                Err(Errno::EFAULT)
+            );
+            // Regression (fuzz): a string address whose max span wraps is never read.
+            assert_eq!(
+                read_cstr(UserAddr(usize::MAX - 100), 4096, Errno::EFAULT, Errno::EINVAL),
                 Err(Errno::EFAULT)
             );
         }
