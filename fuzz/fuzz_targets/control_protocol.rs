@@ -19,7 +19,7 @@ use std::sync::{Arc, OnceLock};
 use blksnap_engine::{Clock, Engine, EngineConfig};
 use blksnap_model::Params;
 use blksnap_proto::{
-    decode_request, decode_response, encode, read_frame, Request, ResponseFrame, Storage,
+    decode_request, decode_response, encode, read_frame, Id, Reply, Request, ResponseFrame, Storage,
     MAX_PATH_BYTES, PROTOCOL_VERSION,
 };
 use blksnap_service::{Config, Daemon, NullFrontend};
@@ -72,11 +72,25 @@ fn sandbox(path: &mut String) {
     *path = target.display().to_string();
 }
 
-fn sandbox_request(req: &mut Request) {
+/// Paths into the sandbox; an id of fifteen 0xAA bytes and `k` names the k-th snapshot created
+/// in this input (ids are random-looking: this lets inputs, and the seeds, reach them).
+fn prepare(req: &mut Request, created: &[Id]) {
     match req {
         Request::SnapshotCreate { storage: Storage::File { path, .. } } => sandbox(path),
         Request::SnapshotAppend { path, .. } => sandbox(path),
         _ => {}
+    }
+    let id = match req {
+        Request::SnapshotDestroy { id }
+        | Request::SnapshotAppend { id, .. }
+        | Request::SnapshotAdd { id, .. }
+        | Request::SnapshotTake { id }
+        | Request::WaitEvent { id, .. }
+        | Request::StorageStats { id } => id,
+        _ => return,
+    };
+    if id.0[..15] == [0xAA; 15] && !created.is_empty() {
+        *id = created[usize::from(id.0[15]) % created.len()];
     }
 }
 
@@ -106,6 +120,7 @@ fn daemon() -> Daemon {
 fuzz_target!(|data: &[u8]| {
     let d = daemon();
     let mut stream = data;
+    let mut created = Vec::new();
     for _ in 0..32 {
         let body = match read_frame(&mut stream) {
             Ok(Some(body)) => body,
@@ -117,8 +132,11 @@ fuzz_target!(|data: &[u8]| {
             continue; // the server answers EINVAL and closes; nothing reaches the daemon
         }
         let mut req = frame.request;
-        sandbox_request(&mut req);
+        prepare(&mut req, &created);
         let result = d.handle(req.clone());
+        if let Ok(Reply::Created(id)) = &result {
+            created.push(*id);
+        }
         let resp = ResponseFrame { version: PROTOCOL_VERSION, result };
         let bytes = encode(&resp).unwrap_or_else(|e| panic!("{req:?}: response does not encode: {e:?}"));
         let back = decode_response(&bytes[4..])
