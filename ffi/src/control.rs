@@ -124,10 +124,21 @@ unsafe fn create_newest(inst: &Instance, arg: UserAddr) -> R<c_int> {
     let name_addr = UserAddr::from_u64_or(c.diff_storage_filename, Errno::EFAULT)?;
     // SAFETY: contract: the file name is a NUL-terminated string (NULL → EFAULT, quirk §7.28).
     let name = unsafe { user::read_cstr(name_addr, uapi::PATH_MAX, Errno::EFAULT, Errno::EINVAL)? };
-    let (backend, backing) = inst.open_storage(Path::new(OsStr::from_bytes(&name)))?;
-    let spec = StorageSpec::File { backend, limit_sectors: c.diff_storage_limit_sect };
-    let id = inst.engine.snapshot_create(spec).map_err(|e| e.errno)?;
-    inst.record_storage(id, backing);
+    let name = Path::new(OsStr::from_bytes(&name));
+    let id = if inst.engine.remote().is_some() {
+        // Client mode: the daemon opens the storage (same type rules).
+        let backing = inst.storage_backing(name);
+        let limit = c.diff_storage_limit_sect;
+        let id = inst.engine.create_with_file(&backing, limit).map_err(|e| e.errno)?;
+        inst.record_storage(id, std::fs::canonicalize(&backing).unwrap_or(backing));
+        id
+    } else {
+        let (backend, backing) = inst.open_storage(name)?;
+        let spec = StorageSpec::File { backend, limit_sectors: c.diff_storage_limit_sect };
+        let id = inst.engine.snapshot_create(spec).map_err(|e| e.errno)?;
+        inst.record_storage(id, backing);
+        id
+    };
     let mut out = OutImage::zeroed(size_of::<C>());
     out.put(offset_of!(C, diff_storage_limit_sect), &c.diff_storage_limit_sect.to_ne_bytes())
         .put(offset_of!(C, diff_storage_filename), &c.diff_storage_filename.to_ne_bytes())
@@ -181,8 +192,16 @@ unsafe fn append_storage(inst: &Instance, arg: UserAddr) -> R<c_int> {
         ranges.iter().map(|r| SectorRange::new(r.offset, r.count)).collect();
     let id = Uuid(a.id.b);
     inst.engine.storage_stats(id).map_err(|e| e.errno)?; // ESRCH before opening anything
-    let backend = inst.append_backend(id, Path::new(OsStr::from_bytes(&path)))?;
-    inst.engine.snapshot_append_storage(id, backend, &ranges).map_err(|e| e.errno)?;
+    let path = Path::new(OsStr::from_bytes(&path));
+    if inst.engine.remote().is_some() {
+        // Client mode: the daemon opens the storage.
+        let backing = inst.storage_backing(path);
+        inst.engine.append_path(id, &backing, &ranges).map_err(|e| e.errno)?;
+        inst.record_storage(id, std::fs::canonicalize(&backing).unwrap_or(backing));
+    } else {
+        let backend = inst.append_backend(id, path)?;
+        inst.engine.snapshot_append_storage(id, backend, &ranges).map_err(|e| e.errno)?;
+    }
     Ok(0)
 }
 
@@ -197,7 +216,7 @@ unsafe fn collect<T>(
     ids_raw: &[u8],
     ids_offset: usize,
 ) -> R<c_int> {
-    let list = inst.engine.snapshot_collect();
+    let list = inst.engine.snapshot_collect().map_err(|e| e.errno)?;
     let total = u32::try_from(list.len()).map_err(|_| Errno::ENOMEM)?;
     let (count, mut result) = if ids.is_null() {
         (total, Ok(0))

@@ -10,6 +10,7 @@
 //! | `storage:PATH=BACKING` | storage path translation: APPEND_STORAGE's `bdev_path` (v3) or CREATE's file name (newest) equal to `PATH` use `BACKING` instead (a v3 client names the filesystem's block device, e.g. `/dev/block/8:1`; map it to a file). Unmapped storage paths are opened as they are |
 //! | `param.NAME=VALUE` | an engine parameter (`tracking_block_minimum_shift`, `tracking_block_maximum_count`, `tracking_block_maximum_shift`, `chunk_minimum_shift`, `chunk_maximum_count_shift`, `chunk_maximum_shift`, `diff_storage_minimum_sectors`) |
 //! | `seed=N` | fixed id sequence (tests); default: random |
+//! | `socket=PATH` | client mode: requests go to the `blksnapd` listening on `PATH` ([`crate::client`]); also chosen by the environment variable `BLKSNAP_SOCKET` when the string has no `socket=` |
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -24,6 +25,7 @@ use blksnap_engine::sync::StdArc;
 use blksnap_engine::{Engine, EngineConfig};
 use blksnap_model::{DeviceId, Errno, Params, Profile, SnapshotId};
 
+use crate::client::Backend;
 use crate::user::R;
 
 /// Major number given to configured devices that have none (`240:N`).
@@ -53,6 +55,8 @@ pub struct Config {
     pub params: Params,
     /// Id seed.
     pub seed: Option<u64>,
+    /// Client mode: the daemon's socket.
+    pub socket: Option<PathBuf>,
 }
 
 fn parse_u64(text: &str) -> R<u64> {
@@ -109,6 +113,8 @@ impl Config {
                 set_param(&mut config.params, name, parse_u64(value)?)?;
             } else if key == "seed" {
                 config.seed = Some(parse_u64(value)?);
+            } else if key == "socket" {
+                config.socket = Some(PathBuf::from(value));
             } else if let Some(path) = key.strip_prefix("storage:") {
                 config.storage_map.push((PathBuf::from(path), PathBuf::from(value)));
             } else if key.starts_with('/') {
@@ -154,8 +160,8 @@ struct SnapshotStorage {
 pub struct Instance {
     /// The ABI it speaks.
     pub profile: Profile,
-    /// The engine.
-    pub engine: Engine,
+    /// The engine: in process, or a daemon's ([`crate::client`]).
+    pub engine: Backend,
     config: Config,
     storage: Mutex<HashMap<SnapshotId, SnapshotStorage>>,
     poisoned: AtomicBool,
@@ -171,7 +177,25 @@ fn canonical(path: &Path) -> PathBuf {
 
 impl Instance {
     /// Builds the engine and registers every configured device (its backing opened read-write).
-    pub fn new(profile: Profile, config: Config) -> R<Instance> {
+    /// Client mode (`socket=` or `BLKSNAP_SOCKET`): connects to the daemon instead.
+    pub fn new(profile: Profile, mut config: Config) -> R<Instance> {
+        let socket = config.socket.clone().or_else(crate::client::socket_from_env);
+        let engine = match socket {
+            Some(socket) => {
+                Backend::Remote(crate::client::Remote::open(&socket, &mut config.devices)?)
+            }
+            None => Backend::Local(Self::local_engine(&config)?),
+        };
+        Ok(Instance {
+            profile,
+            engine,
+            config,
+            storage: Mutex::new(HashMap::new()),
+            poisoned: AtomicBool::new(false),
+        })
+    }
+
+    fn local_engine(config: &Config) -> R<Engine> {
         let engine_config =
             EngineConfig { params: config.params, id_seed: config.seed, ..EngineConfig::default() };
         let engine = Engine::new(engine_config).map_err(|e| e.errno)?;
@@ -180,13 +204,7 @@ impl Instance {
             let backend: Dev = StdArc::new(backend);
             engine.add_disk(device.id, backend, IO_MIN_SECTORS).map_err(|e| e.errno)?;
         }
-        Ok(Instance {
-            profile,
-            engine,
-            config,
-            storage: Mutex::new(HashMap::new()),
-            poisoned: AtomicBool::new(false),
-        })
+        Ok(engine)
     }
 
     /// The configured devices.
@@ -228,7 +246,7 @@ impl Instance {
     }
 
     /// Where a storage path really is (the `storage:` translations).
-    fn storage_backing(&self, path: &Path) -> PathBuf {
+    pub fn storage_backing(&self, path: &Path) -> PathBuf {
         let mapped = self.config.storage_map.iter().find(|(p, _)| p == path);
         mapped.map_or_else(|| path.to_path_buf(), |(_, b)| b.clone())
     }

@@ -25,6 +25,7 @@ use std::sync::Arc;
 
 use blksnap_model::{DeviceId, Errno, Profile};
 
+pub mod client;
 pub mod control;
 pub mod errno;
 pub mod filter;
@@ -95,7 +96,9 @@ fn with_instance<T: handles::Ret>(handle: c_int, body: impl FnOnce(&Instance) ->
 
 /// Opens a control handle for `profile` ([`BLKSNAP_PROFILE_V3`] or [`BLKSNAP_PROFILE_NEWEST`])
 /// on a new in-process engine configured by `config` (see the configuration grammar in
-/// `instance`; NULL reads the `BLKSNAP_CONFIG` environment variable, unset = no devices).
+/// `instance`; NULL reads the `BLKSNAP_CONFIG` environment variable, unset = no devices), or —
+/// client mode, `socket=PATH` in `config` or the `BLKSNAP_SOCKET` environment variable — on a
+/// connection to `blksnapd` ([`client`]; `-ENOENT` no socket there, `-EIO` cannot connect).
 ///
 /// Returns the handle (> 0) or: `-EINVAL` unknown profile or bad configuration; the errno of
 /// opening a backing file (`-ENOENT`, `-EACCES` as `-EIO`, ...); `-ENOMEM` out of handles.

@@ -12,8 +12,8 @@ use std::sync::Arc;
 
 use blksnap_model::Errno;
 use blksnap_proto::{
-    decode_request, read_frame, write_frame, Reply, RequestFrame, ResponseFrame,
-    WireError, PROTOCOL_VERSION,
+    decode_request, read_frame, write_frame, Reply, RequestFrame, ResponseFrame, WireError,
+    PROTOCOL_VERSION,
 };
 
 use crate::daemon::Daemon;

@@ -12,5 +12,22 @@ RUSTFLAGS="-C target-feature=+crt-static" CARGO_TARGET_DIR=$TARGET_DIR \
   cargo build --release -p blksnap-service --features ublk --target "$TRIPLE" \
   --bin blksnap-vmtest --bin blksnapd
 BIN=$TARGET_DIR/$TRIPLE/release
+# The C/C++ lifecycle clients of ffi/tests-c, unchanged, linked statically with libblksnap.a
+# (scenario c-clients runs them in client mode against blksnapd).
+CLIENTS=()
+if command -v gcc >/dev/null && command -v g++ >/dev/null; then
+  RUSTFLAGS="-C target-feature=+crt-static" CARGO_TARGET_DIR=$TARGET_DIR \
+    cargo build --release -p blksnap-ffi --target "$TRIPLE" --lib
+  build_client() { # compiler std profile source output
+    # (glibc's "statically linked applications" linker notes are expected; shown on failure)
+    "$1" -static -std="$2" -Wall -Wextra -O1 -I "include/$3" -I include -o "$5" "$4" \
+      "$BIN/libblksnap.a" -lpthread -ldl -lm > "$5.log" 2>&1 || { cat "$5.log" >&2; exit 1; }
+  }
+  build_client gcc c11 v3 ffi/tests-c/client_v3.c "$BIN/client_v3"
+  build_client g++ c++17 newest ffi/tests-c/client_newest.cpp "$BIN/client_newest"
+  CLIENTS=("$BIN/client_v3" "$BIN/client_newest")
+else
+  echo "run-tests.sh: gcc/g++ missing: scenario c-clients will fail (apt-get install gcc g++)" >&2
+fi
 exec service/vm/ublk-vm.sh --timeout "${BLKSNAP_VM_TIMEOUT:-900}" "$BIN/blksnap-vmtest" \
-  "$BIN/blksnapd" -- --require-ublk "$@"
+  "$BIN/blksnapd" "${CLIENTS[@]}" -- --require-ublk "$@"
