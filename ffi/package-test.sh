@@ -10,7 +10,7 @@
 # Staging: `cargo cinstall` (cargo-c) if it is installed, else ffi/cinstall.sh (the same tree).
 # Options: --cargo-c (require cargo-c), --script (use ffi/cinstall.sh even if cargo-c is there),
 #          --compare (stage with both, require identical trees, .pc files and sonames, then test
-#          the cargo-c one).
+#          the cargo-c one); --have-cargo-c (only report: exit 0 iff cargo-c >= 0.10 is there).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,15 +19,25 @@ case ${1:-} in
   --cargo-c) MODE=cargo-c ;;
   --script) MODE=script ;;
   --compare) MODE=compare ;;
+  --have-cargo-c) MODE=have ;;
   "") ;;
-  *) echo "usage: $0 [--cargo-c|--script|--compare]" >&2; exit 2 ;;
+  *) echo "usage: $0 [--cargo-c|--script|--compare|--have-cargo-c]" >&2; exit 2 ;;
 esac
-have_cargo_c() { cargo cinstall --version >/dev/null 2>&1; }
+# cargo-c >= 0.10 (Debian's 0.9.14 cannot read this workspace: ffi/README.md "Packaging").
+have_cargo_c() {
+  local v
+  v=$(cargo cinstall --version 2>/dev/null | grep -oE '[0-9]+\.[0-9]+\.[0-9]+' | head -1) || return 1
+  [ -n "$v" ] && [ "$(printf '%s\n' 0.10.0 "$v" | sort -V | head -1)" = 0.10.0 ]
+}
+if [ "$MODE" = have ]; then
+  have_cargo_c
+  exit
+fi
 if [ "$MODE" = auto ]; then
   if have_cargo_c; then MODE=cargo-c; else MODE=script; fi
 fi
 if [ "$MODE" != script ] && ! have_cargo_c; then
-  echo "cargo-c is not installed (cargo install cargo-c --locked)" >&2
+  echo "cargo-c >= 0.10 is not installed (cargo install cargo-c --version 0.10.24 --locked)" >&2
   exit 1
 fi
 
