@@ -125,7 +125,7 @@ case $INCLUDEDIR in "$DEST"/*) ;; *) INCLUDEDIR=$DEST$INCLUDEDIR ;; esac
 LD_LIBRARY_PATH=$LIB "$WORK/client_v3"
 echo "client_v3 (staged v3 headers): ok"
 
-"$CC" -std=c11 -Wall -Wextra -Werror -o "$WORK/preload_client" ffi/tests-c/preload_client.c \
+"$CC" -std=c11 -Wall -Wextra -Werror -pthread -o "$WORK/preload_client" ffi/tests-c/preload_client.c \
   -I "$INCLUDEDIR/blksnap/newest"
 LD_PRELOAD=$LIB/libblksnap-preload.so "$WORK/preload_client"
 echo "preload_client (staged libblksnap-preload.so): ok"

@@ -100,7 +100,7 @@ for profile in v3 newest; do
     [ "$variant" = fortified ] && flags="-O2 -g -D_FORTIFY_SOURCE=2"
     bin="$OUT/preload_${profile}_$variant"
     # shellcheck disable=SC2086
-    "$CC" -std=c11 -Wall -Wextra -Werror $flags -I "include/$profile" -o "$bin" \
+    "$CC" -std=c11 -Wall -Wextra -Werror -pthread $flags -I "include/$profile" -o "$bin" \
       ffi/tests-c/preload_client.c
     if [ "$VALGRIND" = 1 ]; then
       LD_PRELOAD="$SHIM" valgrind -q --trace-children=yes --error-exitcode=1 --leak-check=full \

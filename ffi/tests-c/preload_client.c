@@ -30,6 +30,8 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <pthread.h>
+
 #include <linux/fs.h>
 
 #include <linux/blk-filter.h>
@@ -217,6 +219,43 @@ static void unrelated_files(const char *dir)
 	/* The backing files are regular files to everyone but the engine. */
 	snprintf(path, sizeof path, "%s/disk0.img", dir);
 	CHECK(stat(path, &st) == 0 && S_ISREG(st.st_mode) && st.st_size == DISK0_BYTES);
+}
+
+/* Concurrent use of served descriptors: writers on the device, readers of the image. */
+struct worker {
+	int fd;           /* device (writers) or image (readers) */
+	unsigned index;   /* which 256 KiB region (2-3 MiB: untouched by the rest of the test) */
+	const unsigned char *expect; /* readers: the image content at take */
+	int ok;
+};
+
+#define REGION (256u << 10)
+
+static void *writer(void *arg)
+{
+	struct worker *w = arg;
+	unsigned char *buf = aligned_alloc_or_die(REGION);
+	w->ok = 1;
+	for (int round = 0; w->ok && round < 4; round++) {
+		memset(buf, 0x40 + round + (int)w->index, REGION);
+		w->ok = pwrite(w->fd, buf, REGION, (off_t)(w->index * REGION)) == (ssize_t)REGION;
+	}
+	free(buf);
+	return NULL;
+}
+
+static void *reader(void *arg)
+{
+	struct worker *w = arg;
+	unsigned char *buf = aligned_alloc_or_die(REGION); /* the image is open O_DIRECT */
+	w->ok = 1;
+	for (int round = 0; w->ok && round < 4; round++) {
+		off_t at = (off_t)(w->index * REGION);
+		w->ok = pread(w->fd, buf, REGION, at) == (ssize_t)REGION &&
+			memcmp(buf, w->expect + at, REGION) == 0;
+	}
+	free(buf);
+	return NULL;
 }
 
 /* glibc's fortified and pre-2.33 entry points, which binaries call directly. */
@@ -462,6 +501,26 @@ static int client(void)
 	CHECK(pread(img0, buf, 4096, MIB) == 4096 && memcmp(buf, fresh, 4096) == 0);
 	CHECK(pread(dev0, buf, 4096, MIB) == 4096 && memcmp(buf, orig0 + MIB, 4096) == 0);
 	CHECK_ERR(pwrite(img1, "x", 1, 0), EBADF); /* opened read-only */
+
+	/* Threads: 4 writers rewrite regions of the device (buffered descriptor) while 4 readers
+	 * read the same regions of the image; the image must not change. */
+	int dev0b = open(DEV0, O_RDWR);
+	CHECK(dev0b >= 0);
+	struct worker workers[8];
+	pthread_t threads[8];
+	for (unsigned i = 0; i < 8; i++) {
+		workers[i] = (struct worker){ .fd = i < 4 ? dev0b : img0, .index = 8 + i % 4,
+					      .expect = orig0, .ok = 0 };
+		CHECK(pthread_create(&threads[i], NULL, i < 4 ? writer : reader, &workers[i]) == 0);
+	}
+	for (unsigned i = 0; i < 8; i++) {
+		CHECK(pthread_join(threads[i], NULL) == 0);
+		CHECK(workers[i].ok);
+	}
+	CHECK(close(dev0b) == 0);
+	CHECK(pread(img0, buf, 4 * REGION, 8 * REGION) == (ssize_t)(4 * REGION) &&
+	      memcmp(buf, orig0 + 8 * REGION, 4 * REGION) == 0);
+	CHECK(pread(dev0, buf, REGION, 11 * REGION) == (ssize_t)REGION && buf[0] == 0x40 + 3 + 11);
 
 	/* CBT. */
 	struct blksnap_cbtinfo cbt;
