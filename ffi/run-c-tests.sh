@@ -12,7 +12,7 @@
 #     on /dev/... paths -- built against each profile's headers, plain (-O0) and fortified
 #     (-O2 -D_FORTIFY_SOURCE=2, so the __open_2/__read_chk/__pread_chk entry points are used),
 #     run under LD_PRELOAD (valgrind memcheck, following its fork+exec); and without the shim it
-#     must fail (nothing is served by accident).
+#     must fail (nothing is served by accident); stat, blockdev and dd on a served device.
 # Options: --no-valgrind (run the shared-library clients and the shim tests directly).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -116,4 +116,15 @@ for profile in v3 newest; do
   fi
   echo "preload_client $profile without the shim: fails, as it must"
 done
+# Off-the-shelf binaries (coreutils, util-linux) see a served device as a block device.
+img="$OUT/tools.img"
+truncate -s 4M "$img"
+tools() { BLKSNAP_CONFIG="/dev/blksnap-tools0=$img@7:5" LD_PRELOAD="$SHIM" "$@"; }
+[ "$(tools stat -c '%F %t:%T' /dev/blksnap-tools0)" = "block special file 7:5" ]
+[ "$(tools blockdev --getsize64 --getss --getbsz /dev/block/7:5 | tr '\n' ' ')" = "4194304 512 4096 " ]
+head -c 1048576 /dev/urandom > "$OUT/tools.data"
+tools dd if="$OUT/tools.data" of=/dev/blksnap-tools0 bs=64k oflag=direct status=none
+tools dd if=/dev/blksnap-tools0 of="$OUT/tools.back" bs=1M count=1 iflag=direct status=none
+cmp "$OUT/tools.data" "$OUT/tools.back" && cmp -n 1048576 "$OUT/tools.data" "$img"
+echo "stat, blockdev, dd (O_DIRECT) on a served device: ok"
 echo "--- all C tests passed"
