@@ -10,7 +10,7 @@
 //!   consumed (removed) when it is loaded, so it is used at most once.
 //! * `devices` — the ublk devices this daemon runs (origins by backing, images), rewritten on
 //!   every change, for user recovery after an unclean stop (the origins are recovered, stale
-//!   image devices deleted).
+//!   image devices deleted); stamped with the boot id, ignored after a reboot.
 //!
 //! Every file is written to a temporary name, fsynced, renamed over the old one, and the
 //! directory fsynced. State files are `MAGIC`, a format version, the postcard payload and a
@@ -214,6 +214,13 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     fsync_dir(dir)
 }
 
+/// This boot's id (`/proc/sys/kernel/random/boot_id`; empty when unavailable).
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
 /// The state directory of a running daemon.
 #[derive(Debug)]
 pub struct StateDir {
@@ -280,14 +287,21 @@ impl StateDir {
         Ok(Some(saved))
     }
 
-    /// The device map of the previous run (empty when missing or unreadable).
+    /// The device map of the previous run: empty when missing, unreadable, or written in
+    /// another boot (ublk device ids start again at every boot: the entries would name other
+    /// programs' devices).
     pub fn load_map(&self) -> Vec<MapEntry> {
-        std::fs::read(self.dir.join(DEVICES)).ok().and_then(|b| decode(&b).ok()).unwrap_or_default()
+        let map: Option<(String, Vec<MapEntry>)> =
+            std::fs::read(self.dir.join(DEVICES)).ok().and_then(|b| decode(&b).ok());
+        match map {
+            Some((boot, entries)) if boot == boot_id() => entries,
+            _ => Vec::new(),
+        }
     }
 
-    /// Replaces the device map.
+    /// Replaces the device map (stamped with this boot's id).
     pub fn save_map(&self, map: &[MapEntry]) -> Result<(), String> {
-        let bytes = encode(&map.to_vec())?;
+        let bytes = encode(&(boot_id(), map.to_vec()))?;
         write_atomic(&self.dir.join(DEVICES), &bytes).map_err(|e| format!("device map: {e}"))
     }
 
@@ -387,5 +401,9 @@ mod tests {
         ];
         sd.save_map(&map).unwrap();
         assert_eq!(sd.load_map(), map);
+        // a map of another boot names nothing
+        let other = encode(&("another-boot".to_string(), map.clone())).unwrap();
+        write_atomic(&dir.path().join(DEVICES), &other).unwrap();
+        assert!(sd.load_map().is_empty());
     }
 }
