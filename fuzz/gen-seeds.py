@@ -201,8 +201,19 @@ def frame(body):
     return u32(len(body)) + body
 
 
+def protocol_version():
+    src = os.path.join(os.path.dirname(ROOT), "..", "proto", "src", "lib.rs")
+    for line in open(src):
+        if line.startswith("pub const PROTOCOL_VERSION: u32 = "):
+            return int(line.split("=")[1].strip().rstrip(";"))
+    raise SystemExit("PROTOCOL_VERSION not found in proto/src/lib.rs")
+
+
+PROTOCOL = protocol_version()
+
+
 def req(variant, fields=()):
-    return frame(varint(1) + varint(variant) + list(fields))
+    return frame(varint(PROTOCOL) + varint(variant) + list(fields))
 
 
 def dev(minor):
@@ -221,6 +232,19 @@ def ranges(rs):
     return out
 
 
+def sandboxed(kinds):
+    """A path the target maps (hash % 6) to one of `kinds`: 0|1 the storage file, 2 an origin's
+    backing, 3 the temp dir, 4 a missing file, 5 a spare backing."""
+    for i in range(1000):
+        p = f"/p{i}"
+        h = 0
+        for b in p.encode():
+            h = (h * 31 + b) & 0xFFFFFFFF
+        if h % 6 in kinds:
+            return p
+    raise SystemExit("no path found")
+
+
 # Snapshot ids are unknown in advance: the target maps an id of fifteen 0xAA bytes and k to the
 # k-th snapshot created in the same input.
 def known(k):
@@ -228,27 +252,29 @@ def known(k):
 
 
 VERSION, LIST, ATTACH_R, DETACH_R, CBTINFO, CBTMAP, CBTDIRTY, CREATE, DESTROY_R, APPEND_R, \
-    ADD_R, TAKE_R, COLLECT_R, INFO_R, WAIT_R, STATS = range(16)
+    ADD_R, TAKE_R, COLLECT_R, INFO_R, WAIT_R, STATS, ADD_DEVICE, REMOVE_DEVICE = range(18)
 
 
 def proto_seeds():
     s = req(VERSION) + req(LIST) + req(ATTACH_R, dev(1)) + req(CBTINFO, dev(0))
     s += req(CBTDIRTY, dev(0) + ranges([(0, 8), (100, 4)])) + req(CBTMAP, dev(0) + varint(0) + varint(64))
-    s += req(CREATE, [1] + string("/storage") + varint(4096)) + req(ADD_R, known(0) + dev(0))
+    s += req(CREATE, [1] + string(sandboxed({0, 1})) + varint(4096)) + req(ADD_R, known(0) + dev(0))
     s += req(TAKE_R, known(0)) + req(INFO_R, dev(0)) + req(STATS, known(0)) + req(LIST)
     s += req(COLLECT_R) + req(WAIT_R, known(0) + varint(10)) + req(DESTROY_R, known(0))
     s += req(DETACH_R, dev(0))
     write("control_protocol", "file-storage-lifecycle", s)
     s = req(CREATE, [0]) + req(WAIT_R, known(0) + varint(0))
-    s += req(APPEND_R, known(0) + string("/append") + ranges([(0, 512), (1024, 64)]))
+    s += req(APPEND_R, known(0) + string(sandboxed({0, 1})) + ranges([(0, 512), (1024, 64)]))
     s += req(ATTACH_R, dev(1)) + req(ADD_R, known(0) + dev(1)) + req(ADD_R, known(0) + dev(0))
     s += req(TAKE_R, known(0)) + req(TAKE_R, known(0)) + req(STATS, known(0))
+    s += req(REMOVE_DEVICE, dev(1)) + req(DESTROY_R, known(0)) + req(REMOVE_DEVICE, dev(1))
+    s += req(ADD_DEVICE, string(sandboxed({5})) + [1]) + req(LIST)
     write("control_protocol", "ranges-storage-lifecycle", s)
     # Invalid fields and frames: relative path, too many... a bad version, a truncated frame.
     s = req(CREATE, [1] + string("relative") + varint(8))
     s += req(CBTDIRTY, dev(0) + ranges([(2**64 - 1, 1)]))
     s += req(CBTMAP, dev(0) + varint(2**32 - 1) + varint(2**32 - 1))
-    s += frame(varint(2) + varint(0))  # protocol version 2
+    s += frame(varint(PROTOCOL + 1) + varint(0))  # another protocol version
     s += frame([0xff, 0xff, 0xff])  # malformed
     s += u32(100) + [1, 2, 3]  # truncated
     write("control_protocol", "invalid-requests", s)

@@ -10,6 +10,8 @@
 //!
 //! Paths inside requests are remapped into the temp directory (a valid absolute path becomes
 //! one of a few files there, chosen by its hash), so no input can open a file elsewhere.
+//!
+//! `BLKSNAP_FUZZ_TRACE=1` prints each request and its response (to read a seed or an artifact).
 #![no_main]
 
 use std::fs::OpenOptions;
@@ -25,6 +27,11 @@ use blksnap_proto::{
 use blksnap_service::{Config, Daemon, NullFrontend};
 use libfuzzer_sys::fuzz_target;
 
+fn trace() -> bool {
+    static TRACE: OnceLock<bool> = OnceLock::new();
+    *TRACE.get_or_init(|| std::env::var_os("BLKSNAP_FUZZ_TRACE").is_some())
+}
+
 const ORIGIN_BYTES: u64 = 1 << 20;
 const STORAGE_BYTES: u64 = 1 << 20;
 
@@ -32,6 +39,7 @@ struct Env {
     dir: PathBuf,
     origins: [PathBuf; 2],
     storage: PathBuf,
+    spare: PathBuf,
 }
 
 static ENV: OnceLock<Env> = OnceLock::new();
@@ -43,6 +51,7 @@ fn env() -> &'static Env {
         Env {
             origins: [dir.join("b0.img"), dir.join("b1.img")],
             storage: dir.join("storage.img"),
+            spare: dir.join("b2.img"),
             dir,
         }
     })
@@ -54,7 +63,7 @@ fn reset(path: &PathBuf, len: u64) {
 }
 
 /// A valid absolute path → a file of the temp dir (the storage, an origin's backing, the
-/// directory itself, or a missing file), by a hash of the path. Invalid paths stay as they are:
+/// directory itself, a missing file, or a spare backing), by a hash of the path. Invalid paths stay as they are:
 /// `Daemon::handle` refuses them before opening anything.
 fn sandbox(path: &mut String) {
     let valid = path.starts_with('/') && path.len() <= MAX_PATH_BYTES && !path.contains('\0');
@@ -63,11 +72,12 @@ fn sandbox(path: &mut String) {
     }
     let e = env();
     let h = path.bytes().fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)));
-    let target = match h % 5 {
+    let target = match h % 6 {
         0 | 1 => e.storage.clone(),
         2 => e.origins[0].clone(),
         3 => e.dir.clone(),
-        _ => e.dir.join("missing.img"),
+        4 => e.dir.join("missing.img"),
+        _ => e.spare.clone(),
     };
     *path = target.display().to_string();
 }
@@ -78,6 +88,7 @@ fn prepare(req: &mut Request, created: &[Id]) {
     match req {
         Request::SnapshotCreate { storage: Storage::File { path, .. } } => sandbox(path),
         Request::SnapshotAppend { path, .. } => sandbox(path),
+        Request::AddDevice { backing, .. } => sandbox(backing),
         _ => {}
     }
     let id = match req {
@@ -100,6 +111,7 @@ fn daemon() -> Daemon {
         reset(o, ORIGIN_BYTES);
     }
     reset(&e.storage, STORAGE_BYTES);
+    reset(&e.spare, ORIGIN_BYTES);
     let config = EngineConfig {
         params: Params::small(),
         id_seed: Some(1),
@@ -109,6 +121,7 @@ fn daemon() -> Daemon {
     let cfg = Config {
         socket: e.dir.join("control"),
         link_dir: e.dir.join("links"),
+        state_dir: e.dir.join("state"),
         ..Config::default()
     };
     let d = Daemon::new(engine, Box::new(NullFrontend::default()), cfg);
@@ -134,6 +147,9 @@ fuzz_target!(|data: &[u8]| {
         let mut req = frame.request;
         prepare(&mut req, &created);
         let result = d.handle(req.clone());
+        if trace() {
+            eprintln!("{req:?} -> {result:?}");
+        }
         if let Ok(Reply::Created(id)) = &result {
             created.push(*id);
         }
