@@ -157,10 +157,10 @@ def abi_seeds():
     # cbtdirty with two ranges, then bad pointers: NULL opt, wrapping opt, short optlen.
     s = [1] + abi_filter(False, "attach", [])
     s += abi_filter(False, "ctl", ctl_cmd(2, 16, [2, BUF, 2] + u16(8) + u16(16) + [2] + u16(100) + u16(1)))
-    s += [2, 0, 3, BUF] + [0] * 48 + [1, 1, 4] + [0] * 40 + [0]  # cbtinfo, NULL opt
-    s += [2, 0, 3, BUF] + [0] * 48 + [1, 1, 4] + [0] * 40 + [1, 7, 0]  # cbtinfo, wrapping opt
-    s += [2, 0, 3, BUF] + [0] * 48 + [1, 1, 2] + [0] * 39 + [BUF]  # optlen one short
-    s += [0, 9, BUF] + [0] * 4 + [0, 1]  # an arbitrary code (0x01000000): ENOTTY
+    s += [2, 0, 3, BUF] + [0] * 48 + [1, 0, 4] + [0] * 40 + [0]  # cbtinfo, NULL opt
+    s += [2, 0, 3, BUF] + [0] * 48 + [1, 0, 4] + [0] * 40 + [1, 7, 0]  # cbtinfo, wrapping opt
+    s += [2, 0, 3, BUF] + [0] * 48 + [1, 0, 2] + [0] * 39 + [BUF]  # optlen one short
+    s += [0, 200] + u32(0x1234) + [BUF]  # an arbitrary code (size 0: NULL argument): ENOTTY
     write("abi_ioctl", "newest-cbtdirty-bad-pointers", s)
 
 

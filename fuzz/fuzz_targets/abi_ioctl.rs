@@ -14,6 +14,8 @@
 //!
 //! Paths handed to the library are chosen from a fixed set inside the temp directory, so no
 //! input can make the library open a file outside it.
+//!
+//! `BLKSNAP_FUZZ_TRACE=1` prints each call and its return value (to read a seed or an artifact).
 #![no_main]
 
 use core::ffi::{c_int, c_ulong, c_void};
@@ -70,6 +72,11 @@ fn reset(path: &PathBuf, len: u64) {
     f.set_len(len).unwrap();
 }
 
+fn trace() -> bool {
+    static TRACE: OnceLock<bool> = OnceLock::new();
+    *TRACE.get_or_init(|| std::env::var_os("BLKSNAP_FUZZ_TRACE").is_some())
+}
+
 /// Checks an ioctl-style return: 0 or `-errno` of the closed set, never the panic errno.
 fn check(ret: c_int, what: &str) {
     if ret > 0 {
@@ -79,6 +86,9 @@ fn check(ret: c_int, what: &str) {
 }
 
 fn check_neg(ret: isize, what: &str) {
+    if trace() {
+        eprintln!("{what} -> {ret}");
+    }
     if ret < 0 {
         let code = i32::try_from(-ret).unwrap_or(i32::MAX);
         match Errno::from_code(code) {
@@ -223,18 +233,51 @@ fn control(st: &mut State, r: &mut Rd) {
     check(ret, &format!("ctl_ioctl {code:#x}"));
     if ret == 0 && choice >= 2 {
         // Learn ids for later requests.
-        match code {
-            v3::IOCTL_BLKSNAP_SNAPSHOT_CREATE if st.v3 => st.ids.extend(get16(&arg, 0)),
-            newest::IOCTL_BLKSNAP_SNAPSHOT_CREATE if !st.v3 => st.ids.extend(get16(&arg, 16)),
+        match (st.v3, code) {
+            (true, v3::IOCTL_BLKSNAP_SNAPSHOT_CREATE) => st.ids.extend(get16(&arg, 0)),
+            (false, newest::IOCTL_BLKSNAP_SNAPSHOT_CREATE) => st.ids.extend(get16(&arg, 16)),
             _ => {}
         }
     }
 }
 
 /// The id and nested-pointer fields of a control request's struct.
+/// What a control code means in the handle's profile (codes collide across profiles: v3 TAKE
+/// is newest COLLECT, so the profile decides).
+#[derive(PartialEq)]
+enum Kind {
+    Append,
+    Collect,
+    CreateNewest,
+    Wait,
+    Id,
+    Other,
+}
+
+fn kind(v3: bool, code: u32) -> Kind {
+    if v3 {
+        match code {
+            v3::IOCTL_BLKSNAP_SNAPSHOT_APPEND_STORAGE => Kind::Append,
+            v3::IOCTL_BLKSNAP_SNAPSHOT_COLLECT => Kind::Collect,
+            v3::IOCTL_BLKSNAP_SNAPSHOT_WAIT_EVENT => Kind::Wait,
+            v3::IOCTL_BLKSNAP_SNAPSHOT_DESTROY | v3::IOCTL_BLKSNAP_SNAPSHOT_TAKE => Kind::Id,
+            _ => Kind::Other,
+        }
+    } else {
+        match code {
+            newest::IOCTL_BLKSNAP_SNAPSHOT_CREATE => Kind::CreateNewest,
+            newest::IOCTL_BLKSNAP_SNAPSHOT_COLLECT => Kind::Collect,
+            newest::IOCTL_BLKSNAP_SNAPSHOT_WAIT_EVENT => Kind::Wait,
+            newest::IOCTL_BLKSNAP_SNAPSHOT_DESTROY | newest::IOCTL_BLKSNAP_SNAPSHOT_TAKE => Kind::Id,
+            _ => Kind::Other,
+        }
+    }
+}
+
+/// The id and nested-pointer fields of a control request's struct.
 fn nested_control(st: &mut State, r: &mut Rd, code: u32, arg: &mut [u8]) {
-    match code {
-        v3::IOCTL_BLKSNAP_SNAPSHOT_APPEND_STORAGE if st.v3 => {
+    match kind(st.v3, code) {
+        Kind::Append => {
             let id = st.id(r);
             put(arg, 0, &id);
             let s = storage_string(r);
@@ -254,13 +297,13 @@ fn nested_control(st: &mut State, r: &mut Rd, code: u32, arg: &mut [u8]) {
             let p = st.arena.ptr(r, u64::from(count) * 16, COUNT_CAP * 16, sector_range);
             put(arg, 32, &p.to_ne_bytes());
         }
-        v3::IOCTL_BLKSNAP_SNAPSHOT_COLLECT | newest::IOCTL_BLKSNAP_SNAPSHOT_COLLECT => {
+        Kind::Collect => {
             let count = count_value(r);
             put(arg, 0, &count.to_ne_bytes());
             let p = st.arena.ptr(r, u64::from(count) * 16, COUNT_CAP * 16, |r, b| r.fill(b));
             put(arg, 8, &(p as u64).to_ne_bytes());
         }
-        newest::IOCTL_BLKSNAP_SNAPSHOT_CREATE if !st.v3 => {
+        Kind::CreateNewest => {
             let limit = match r.u8() % 4 {
                 0 => r.u64(),
                 1 => r.pick(&[0, 1, u64::MAX, 1 << 40, 4096]),
@@ -271,23 +314,17 @@ fn nested_control(st: &mut State, r: &mut Rd, code: u32, arg: &mut [u8]) {
             let p = st.arena.ptr(r, s.len() as u64, BYTES_CAP, |_, buf| buf.copy_from_slice(&s));
             put(arg, 8, &(p as u64).to_ne_bytes());
         }
-        // Both profiles' WAIT_EVENT: id + timeout (the instance's clock is real: never wait).
-        c if c == v3::IOCTL_BLKSNAP_SNAPSHOT_WAIT_EVENT
-            || c == newest::IOCTL_BLKSNAP_SNAPSHOT_WAIT_EVENT =>
-        {
+        // id + timeout (the instance's clock is real: never wait).
+        Kind::Wait => {
             let id = st.id(r);
             put(arg, 0, &id);
             put(arg, 16, &0u32.to_ne_bytes());
         }
-        c if c == v3::IOCTL_BLKSNAP_SNAPSHOT_DESTROY
-            || c == v3::IOCTL_BLKSNAP_SNAPSHOT_TAKE
-            || c == newest::IOCTL_BLKSNAP_SNAPSHOT_DESTROY
-            || c == newest::IOCTL_BLKSNAP_SNAPSHOT_TAKE =>
-        {
+        Kind::Id => {
             let id = st.id(r);
             put(arg, 0, &id);
         }
-        _ => {}
+        Kind::Other => {}
     }
 }
 
