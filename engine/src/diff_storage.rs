@@ -131,8 +131,25 @@ impl DiffStorage {
         self.events.push(Event { time_ns: self.shared.clock.now_ns(), kind });
     }
 
-    /// v3 APPEND_STORAGE (all-or-nothing; EINVAL for a File storage, bad or overlapping ranges).
-    pub fn append(&self, backend: Dev, ranges: &[SectorRange]) -> Result<()> {
+    /// Whether `range` overlaps a range of this (Ranges) storage on `backend`.
+    pub fn holds(&self, backend: &Dev, range: &SectorRange) -> bool {
+        let st = self.state.lock();
+        let Mode::Ranges { extents, .. } = &st.mode else { return false };
+        extents.iter().any(|e| {
+            crate::sync::StdArc::ptr_eq(&e.backend, backend)
+                && e.range.offset < range.offset.saturating_add(range.count)
+                && range.offset < e.range.offset + e.range.count
+        })
+    }
+
+    /// v3 APPEND_STORAGE (all-or-nothing; EINVAL for a File storage, bad or overlapping ranges;
+    /// EBUSY if `in_use_elsewhere` says another snapshot holds a range).
+    pub fn append(
+        &self,
+        backend: Dev,
+        ranges: &[SectorRange],
+        in_use_elsewhere: &dyn Fn(&SectorRange) -> bool,
+    ) -> Result<()> {
         if ranges.len() > MAX_RANGES_PER_CALL {
             return Err(Error::new(Errno::EINVAL, "too many ranges in one call"));
         }
@@ -143,6 +160,9 @@ impl DiffStorage {
         };
         let new: Vec<SectorRange> = ranges.iter().copied().filter(|r| r.count > 0).collect();
         validate_ranges(&new, backend_sectors, extents, &backend)?;
+        if new.iter().any(in_use_elsewhere) {
+            return Err(Error::new(Errno::EBUSY, "a storage range is in use by another snapshot"));
+        }
         if extents.len() + new.len() > MAX_STORAGE_RANGES {
             return Err(Error::new(Errno::ENOMEM, "too many storage ranges for one snapshot"));
         }

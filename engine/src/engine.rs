@@ -3,6 +3,7 @@
 //! fields), no hidden threads: all work runs in the caller's thread.
 //!
 //! # Lock order (outermost first)
+//! 0. `appends` — serialises storage appends across snapshots.
 //! 1. `snapshots` (global list) — held only to look up, insert or remove; never nested.
 //! 2. `disks` (registry) — likewise.
 //! 3. a snapshot's `state` — add, take, destroy.
@@ -73,6 +74,8 @@ pub struct Engine {
     shared: Arc<Shared>,
     disks: RwLock<BTreeMap<DeviceId, Arc<Disk>>>,
     snapshots: RwLock<Vec<Kref<Snapshot>>>,
+    /// Serialises storage appends (see `snapshot_append_storage`). Outermost.
+    appends: Mutex<()>,
 }
 
 /// Data of an origin write.
@@ -108,6 +111,7 @@ impl Engine {
             shared: Arc::new(shared),
             disks: RwLock::new(BTreeMap::new()),
             snapshots: RwLock::new(Vec::new()),
+            appends: Mutex::new(()),
         })
     }
 
@@ -375,7 +379,15 @@ impl Engine {
         backend: Dev,
         ranges: &[SectorRange],
     ) -> Result<()> {
-        self.snapshot(id)?.storage.append(backend, ranges)
+        // Appends are serialised: the overlap check reads other snapshots' storages while this
+        // one is locked, and two appends could otherwise check each other crosswise.
+        let _appends = self.appends.lock();
+        let snapshot = self.snapshot(id)?;
+        let others: Vec<Kref<Snapshot>> =
+            self.snapshots.read().iter().filter(|s| s.id != id).cloned().collect();
+        let in_use_elsewhere =
+            |r: &SectorRange| others.iter().any(|o| o.storage.holds(&backend, r));
+        snapshot.storage.append(backend.clone(), ranges, &in_use_elsewhere)
     }
 
     /// SNAPSHOT_TAKE.

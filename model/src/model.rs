@@ -556,6 +556,15 @@ impl Model {
         ranges: &[SectorRange],
     ) -> Result<()> {
         let si = self.snap_index(id).ok_or_else(no_snapshot)?;
+        // A range another live snapshot already holds on the same backend: the two images would
+        // overwrite each other's pre-images (checked after this snapshot's own EINVAL rules).
+        let in_use_elsewhere = |r: &SectorRange| {
+            self.snapshots.iter().enumerate().any(|(i, other)| {
+                let StorageKind::Ranges(o) = &other.storage.kind else { return false };
+                i != si && o.appended.get(&backend).is_some_and(|m| overlaps_any(m, r))
+            })
+        };
+        let crossing = ranges.iter().filter(|r| r.count > 0).any(in_use_elsewhere);
         let storage = &mut self.snapshots[si].storage;
         let StorageKind::Ranges(state) = &mut storage.kind else {
             bail!(EINVAL, "a File storage cannot be appended to");
@@ -564,6 +573,9 @@ impl Model {
             bail!(EINVAL, "too many ranges in one append");
         }
         check_append(state.appended.get(&backend), backend_capacity_sectors, ranges)?;
+        if crossing {
+            bail!(EBUSY, "a storage range is in use by another snapshot");
+        }
         let new_count = ranges.iter().filter(|r| r.count > 0).count();
         if state.extents.len() + new_count > MAX_STORAGE_RANGES {
             bail!(ENOMEM, "too many storage ranges in one snapshot");
@@ -855,14 +867,20 @@ fn check_append(
     }
     if let Some(existing) = existing {
         for &(start, end) in &new {
-            // Existing ranges are disjoint, so only the last one starting before `end` can
-            // reach past `start`.
-            if existing.range(..end).next_back().is_some_and(|(_, &e_end)| e_end > start) {
+            if overlaps_any(existing, &SectorRange::new(start, end - start)) {
                 bail!(EINVAL, "a storage range overlaps one appended earlier");
             }
         }
     }
     Ok(())
+}
+
+/// Whether `r` (count > 0, validated) overlaps one of the disjoint `[start, end)` ranges.
+fn overlaps_any(existing: &BTreeMap<u64, u64>, r: &SectorRange) -> bool {
+    let end = r.offset.saturating_add(r.count);
+    // Existing ranges are disjoint, so only the last one starting before `end` can reach past
+    // the start.
+    existing.range(..end).next_back().is_some_and(|(_, &e_end)| e_end > r.offset)
 }
 
 /// Private helpers: lookups, fault consumption, allocation, events.
@@ -1737,11 +1755,19 @@ mod tests {
     }
 
     #[test]
-    fn append_overlap_is_per_snapshot() {
+    fn append_overlap_across_live_snapshots_is_ebusy() {
         let mut m = model();
         let a = m.snapshot_create(StorageMode::Ranges, 0).unwrap();
         let b = m.snapshot_create(StorageMode::Ranges, 0).unwrap();
         m.snapshot_append_storage(a, 0, 1000, &[SectorRange::new(0, 8)]).unwrap();
+        let err = m.snapshot_append_storage(b, 0, 1000, &[SectorRange::new(4, 8)]).unwrap_err();
+        assert_eq!(err.errno, Errno::EBUSY);
+        // Per-snapshot rules come first: a range past the backend is EINVAL even if it overlaps.
+        let err = m.snapshot_append_storage(b, 0, 8, &[SectorRange::new(4, 8)]).unwrap_err();
+        assert_eq!(err.errno, Errno::EINVAL);
+        // Another backend, or the range freed by a destroy, is fine.
+        m.snapshot_append_storage(b, 1, 1000, &[SectorRange::new(0, 8)]).unwrap();
+        m.snapshot_destroy(a).unwrap();
         m.snapshot_append_storage(b, 0, 1000, &[SectorRange::new(0, 8)]).unwrap();
     }
 
