@@ -4,9 +4,10 @@
 //! of a backing file or block device ([`ublk`], feature `ublk`), every snapshot image another
 //! one, and clients drive it over a Unix control socket ([`control`]) with the versioned
 //! protocol of `blksnap-proto`. [`daemon::Daemon`] owns the engine and the bookkeeping;
-//! [`config`] reads the TOML configuration.
+//! [`config`] reads the TOML configuration; [`cli`] is the `blksnap` command line.
 #![warn(missing_docs)]
 
+pub mod cli;
 pub mod config;
 pub mod control;
 pub mod daemon;
