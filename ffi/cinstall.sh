@@ -74,7 +74,7 @@ if [ "$SHIM" = 1 ]; then
 fi
 
 description=$(sed -n 's/^description = "\(libblksnap: .*\)"$/\1/p' ffi/Cargo.toml)
-case $LIBDIR in /*) libdir_pc=$LIBDIR ;; *) libdir_pc="\${exec_prefix}/$LIBDIR" ;; esac
+case $LIBDIR in /*) libdir_pc=$LIBDIR ;; *) libdir_pc="\${prefix}/$LIBDIR" ;; esac  # as cargo-c with --libdir
 cat > "$lib/pkgconfig/blksnap.pc" <<EOF
 prefix=$PREFIX
 exec_prefix=\${prefix}
