@@ -501,49 +501,59 @@ fn spawn(e: &Env, args: &[&str]) -> Child {
 }
 
 #[test]
-fn watcher_and_stretch() {
+fn watcher_prints_events_until_the_snapshot_is_gone() {
+    let e = env();
+    let id = e.ok(&["snapshot_create", "-d", "/dev/vda"]).trim().to_string();
+    let watcher = spawn(&e, &["snapshot_watcher", "-i", &id]);
+    let json = spawn(&e, &["--json", "snapshot_watcher", "-i", &id]);
+    std::thread::sleep(Duration::from_millis(2500));
+    e.ok(&["snapshot_destroy", "-i", &id]);
+    let w = e.finish(watcher.wait_with_output().unwrap());
+    let j = e.finish(json.wait_with_output().unwrap());
+    assert_eq!((w.status, j.status), (0, 0), "{}{}", w.err, j.err);
+    // one of the two got the create's event (each event goes to one waiter)
+    let both = format!("{}{}", w.out, j.out);
+    assert!(w.out.ends_with("snapshot is gone\n"), "{}", w.out);
+    assert!(
+        both.contains("time=0 event=low_free_space requested_nr_sect=256\n")
+            || both.contains(r#"{"event":"low_free_space","requested_nr_sect":256,"time":0}"#),
+        "{both}"
+    );
+    let last: Value = serde_json::from_str(j.out.lines().last().unwrap()).unwrap();
+    assert_eq!(last, serde_json::json!({"id": id, "end": "gone"}));
+    assert!(j.out.lines().all(|l| serde_json::from_str::<Value>(l).is_ok()), "JSON lines");
+}
+
+#[test]
+fn stretch_grows_the_storage_and_cleans_up() {
     let e = env();
     std::fs::create_dir(e.dir.join("stretch")).unwrap();
     let id = e.ok(&["snapshot_create", "-d", "/dev/vdb"]).trim().to_string();
-    let watcher = spawn(&e, &["snapshot_watcher", "-i", &id]);
     let stretch =
         spawn(&e, &["stretch_snapshot", "-i", &id, "-p", &e.path("stretch/"), "-l", "64"]);
-    // the create's low-space event makes stretch append a first file (which ever of the two
-    // gets the event); wait for the storage
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let stretched = loop {
-        if e.dir.join("stretch/diff_storage#0").exists() {
-            break true;
-        }
-        if Instant::now() > deadline {
-            break false;
-        }
+    // the create's low-space event makes stretch append a first file
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !e.dir.join("stretch/diff_storage#0").exists() {
+        assert!(Instant::now() < deadline, "stretch did not append its first file");
         std::thread::sleep(Duration::from_millis(100));
-    };
-    if stretched {
-        std::thread::sleep(Duration::from_millis(1500));
-        e.ok(&["snapshot_take", "-i", &id]);
-        // small writes, with time for stretch to keep up
-        for i in 0..12u64 {
-            e.write("b.img", i * 8192, &[i as u8 + 1; 8192]);
-            std::thread::sleep(Duration::from_millis(700));
-        }
-        let info = e.ok(&["snapshot_info", "-d", "/dev/vdb"]);
-        assert!(info.starts_with("error_code=0\n"), "{info}");
-        let img = std::fs::read(e.dir.join("state/images/blksnap-251-1")).unwrap();
-        assert!(img.iter().all(|b| *b == 0), "image kept through growth");
     }
+    std::thread::sleep(Duration::from_millis(1500));
+    e.ok(&["snapshot_take", "-i", &id]);
+    // small writes, with time for stretch to keep up (it looks once a second)
+    for i in 0..12u64 {
+        e.write("b.img", i * 8192, &[i as u8 + 1; 8192]);
+        std::thread::sleep(Duration::from_millis(700));
+    }
+    let info = e.ok(&["snapshot_info", "-d", "/dev/vdb"]);
+    assert!(info.starts_with("error_code=0\n"), "{info}");
+    let img = std::fs::read(e.dir.join("state/images/blksnap-251-1")).unwrap();
+    assert!(img.iter().all(|b| *b == 0), "image kept through growth");
     e.ok(&["snapshot_destroy", "-i", &id]);
-    let w = e.finish(watcher.wait_with_output().unwrap());
     let s = e.finish(stretch.wait_with_output().unwrap());
-    assert_eq!(w.status, 0, "{}{}", w.out, w.err);
-    assert!(w.out.ends_with("snapshot is gone\n"), "{}", w.out);
     assert_eq!(s.status, 0, "{}{}", s.out, s.err);
+    assert!(s.out.starts_with("time=0 event=low_free_space requested_nr_sect=256\nappended $T/stretch/diff_storage#0 (256 sectors)\n"), "{}", s.out);
+    assert!(s.out.contains("appended $T/stretch/diff_storage#1"), "grew again: {}", s.out);
     assert!(s.out.ends_with("snapshot is gone\n"), "{}", s.out);
-    if stretched {
-        assert!(s.out.contains("appended $T/stretch/diff_storage#0 (256 sectors)\n"), "{}", s.out);
-        assert!(s.out.contains("diff_storage#1"), "grew at least once more: {}", s.out);
-    }
     let left: Vec<_> = std::fs::read_dir(e.dir.join("stretch")).unwrap().collect();
     assert!(left.is_empty(), "stretch removes its files at exit");
 }
