@@ -35,7 +35,9 @@ extern "C" {
 /*
  Opens a control handle for `profile` ([`BLKSNAP_PROFILE_V3`] or [`BLKSNAP_PROFILE_NEWEST`])
  on a new in-process engine configured by `config` (see the configuration grammar in
- `instance`; NULL reads the `BLKSNAP_CONFIG` environment variable, unset = no devices).
+ `instance`; NULL reads the `BLKSNAP_CONFIG` environment variable, unset = no devices), or —
+ client mode, `socket=PATH` in `config` or the `BLKSNAP_SOCKET` environment variable — on a
+ connection to `blksnapd` ([`client`]; `-ENOENT` no socket there, `-EIO` cannot connect).
 
  Returns the handle (> 0) or: `-EINVAL` unknown profile or bad configuration; the errno of
  opening a backing file (`-ENOENT`, `-EACCES` as `-EIO`, ...); `-ENOMEM` out of handles.
