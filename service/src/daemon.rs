@@ -169,6 +169,9 @@ struct State {
     origins: BTreeMap<DeviceId, Origin>,
     snapshots: HashMap<SnapshotId, SnapRec>,
     images: BTreeMap<DeviceId, Image>,
+    /// v3 storage files by (st_dev, st_ino), opened once: the engine recognises ranges of one
+    /// file appended twice (to one or two live snapshots) only when they share the handle.
+    storage_files: HashMap<(u64, u64), Dev>,
 }
 
 /// The daemon.
@@ -484,9 +487,24 @@ impl Daemon {
                 Reply::Created(id.into())
             }
             Request::SnapshotAppend { id, path, ranges } => {
-                let backend: Dev = Arc::new(open_storage(&path)?);
-                let r: Vec<SectorRange> = ranges.into_iter().map(Into::into).collect();
                 let mut st = self.state();
+                // Handles nobody else holds any more are closed here.
+                st.storage_files.retain(|_, d| Arc::strong_count(d) > 1);
+                let key = std::fs::metadata(&path).ok().filter(|m| !m.is_dir()).map(|m| {
+                    use std::os::unix::fs::MetadataExt;
+                    (m.dev(), m.ino())
+                });
+                let backend: Dev = match key.and_then(|k| st.storage_files.get(&k).cloned()) {
+                    Some(open) => open,
+                    None => {
+                        let opened: Dev = Arc::new(open_storage(&path)?);
+                        if let Some(k) = key {
+                            st.storage_files.insert(k, opened.clone());
+                        }
+                        opened
+                    }
+                };
+                let r: Vec<SectorRange> = ranges.into_iter().map(Into::into).collect();
                 e.snapshot_append_storage(id.into(), backend.clone(), &r)?;
                 if let Some(rec) = st.snapshots.get_mut(&id.into()) {
                     rec.storages.push(backend);

@@ -122,6 +122,26 @@ fn every_request_over_the_socket() {
         ranges: vec![Range { offset: 0, count: 8192 }],
     })
     .unwrap();
+    // The same file's ranges: again in this snapshot → EINVAL, in another live one → EBUSY
+    // (the daemon opens one file once, so the engine sees both appends on one backend).
+    let again = Request::SnapshotAppend {
+        id,
+        path: storage.display().to_string(),
+        ranges: vec![Range { offset: 100, count: 8 }],
+    };
+    assert_eq!(c.call(again).unwrap().unwrap_err().errno, 22); // EINVAL
+    let Reply::Created(other) =
+        c.req(Request::SnapshotCreate { storage: Storage::Ranges }).unwrap()
+    else {
+        panic!()
+    };
+    let crossing = Request::SnapshotAppend {
+        id: other,
+        path: storage.display().to_string(),
+        ranges: vec![Range { offset: 100, count: 8 }],
+    };
+    assert_eq!(c.call(crossing).unwrap().unwrap_err().errno, 16); // EBUSY
+    c.req(Request::SnapshotDestroy { id: other }).unwrap();
     c.req(Request::SnapshotAdd { id, dev: b }).unwrap();
     c.req(Request::SnapshotTake { id }).unwrap();
     // a waiter is woken by destroy with ESRCH
