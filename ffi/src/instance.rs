@@ -255,14 +255,25 @@ impl Instance {
     /// exclusive) on first use and reused for later appends of the same path.
     pub fn append_backend(&self, id: SnapshotId, path: &Path) -> R<Dev> {
         let mut all = lock(&self.storage);
-        let entry = all.entry(id).or_default();
-        if let Some(dev) = entry.opened.get(path) {
+        if let Some(dev) = all.get(&id).and_then(|e| e.opened.get(path)) {
             return Ok(dev.clone());
         }
         let backing = self.storage_backing(path);
-        let dev: Dev = StdArc::new(FileDev::open(&backing, true).map_err(|e| e.errno)?);
+        let canon = canonical(&backing);
+        // One handle per file across snapshots too: the engine refuses a range another live
+        // snapshot holds (EBUSY) only when both appends name the same backend.
+        let shared = all
+            .values()
+            .flat_map(|s| s.opened.iter())
+            .find(|(p, _)| canonical(&self.storage_backing(p)) == canon)
+            .map(|(_, d)| d.clone());
+        let dev: Dev = match shared {
+            Some(d) => d,
+            None => StdArc::new(FileDev::open(&backing, true).map_err(|e| e.errno)?),
+        };
+        let entry = all.entry(id).or_default();
         entry.opened.insert(path.to_path_buf(), dev.clone());
-        entry.backings.push(canonical(&backing));
+        entry.backings.push(canon);
         Ok(dev)
     }
 
