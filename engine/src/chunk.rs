@@ -15,7 +15,6 @@
 use crate::diff_area::DiffArea;
 use crate::diff_storage::Location;
 use crate::kref::Kref;
-use crate::sync::atomic::{AtomicBool, Ordering};
 use crate::sync::{Condvar, Mutex};
 
 /// A chunk's state.
@@ -40,9 +39,6 @@ struct Slot {
 pub struct Chunk {
     slot: Mutex<Slot>,
     released: Condvar,
-    /// Mirrors `state` being Stored, readable without the permit: origin writes to copied
-    /// chunks skip the permit entirely (Release/Acquire pairs with `set_stored`).
-    stored: AtomicBool,
 }
 
 impl Chunk {
@@ -51,13 +47,7 @@ impl Chunk {
         Chunk {
             slot: Mutex::new(Slot { locked: false, state: ChunkState::New }),
             released: Condvar::new(),
-            stored: AtomicBool::new(false),
         }
-    }
-
-    /// Whether the chunk is Stored (lock-free, may lag: only a `true` is conclusive).
-    pub fn is_stored(&self) -> bool {
-        self.stored.load(Ordering::Acquire)
     }
 }
 
@@ -104,12 +94,14 @@ impl ChunkPermit {
         slot.state.clone()
     }
 
-    /// New → Stored.
+    /// New → Stored; then the area's lock-free stored map learns it (origin writes to copied
+    /// chunks skip the permit and the chunk map entirely).
     pub fn set_stored(&self, location: Location) {
         let mut slot = self.chunk.slot.lock();
         assert!(matches!(slot.state, ChunkState::New), "only a New chunk is stored, once");
         slot.state = ChunkState::Stored(location);
-        self.chunk.stored.store(true, Ordering::Release);
+        drop(slot);
+        self.area.stored_map().set(self.index);
     }
 
     /// New → Failed.

@@ -23,6 +23,7 @@ use crate::chunk::{Chunk, ChunkPermit, ChunkState};
 use crate::diff_storage::DiffStorage;
 use crate::io::Dev;
 use crate::kref::{Kref, LiveObjects, ObjKind};
+use crate::stored_map::StoredMap;
 use crate::sync::atomic::{AtomicBool, Ordering};
 use crate::sync::{Arc, Mutex, RwLock};
 
@@ -36,6 +37,8 @@ pub struct DiffArea {
     origin: Dev,
     layout: ChunkLayout,
     chunks: RwLock<ChunkMap>,
+    /// Which chunks are Stored, without a lock (the origin write fast path).
+    stored: StoredMap,
     storage: StoragePin,
     corrupted: AtomicBool,
     /// The first error; set once (first error wins).
@@ -97,6 +100,7 @@ impl DiffArea {
             origin,
             layout,
             chunks: RwLock::new(ChunkMap::default()),
+            stored: StoredMap::new(layout.chunk_count),
             storage,
             corrupted: AtomicBool::new(false),
             error: Mutex::new(None),
@@ -104,6 +108,11 @@ impl DiffArea {
             live: live.clone(),
         };
         Kref::new(area, ObjKind::DiffArea, live)
+    }
+
+    /// The stored-chunk bits.
+    pub fn stored_map(&self) -> &StoredMap {
+        &self.stored
     }
 
     /// The chunk layout.
@@ -210,11 +219,10 @@ impl DiffArea {
             if this.is_corrupted() {
                 return;
             }
-            let chunk = this.get_or_insert(index);
-            if chunk.is_stored() {
+            if this.stored.is_set(index) {
                 continue;
             }
-            let permit = ChunkPermit::acquire(this.clone(), chunk, index);
+            let permit = ChunkPermit::acquire(this.clone(), this.get_or_insert(index), index);
             if !matches!(permit.state(), ChunkState::New) {
                 continue;
             }

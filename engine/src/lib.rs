@@ -23,6 +23,7 @@ pub mod event_queue;
 pub mod io;
 pub mod kref;
 pub mod snapshot;
+pub mod stored_map;
 pub mod sync;
 pub mod tracker;
 
