@@ -451,25 +451,14 @@ impl Daemon {
                 daemon: format!("blksnapd {}", env!("CARGO_PKG_VERSION")),
             },
             Request::ListDevices => Reply::Devices(self.list()),
-            Request::Attach { dev } => {
-                e.attach(dev.into())?;
-                Reply::Done
-            }
-            Request::Detach { dev } => {
-                e.detach(dev.into())?;
-                Reply::Done
-            }
-            Request::CbtInfo { dev } => Reply::CbtInfo(CbtInfoW::from(e.cbt_info(dev.into())?)),
-            Request::CbtMap { dev, offset, length } => {
-                let mut out = Vec::new();
-                e.cbt_map(dev.into(), offset, length, &mut out)?;
-                Reply::CbtMap(out)
-            }
-            Request::CbtDirty { dev, ranges } => {
-                let r: Vec<SectorRange> = ranges.into_iter().map(Into::into).collect();
-                e.cbt_dirty(dev.into(), &r)?;
-                Reply::Done
-            }
+            req @ (Request::Attach { .. }
+            | Request::Detach { .. }
+            | Request::CbtInfo { .. }
+            | Request::CbtMap { .. }
+            | Request::CbtDirty { .. }
+            | Request::SnapshotCollect
+            | Request::WaitEvent { .. }
+            | Request::StorageStats { .. }) => engine_reply(e, req)?,
             Request::SnapshotCreate { storage } => {
                 let (spec, backends) = match storage {
                     Storage::Ranges => (StorageSpec::Ranges, Vec::new()),
@@ -532,9 +521,6 @@ impl Daemon {
                 self.destroy(id.into())?;
                 Reply::Done
             }
-            Request::SnapshotCollect => {
-                Reply::Snapshots(e.snapshot_collect().into_iter().map(Into::into).collect())
-            }
             Request::SnapshotInfo { dev } => {
                 let info = e.snapshot_info(dev.into())?;
                 let image_path = info.image.and_then(|o| {
@@ -552,10 +538,6 @@ impl Daemon {
                     image_path,
                 }
             }
-            Request::WaitEvent { id, timeout_ms } => {
-                Reply::Event(e.wait_event(id.into(), timeout_ms)?.into())
-            }
-            Request::StorageStats { id } => Reply::Stats(e.storage_stats(id.into())?.into()),
             Request::AddDevice { backing, attach } => {
                 let id = self.add_origin(Path::new(&backing), attach)?;
                 let entry = self.list().into_iter().find(|d| d.dev == id.into());
@@ -708,6 +690,40 @@ fn set_storages(st: &State, members: &[DeviceId], storages: &[Dev]) {
             }
         }
     }
+}
+
+/// The requests only the engine answers (no daemon bookkeeping), shared by the daemon and the
+/// command line's in-process backend so both answer them the same way.
+pub fn engine_reply(e: &Engine, req: Request) -> Result<Reply, Error> {
+    Ok(match req {
+        Request::Attach { dev } => {
+            e.attach(dev.into())?;
+            Reply::Done
+        }
+        Request::Detach { dev } => {
+            e.detach(dev.into())?;
+            Reply::Done
+        }
+        Request::CbtInfo { dev } => Reply::CbtInfo(CbtInfoW::from(e.cbt_info(dev.into())?)),
+        Request::CbtMap { dev, offset, length } => {
+            let mut out = Vec::new();
+            e.cbt_map(dev.into(), offset, length, &mut out)?;
+            Reply::CbtMap(out)
+        }
+        Request::CbtDirty { dev, ranges } => {
+            let r: Vec<SectorRange> = ranges.into_iter().map(Into::into).collect();
+            e.cbt_dirty(dev.into(), &r)?;
+            Reply::Done
+        }
+        Request::SnapshotCollect => {
+            Reply::Snapshots(e.snapshot_collect().into_iter().map(Into::into).collect())
+        }
+        Request::WaitEvent { id, timeout_ms } => {
+            Reply::Event(e.wait_event(id.into(), timeout_ms)?.into())
+        }
+        Request::StorageStats { id } => Reply::Stats(e.storage_stats(id.into())?.into()),
+        _ => return Err(Error::new(Errno::EINVAL, "not an engine-only request")),
+    })
 }
 
 /// Opens a difference storage by its type, as the newest uapi's CREATE does: a regular file

@@ -44,7 +44,7 @@ use blksnap_engine::cbt::CbtState;
 use blksnap_engine::io::{BlockDev, Dev as EngineDev, FileDev, MemDev};
 use blksnap_engine::{Clock, Engine, EngineConfig, StorageSpec};
 use blksnap_model::{DeviceId, Errno, Error, Params, SectorRange, SnapshotId, Uuid};
-use blksnap_proto::{CbtInfoW, Dev, DeviceEntry, Reply, Request, Role, Storage, PROTOCOL_VERSION};
+use blksnap_proto::{Dev, DeviceEntry, Reply, Request, Role, Storage, PROTOCOL_VERSION};
 use serde::{Deserialize, Serialize};
 
 use super::backend::{canonical, parse_majmin, Backend};
@@ -544,25 +544,14 @@ impl<'a> Session<'a> {
                 }
                 Reply::Devices(out)
             }
-            Request::Attach { dev } => {
-                e.attach(dev.into())?;
-                Reply::Done
-            }
-            Request::Detach { dev } => {
-                e.detach(dev.into())?;
-                Reply::Done
-            }
-            Request::CbtInfo { dev } => Reply::CbtInfo(CbtInfoW::from(e.cbt_info(dev.into())?)),
-            Request::CbtMap { dev, offset, length } => {
-                let mut out = Vec::new();
-                e.cbt_map(dev.into(), offset, length, &mut out)?;
-                Reply::CbtMap(out)
-            }
-            Request::CbtDirty { dev, ranges } => {
-                let r: Vec<SectorRange> = ranges.into_iter().map(Into::into).collect();
-                e.cbt_dirty(dev.into(), &r)?;
-                Reply::Done
-            }
+            req @ (Request::Attach { .. }
+            | Request::Detach { .. }
+            | Request::CbtInfo { .. }
+            | Request::CbtMap { .. }
+            | Request::CbtDirty { .. }
+            | Request::SnapshotCollect
+            | Request::WaitEvent { .. }
+            | Request::StorageStats { .. }) => crate::daemon::engine_reply(e, req)?,
             Request::SnapshotCreate { storage } => {
                 let spec = match storage {
                     Storage::Ranges => StorageSpec::Ranges,
@@ -597,9 +586,6 @@ impl<'a> Session<'a> {
                 self.members.remove(&id.into());
                 Reply::Done
             }
-            Request::SnapshotCollect => {
-                Reply::Snapshots(e.snapshot_collect().into_iter().map(Into::into).collect())
-            }
             Request::SnapshotInfo { dev } => {
                 let info = e.snapshot_info(dev.into())?;
                 let image_path =
@@ -610,10 +596,6 @@ impl<'a> Session<'a> {
                     image_path,
                 }
             }
-            Request::WaitEvent { id, timeout_ms } => {
-                Reply::Event(e.wait_event(id.into(), timeout_ms)?.into())
-            }
-            Request::StorageStats { id } => Reply::Stats(e.storage_stats(id.into())?.into()),
             Request::AddDevice { .. } | Request::RemoveDevice { .. } => {
                 return Err(Error::new(
                     Errno::EOPNOTSUPP,
