@@ -729,7 +729,7 @@ pub fn engine_reply(e: &Engine, req: Request) -> Result<Reply, Error> {
 /// Opens a difference storage by its type, as the newest uapi's CREATE does: a regular file
 /// (growable) or a block device (fixed size) as it is, a directory → an unnamed `O_TMPFILE`
 /// file in it; anything else EINVAL.
-fn open_storage(path: &str) -> Result<FileDev, Error> {
+pub fn open_storage(path: &str) -> Result<FileDev, Error> {
     use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
     let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => Error::new(Errno::ENOENT, "storage path does not exist"),

@@ -34,14 +34,14 @@
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufReader, Write};
-use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use blksnap_engine::cbt::CbtState;
-use blksnap_engine::io::{BlockDev, Dev as EngineDev, FileDev, MemDev};
+use blksnap_engine::io::{BlockDev, Dev as EngineDev, MemDev};
 use blksnap_engine::{Clock, Engine, EngineConfig, StorageSpec};
 use blksnap_model::{DeviceId, Errno, Error, Params, SectorRange, SnapshotId, Uuid};
 use blksnap_proto::{Dev, DeviceEntry, Reply, Request, Role, Storage, PROTOCOL_VERSION};
@@ -677,7 +677,7 @@ fn open_storage(
     replay_len: Option<u64>,
     limit_sectors: Option<u64>,
 ) -> Result<EngineDev, Error> {
-    match open_storage_file(path) {
+    match crate::daemon::open_storage(path) {
         Ok(f) => Ok(Arc::new(f)),
         Err(e) => match replay_len {
             Some(len) => Ok(Arc::new(match limit_sectors {
@@ -686,27 +686,5 @@ fn open_storage(
             })),
             None => Err(e),
         },
-    }
-}
-
-fn open_storage_file(path: &str) -> Result<FileDev, Error> {
-    let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => Error::new(Errno::ENOENT, "storage path does not exist"),
-        _ => Error::new(Errno::EIO, "cannot stat the storage path"),
-    })?;
-    let kind = meta.file_type();
-    if kind.is_dir() {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_TMPFILE)
-            .mode(0o600)
-            .open(path)
-            .map_err(|_| Error::new(Errno::EIO, "cannot create a file in the storage directory"))?;
-        FileDev::from_file(file)
-    } else if kind.is_file() || kind.is_block_device() {
-        FileDev::open(path, true)
-    } else {
-        Err(Error::new(Errno::EINVAL, "storage must be a file, block device or directory"))
     }
 }
