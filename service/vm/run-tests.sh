@@ -10,7 +10,7 @@ TRIPLE=x86_64-unknown-linux-gnu
 # target's crates only, not to build scripts (libublk's bindgen runs on the host).
 RUSTFLAGS="-C target-feature=+crt-static" CARGO_TARGET_DIR=$TARGET_DIR \
   cargo build --release -p blksnap-service --features ublk --target "$TRIPLE" \
-  --bin blksnap-vmtest --bin blksnapd
+  --bin blksnap-vmtest --bin blksnapd --bin blksnap
 BIN=$TARGET_DIR/$TRIPLE/release
 # The C/C++ lifecycle clients of ffi/tests-c, unchanged, linked statically with libblksnap.a
 # (scenario c-clients runs them in client mode against blksnapd).
@@ -30,4 +30,4 @@ else
   echo "run-tests.sh: gcc/g++ missing: scenario c-clients will fail (apt-get install gcc g++)" >&2
 fi
 exec service/vm/ublk-vm.sh --timeout "${BLKSNAP_VM_TIMEOUT:-900}" "$BIN/blksnap-vmtest" \
-  "$BIN/blksnapd" "${CLIENTS[@]}" -- --require-ublk "$@"
+  "$BIN/blksnapd" "$BIN/blksnap" "${CLIENTS[@]}" -- --require-ublk "$@"
