@@ -131,9 +131,19 @@ impl CbtMap {
         Ok((first, last))
     }
 
+    /// Raise each block of `first..=last` to at least `number`.
+    ///
+    /// The plain load first is what keeps tracking cheap: a steady workload rewrites blocks that
+    /// are already marked in this generation, and skipping the read-modify-write (a locked
+    /// compare-exchange loop on x86) leaves the cache line shared between writer cores. It is
+    /// sound because, while writers hold the gate for reading, a block's value only grows (the
+    /// take switch and the wrap's clear run under the write side), so a value seen ≥ `number`
+    /// stays ≥ `number`.
     fn mark(map: &[AtomicU8], first: u64, last: u64, number: u8) {
         for block in &map[first as usize..=last as usize] {
-            block.fetch_max(number, Ordering::Relaxed);
+            if block.load(Ordering::Relaxed) < number {
+                block.fetch_max(number, Ordering::Relaxed);
+            }
         }
     }
 
