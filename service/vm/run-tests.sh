@@ -26,6 +26,17 @@ if command -v gcc >/dev/null && command -v g++ >/dev/null; then
   build_client gcc c11 v3 ffi/tests-c/client_v3.c "$BIN/client_v3"
   build_client g++ c++17 newest ffi/tests-c/client_newest.cpp "$BIN/client_newest"
   CLIENTS=("$BIN/client_v3" "$BIN/client_newest")
+  # The LD_PRELOAD shim (a shared object: built for the host, not crt-static) and the
+  # upstream-style raw-ioctl client it serves, linked dynamically (scenario preload-daemon; the
+  # VM harness copies their loader and libc into the guest).
+  CARGO_TARGET_DIR=$TARGET_DIR cargo build --release -p blksnap-preload
+  cp "$TARGET_DIR/release/libblksnap_preload.so" "$BIN/libblksnap-preload.so"
+  for p in v3 newest; do
+    gcc -std=c11 -Wall -Wextra -Werror -O1 -I "include/$p" -o "$BIN/preload_daemon_$p" \
+      ffi/tests-c/preload_daemon.c
+    CLIENTS+=("$BIN/preload_daemon_$p")
+  done
+  CLIENTS+=("$BIN/libblksnap-preload.so")
 else
   echo "run-tests.sh: gcc/g++ missing: scenario c-clients will fail (apt-get install gcc g++)" >&2
 fi

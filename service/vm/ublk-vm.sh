@@ -228,9 +228,16 @@ printf '%s\n' "${LOAD_ORDER[@]}" > "$ROOT/etc/modules"
 NAME=$(basename "$PROG")
 cp -L "$PROG" "$ROOT/test/$NAME"
 for f in "${FILES[@]}"; do cp -rL "$f" "$ROOT/test/"; done
-if ldd "$PROG" 2>/dev/null | grep -q '=>'; then
-  say "warning: $PROG is dynamically linked; build it static (see README.md, VM tests)"
-fi
+# Dynamically linked files (a C program run under LD_PRELOAD, the preload shim itself): their
+# loader and libraries from the host, at the same paths (the guest has no libc of its own).
+for f in "$PROG" "${FILES[@]}"; do
+  [ -f "$f" ] || continue
+  { ldd "$f" 2>/dev/null || true; } | { grep -oE '/[^[:space:]]+' || true; } | while read -r lib; do
+    [ -e "$ROOT$lib" ] && continue
+    mkdir -p "$ROOT$(dirname "$lib")"
+    cp -L "$lib" "$ROOT$lib"
+  done
+done
 
 shq() { printf "'%s'" "$(printf '%s' "$1" | sed "s/'/'\\\\''/g")"; }
 {

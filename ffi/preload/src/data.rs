@@ -344,6 +344,57 @@ pub unsafe fn ioctl(obj: &Object, request: c_ulong, arg: *mut c_void) -> Res<c_i
     }
 }
 
+/// Whether `request` is one of the profile's `BLKFILTER_*` requests.
+fn is_filter_request(request: u32) -> bool {
+    use blksnap_ffi::uapi::{newest, v3};
+    match state::setup().profile {
+        Ok(blksnap_model::Profile::V3) => {
+            [v3::BLKFILTER_ATTACH, v3::BLKFILTER_DETACH, v3::BLKFILTER_CTL].contains(&request)
+        }
+        Ok(blksnap_model::Profile::Newest) => {
+            [newest::BLKFILTER_ATTACH, newest::BLKFILTER_DETACH, newest::BLKFILTER_CTL]
+                .contains(&request)
+        }
+        Err(_) => false,
+    }
+}
+
+/// `BLKFILTER_*` on a descriptor the shim does not serve: a real block device — typically
+/// blksnapd's `/dev/ublkbN`, in client mode (`BLKSNAP_SOCKET`) — that the engine knows by its
+/// number (`st_rdev`). The daemon serves the data of such a device itself, so only the filter
+/// requests need the library; everything else on the descriptor stays with the kernel.
+///
+/// `None` (the caller passes the request to libc): not a filter request, not a block device, no
+/// engine can be had (no configuration, no daemon), or a device the engine does not know.
+/// Caller holds [`crate::guard::Inside`] (the `fstat` below must reach libc).
+///
+/// # Safety
+/// `arg` follows the request's contract.
+pub unsafe fn filter_on_block_device(
+    fd: c_int,
+    request: c_ulong,
+    arg: *mut c_void,
+) -> Option<Res<c_int>> {
+    let request = request as u32;
+    if !is_filter_request(request) {
+        return None;
+    }
+    // SAFETY: `stat` is plain old data; fstat writes it whole or fails.
+    let mut st: libc::stat = unsafe { core::mem::zeroed() };
+    // SAFETY: a valid out pointer; a bad `fd` is fstat's EBADF.
+    if unsafe { libc::fstat(fd, &mut st) } != 0 || st.st_mode & libc::S_IFMT != libc::S_IFBLK {
+        return None;
+    }
+    let id = DeviceId::new(libc::major(st.st_rdev), libc::minor(st.st_rdev));
+    let inst = state::engine().ok()?;
+    let device = inst.device_by_id(id)?;
+    // SAFETY: contract forwarded.
+    Some(
+        unsafe { filter::ioctl(&inst, device, request, UserAddr::from_ptr(arg)) }
+            .map_err(|e| e.code()),
+    )
+}
+
 /// The `stat` view of a served node.
 #[derive(Debug, Clone, Copy)]
 pub struct Node {

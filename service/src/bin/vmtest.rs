@@ -92,6 +92,11 @@ const SCENARIOS: &[Scenario] = &[
         run: cli_backup,
     },
     Scenario {
+        name: "preload-daemon",
+        about: "an upstream-style raw-ioctl client under the LD_PRELOAD shim against blksnapd",
+        run: preload_daemon,
+    },
+    Scenario {
         name: "recovery",
         about: "kill -9 during writes to a mounted fs, restart recovers the device: data intact",
         run: recovery,
@@ -1184,6 +1189,46 @@ fn cli_backup(env: &Env) -> R {
     Ok(())
 }
 
+/// An upstream-style client (ffi/tests-c/preload_daemon.c: open/ioctl/pread/pwrite only),
+/// dynamically linked, run under the LD_PRELOAD shim in client mode against blksnapd: the shim
+/// serves /dev/blksnap-control and the BLKFILTER_* requests on the real ublk device; data I/O
+/// and the images (the daemon's /dev links) are the kernel's.
+fn preload_daemon(env: &Env) -> R {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let shim = exe.with_file_name("libblksnap-preload.so");
+    ensure!(shim.exists(), "{} missing (run-tests.sh builds it)", shim.display());
+    let backing = env.path("pd.img");
+    File::create(&backing).and_then(|f| f.set_len(32 * MIB)).map_err(|e| e.to_string())?;
+    let d = DaemonProc::start_linked(env, Some(&backing), 1, Path::new("/dev"), &["v3", "newest"])?;
+    let (node, _) = d.origin()?;
+    for profile in ["v3", "newest"] {
+        let bin = exe.with_file_name(format!("preload_daemon_{profile}"));
+        ensure!(bin.exists(), "{} missing (run-tests.sh builds it)", bin.display());
+        let dir = env.path(&format!("pd-{profile}"));
+        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        let t = Instant::now();
+        let out = Command::new(&bin)
+            .args([node.as_str(), &dir.display().to_string()])
+            .env("LD_PRELOAD", &shim)
+            .env("BLKSNAP_SOCKET", &d.socket)
+            .env("BLKSNAP_PROFILE", profile)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("{}: {e}", bin.display()))?;
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        ensure!(out.status.success(), "preload_daemon {profile}: {}:\n{}", out.status, text.trim());
+        println!("    {} ({} ms)", text.trim(), t.elapsed().as_millis());
+    }
+    // Nothing left behind: no snapshot; the device is still served and tracked.
+    let mut c = d.client()?;
+    let Reply::Snapshots(ids) = c.req(Request::SnapshotCollect)? else {
+        return Err("SnapshotCollect".into());
+    };
+    ensure!(ids.is_empty(), "snapshots left: {ids:?}");
+    Ok(())
+}
+
 fn recovery(env: &Env) -> R {
     let backing = env.path("rec.img");
     File::create(&backing).and_then(|f| f.set_len(64 * MIB)).map_err(|e| e.to_string())?;
@@ -1337,7 +1382,8 @@ fn sizes_for(name: &str) -> Vec<u64> {
     match name {
         "two-devices" => vec![16 * MIB, 16 * MIB],
         "cbt" => vec![64 * MIB],
-        "daemon-process" | "restart" | "recovery" | "c-clients" | "cli-backup" => vec![],
+        "daemon-process" | "restart" | "recovery" | "c-clients" | "cli-backup"
+        | "preload-daemon" => vec![],
         _ => vec![64 * MIB],
     }
 }

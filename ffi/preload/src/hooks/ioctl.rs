@@ -1,11 +1,13 @@
 //! `ioctl`: on a served descriptor, the control / filter / block requests (see
-//! [`crate::data::ioctl`]); the generic descriptor requests (`FIOCLEX`, `FIONCLEX`, `FIONBIO`,
-//! `FIOASYNC`) and every other descriptor go to libc.
+//! [`crate::data::ioctl`]); on a real block device the engine knows by number (blksnapd's
+//! devices, in client mode), the `BLKFILTER_*` requests
+//! ([`crate::data::filter_on_block_device`]); the generic descriptor requests (`FIOCLEX`,
+//! `FIONCLEX`, `FIONBIO`, `FIOASYNC`) and everything else go to libc.
 
 use core::ffi::{c_int, c_ulong, c_void};
 
 use super::served;
-use crate::guard::{self, missing};
+use crate::guard::{self, missing, Inside};
 use crate::{data, real};
 
 /// Requests the VFS answers for any descriptor (they act on the real one).
@@ -26,6 +28,17 @@ pub unsafe extern "C" fn ioctl(fd: c_int, request: c_ulong, arg: *mut c_void) ->
         if let Some((_inside, object)) = served(fd) {
             // SAFETY: contract: arg follows the request's contract.
             return guard::run(|| unsafe { data::ioctl(&object, request, arg) });
+        }
+        // A block device of the kernel's (blksnapd's ublk device): only its filter requests are
+        // the library's.
+        if let Some(_inside) = Inside::enter() {
+            // SAFETY: contract: arg follows the request's contract.
+            let routed = guard::catch(Some(Err(guard::PANIC_ERRNO)), || unsafe {
+                data::filter_on_block_device(fd, request, arg)
+            });
+            if let Some(result) = routed {
+                return guard::run(|| result);
+            }
         }
     }
     match real::ioctl() {
