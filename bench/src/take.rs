@@ -154,10 +154,12 @@ pub fn section(env: &Env, cfg: &Config, goals: &mut Goals) -> Result<Table> {
     }
     t.note(
         "* Take = create the diff area (chunk metadata is lazy: nothing per chunk) + the CBT \
-         switch, which copies the live map into the read map (one byte per block, as the \
-         kernel's memcpy). The CBT block count grows with the device up to its cap of 2 Mi \
-         blocks (128 GiB with 64 KiB blocks); from there on the block size grows instead, so \
-         take is flat beyond it. Attach allocates both maps. Takes and destroys run on \
+         switch, which moves the snap numbers only: the kernel's copy of the live map into the \
+         read map (a memcpy of one byte per block) is deferred per block to its first write \
+         after the take (engine/src/cbt.rs), so take is flat in the CBT block count too. The \
+         block count grows with the device up to its cap of 2 Mi blocks (128 GiB with 64 KiB \
+         blocks), then the block size grows instead. Attach allocates the map (two bytes per \
+         block). Takes and destroys run on \
          trackers attached once (after one untimed round); destroy of an untouched snapshot. \
          Flat = at most 1.5× + 20 µs."
             .to_string(),

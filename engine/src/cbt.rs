@@ -1,34 +1,63 @@
-//! Changed-block tracking (kernel: `cbt_map.c`). Two byte maps per device: `write_map` (live,
-//! each byte the highest snapshot number during which the block was written) and `read_map`
-//! (frozen at the last take; what `cbtmap` returns).
+//! Changed-block tracking (kernel: `cbt_map.c`). The kernel keeps two byte maps per device:
+//! the *write map* (live; each byte the highest snapshot number during which the block was
+//! written) and the *read map* (a copy of the write map made at the last take; what `cbtmap`
+//! returns). The kernel copies the map at every take, under the device's freeze: O(blocks).
 //!
-//! Concurrency: the maps are arrays of atomic bytes and marking is `fetch_max`, so writers to
-//! different (or the same) blocks never take a lock and a value never decreases. Everything that
-//! changes the snap numbers or copies a map (the take switch) runs with the device gate held for
-//! writing, which excludes every marker (they mark with the gate held for reading); readers of
-//! `cbtinfo`/`cbtmap` hold the gate for reading too, so they see a switch whole or not at all.
+//! Here the take is O(1). Each block is one atomic `u16` cell holding its write byte and a saved
+//! read byte, and the read map is derived: right after a take every block's read value *is* its
+//! write value, so the copy is deferred per block until a writer is about to raise it. The rule:
+//!
+//! * **Lazy epochs** (`frozen == false`): a block whose write value is below `active` has not
+//!   been written since the take, so its read value is its write value; a block at `active` was,
+//!   and the first raise of the epoch saved the pre-take write value into the cell's read byte.
+//!   Both halves change in one compare-exchange, so no reader sees a raised write byte without
+//!   its saved read byte.
+//! * **Frozen epochs** (`frozen == true`): the read byte is the read value for every block and
+//!   writers leave it alone — the kernel's behaviour after the generation wrap (the read map is
+//!   left stale while the write map restarts from zero), and after loading a saved state whose
+//!   maps are not related that way.
+//!
+//! Invariant (lazy epochs): every cell with write byte < `active` has a read value equal to it;
+//! that is what makes the deferred copy exact.
+//!
+//! Concurrency: writers to different (or the same) blocks never take a lock, and a write byte
+//! never decreases. The snap numbers, `frozen` and the wrap's pass over the map change only in
+//! the take switch, which runs with the device gate held for writing and so excludes every
+//! marker (they mark with the gate held for reading); readers of `cbtinfo`/`cbtmap` hold the
+//! gate for reading too, so they see a switch whole or not at all.
 
 use blksnap_model::formulas::{cbt_layout, CbtLayout};
 use blksnap_model::params::SECTOR_SHIFT;
 use blksnap_model::{CbtInfo, Errno, Error, Params, Result, SectorRange, Uuid};
 
-use crate::sync::atomic::{AtomicU8, Ordering};
+use crate::sync::atomic::{AtomicBool, AtomicU16, AtomicU8, Ordering};
 use crate::sync::Mutex;
 
 /// Snap numbers run 1..=255; at 256 the map wraps and the generation changes.
 const SNAP_NUMBER_WRAP: u16 = 256;
+
+/// A block's cell: the saved read byte (high) and the write byte (low).
+fn cell(read: u8, write: u8) -> u16 {
+    u16::from(read) << 8 | u16::from(write)
+}
+
+fn cell_parts(cell: u16) -> (u8, u8) {
+    ((cell >> 8) as u8, cell as u8)
+}
 
 /// One device's CBT.
 #[derive(Debug)]
 pub struct CbtMap {
     layout: CbtLayout,
     capacity_sectors: u64,
-    write_map: Box<[AtomicU8]>,
-    read_map: Box<[AtomicU8]>,
+    /// One cell per block (module doc).
+    cells: Box<[AtomicU16]>,
     /// Written only under the gate's write side; read under its read side.
     active: AtomicU8,
     /// As `active`.
     previous: AtomicU8,
+    /// As `active`: the read bytes are the read map (module doc).
+    frozen: AtomicBool,
     generation: Mutex<Uuid>,
 }
 
@@ -51,10 +80,6 @@ pub struct CbtState {
     pub generation: Uuid,
 }
 
-fn zeroed_map(len: u64) -> Box<[AtomicU8]> {
-    (0..len).map(|_| AtomicU8::new(0)).collect()
-}
-
 impl CbtMap {
     /// A fresh map: zeroed, `previous = 0`, `active = 1`.
     pub fn new(params: &Params, capacity_sectors: u64, generation: Uuid) -> CbtMap {
@@ -62,10 +87,10 @@ impl CbtMap {
         CbtMap {
             layout,
             capacity_sectors,
-            write_map: zeroed_map(layout.block_count),
-            read_map: zeroed_map(layout.block_count),
+            cells: (0..layout.block_count).map(|_| AtomicU16::new(0)).collect(),
             active: AtomicU8::new(1),
             previous: AtomicU8::new(0),
+            frozen: AtomicBool::new(false),
             generation: Mutex::new(generation),
         }
     }
@@ -87,30 +112,49 @@ impl CbtMap {
         if !lens_ok || state.active == 0 {
             return invalid("saved CBT maps or numbers are inconsistent");
         }
-        let map = |v: &[u8]| v.iter().map(|b| AtomicU8::new(*b)).collect::<Box<[AtomicU8]>>();
+        // Lazy only if the saved maps keep the lazy invariant; otherwise the read bytes are the
+        // read map as saved (exact either way).
+        let pairs = state.read_map.iter().zip(&state.write_map);
+        let lazy_ok = pairs.clone().all(|(r, w)| *w >= state.active || r == w);
         Ok(CbtMap {
             layout: CbtLayout { block_shift: state.block_shift, block_count },
             capacity_sectors,
-            write_map: map(&state.write_map),
-            read_map: map(&state.read_map),
+            cells: pairs.map(|(r, w)| AtomicU16::new(cell(*r, *w))).collect(),
             active: AtomicU8::new(state.active),
             previous: AtomicU8::new(state.previous),
+            frozen: AtomicBool::new(!lazy_ok),
             generation: Mutex::new(state.generation),
         })
     }
 
+    /// The read value of a cell under the current epoch (module doc).
+    fn read_value(&self, cell: u16, active: u8, frozen: bool) -> u8 {
+        let (read, write) = cell_parts(cell);
+        if !frozen && write < active {
+            write
+        } else {
+            read
+        }
+    }
+
     /// The whole state. Caller holds the gate for writing, so no marker runs meanwhile.
     pub fn state(&self) -> CbtState {
-        let load = |m: &[AtomicU8]| m.iter().map(|b| b.load(Ordering::Relaxed)).collect();
+        let (active, frozen) = self.epoch();
+        let cells: Vec<u16> = self.cells.iter().map(|c| c.load(Ordering::Relaxed)).collect();
         CbtState {
             block_shift: self.layout.block_shift,
             capacity_sectors: self.capacity_sectors,
-            write_map: load(&self.write_map),
-            read_map: load(&self.read_map),
-            active: self.active.load(Ordering::Relaxed),
+            write_map: cells.iter().map(|c| cell_parts(*c).1).collect(),
+            read_map: cells.iter().map(|c| self.read_value(*c, active, frozen)).collect(),
+            active,
             previous: self.previous.load(Ordering::Relaxed),
             generation: *self.generation.lock(),
         }
+    }
+
+    /// `(active, frozen)`: stable while the caller holds the gate.
+    fn epoch(&self) -> (u8, bool) {
+        (self.active.load(Ordering::Relaxed), self.frozen.load(Ordering::Relaxed))
     }
 
     /// The block layout.
@@ -131,35 +175,50 @@ impl CbtMap {
         Ok((first, last))
     }
 
-    /// Raise each block of `first..=last` to at least `number`.
-    ///
-    /// The plain load first is what keeps tracking cheap: a steady workload rewrites blocks that
-    /// are already marked in this generation, and skipping the read-modify-write (a locked
-    /// compare-exchange loop on x86) leaves the cache line shared between writer cores. It is
-    /// sound because, while writers hold the gate for reading, a block's value only grows (the
-    /// take switch and the wrap's clear run under the write side), so a value seen ≥ `number`
-    /// stays ≥ `number`.
-    fn mark(map: &[AtomicU8], first: u64, last: u64, number: u8) {
-        for block in &map[first as usize..=last as usize] {
-            if block.load(Ordering::Relaxed) < number {
-                block.fetch_max(number, Ordering::Relaxed);
+    /// Applies `update` to the cells of blocks `first..=last` (compare-exchange per cell).
+    /// `update` returns `None` when the cell needs no change — the common case of a steady
+    /// workload rewriting blocks already marked in this epoch, which then costs one plain load
+    /// and leaves the cache line shared between writer cores.
+    fn update(&self, first: u64, last: u64, update: impl Fn(u16) -> Option<u16>) {
+        for c in &self.cells[first as usize..=last as usize] {
+            let mut current = c.load(Ordering::Relaxed);
+            while let Some(new) = update(current) {
+                match c.compare_exchange_weak(current, new, Ordering::Relaxed, Ordering::Relaxed) {
+                    Ok(_) => break,
+                    Err(seen) => current = seen,
+                }
             }
         }
     }
 
-    /// An origin write of `range` (count > 0): `write_map` with `active`. Caller holds the gate
-    /// for reading.
+    /// An origin write of `range` (count > 0): write bytes raised to `active` (in a lazy epoch
+    /// the first raise saves the pre-take value as the read byte). Caller holds the gate for
+    /// reading.
     pub fn mark_write(&self, range: SectorRange) -> Result<()> {
         let (first, last) = self.blocks_of(range)?;
-        Self::mark(&self.write_map, first, last, self.active.load(Ordering::Relaxed));
+        let (active, frozen) = self.epoch();
+        self.update(first, last, |current| {
+            let (read, write) = cell_parts(current);
+            if write >= active {
+                return None;
+            }
+            Some(cell(if frozen { read } else { write }, active))
+        });
         Ok(())
     }
 
-    /// An image write or `cbtdirty` of `range`: both maps (`active`, `previous`).
+    /// An image write or `cbtdirty` of `range`: the write value raised to `active` and the read
+    /// value to `previous` (both maps, in the kernel's terms).
     pub fn mark_both(&self, range: SectorRange) -> Result<()> {
         let (first, last) = self.blocks_of(range)?;
-        Self::mark(&self.write_map, first, last, self.active.load(Ordering::Relaxed));
-        Self::mark(&self.read_map, first, last, self.previous.load(Ordering::Relaxed));
+        let (active, frozen) = self.epoch();
+        let previous = self.previous.load(Ordering::Relaxed);
+        self.update(first, last, |current| {
+            let (_, write) = cell_parts(current);
+            let read = self.read_value(current, active, frozen).max(previous);
+            let new = cell(read, write.max(active));
+            (new != current).then_some(new)
+        });
         Ok(())
     }
 
@@ -174,25 +233,28 @@ impl CbtMap {
         Ok(())
     }
 
-    /// The take switch. Caller holds the gate for writing. `new_generation` is called only at the
-    /// wrap (255 → 256), for the new generation id.
+    /// The take switch: O(1) except at the wrap. Caller holds the gate for writing.
+    /// `new_generation` is called only at the wrap (255 → 256), for the new generation id.
     pub fn switch(&self, new_generation: impl FnOnce() -> Uuid) {
-        let active = u16::from(self.active.load(Ordering::Relaxed));
-        self.previous.store(active as u8, Ordering::Relaxed);
-        let next = active + 1;
+        let (active, frozen) = self.epoch();
+        self.previous.store(active, Ordering::Relaxed);
+        let next = u16::from(active) + 1;
         if next == SNAP_NUMBER_WRAP {
             // Wrap: new generation, live map cleared, read map left stale on purpose (the
-            // client sees a new generation and must do a full backup anyway).
-            self.active.store(1, Ordering::Relaxed);
-            for b in self.write_map.iter() {
-                b.store(0, Ordering::Relaxed);
+            // client sees a new generation and must do a full backup anyway): the read bytes
+            // take the current read values and the epoch is frozen.
+            for c in self.cells.iter() {
+                let read = self.read_value(c.load(Ordering::Relaxed), active, frozen);
+                c.store(cell(read, 0), Ordering::Relaxed);
             }
+            self.active.store(1, Ordering::Relaxed);
+            self.frozen.store(true, Ordering::Relaxed);
             *self.generation.lock() = new_generation();
         } else {
+            // Every write byte is now below `next`: each read value is its write value, which
+            // is the kernel's copy of the write map, made lazily.
             self.active.store(next as u8, Ordering::Relaxed);
-            for (r, w) in self.read_map.iter().zip(self.write_map.iter()) {
-                r.store(w.load(Ordering::Relaxed), Ordering::Relaxed);
-            }
+            self.frozen.store(false, Ordering::Relaxed);
         }
         debug_assert!(self.active.load(Ordering::Relaxed) >= 1);
     }
@@ -215,11 +277,12 @@ impl CbtMap {
         if offset > count || length > count - offset {
             return Err(Error::new(Errno::ENODATA, "cbtmap range beyond the map"));
         }
+        let (active, frozen) = self.epoch();
         out.clear();
         out.extend(
-            self.read_map[offset as usize..(offset + length) as usize]
+            self.cells[offset as usize..(offset + length) as usize]
                 .iter()
-                .map(|b| b.load(Ordering::Relaxed)),
+                .map(|c| self.read_value(c.load(Ordering::Relaxed), active, frozen)),
         );
         Ok(())
     }
@@ -308,6 +371,77 @@ mod tests {
         assert_eq!(CbtMap::from_state(&bad, 2048).unwrap_err().errno, Errno::EINVAL);
         let bad = CbtState { block_shift: 70, ..st };
         assert_eq!(CbtMap::from_state(&bad, 2048).unwrap_err().errno, Errno::EINVAL);
+    }
+
+    /// The kernel's eager two-map CBT, the reference for the lazy encoding.
+    struct Eager {
+        write: Vec<u8>,
+        read: Vec<u8>,
+        active: u8,
+        previous: u8,
+    }
+
+    impl Eager {
+        fn switch(&mut self) {
+            self.previous = self.active;
+            if self.active == 255 {
+                self.active = 1;
+                self.write.iter_mut().for_each(|b| *b = 0);
+            } else {
+                self.active += 1;
+                self.read.clone_from(&self.write);
+            }
+        }
+    }
+
+    #[test]
+    fn lazy_switch_equals_the_eager_copy() {
+        // 16 blocks; random writes, image writes, takes (through several wraps) and save/load
+        // cycles; after every step the map and its state equal the eager reference.
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        };
+        let mut m = map();
+        let mut e = Eager { write: vec![0; 16], read: vec![0; 16], active: 1, previous: 0 };
+        // 4 in 10 steps are takes: Miri still sees a wrap (255 takes), the full run dozens.
+        let steps = if cfg!(miri) { 700 } else { 20_000 };
+        for step in 0..steps {
+            let range = SectorRange::new(next(2048), 1 + next(300));
+            let blocks = m.blocks_of(range);
+            match next(10) {
+                0..=3 => {
+                    if let Ok((first, last)) = blocks {
+                        for b in first..=last {
+                            e.write[b as usize] = e.write[b as usize].max(e.active);
+                        }
+                    }
+                    assert_eq!(m.mark_write(range).is_ok(), blocks.is_ok());
+                }
+                4 => {
+                    if let Ok((first, last)) = blocks {
+                        for b in first..=last {
+                            e.write[b as usize] = e.write[b as usize].max(e.active);
+                            e.read[b as usize] = e.read[b as usize].max(e.previous);
+                        }
+                    }
+                    assert_eq!(m.mark_both(range).is_ok(), blocks.is_ok());
+                }
+                5..=8 => {
+                    e.switch();
+                    m.switch(|| Uuid([step as u8; 16]));
+                }
+                _ => m = CbtMap::from_state(&m.state(), 2048).unwrap(),
+            }
+            let st = m.state();
+            assert_eq!((st.active, st.previous), (e.active, e.previous), "step {step}");
+            assert_eq!(st.write_map, e.write, "step {step}");
+            assert_eq!(st.read_map, e.read, "step {step}");
+            assert_eq!(read_all(&m), e.read, "step {step}");
+        }
     }
 
     #[test]

@@ -187,6 +187,40 @@ fn cbt_switch_is_atomic_for_a_concurrent_writer() {
 }
 
 #[test]
+fn cbt_lazy_copy_survives_racing_markers() {
+    // After a take, the first raise of a block saves its pre-take value (the deferred copy of
+    // the kernel's read map). Two origin writers and an image write race on the same block:
+    // whatever the order, the read value is the pre-take one raised only by the image write
+    // (to `previous`), and the write value is `active`.
+    use blksnap_engine::cbt::CbtMap;
+    use blksnap_model::{SectorRange, Uuid};
+    model(|| {
+        let m = Arc::new(CbtMap::new(&Params::small(), 64, Uuid([1; 16])));
+        m.mark_write(SectorRange::new(0, 1)).unwrap(); // number 1
+        m.switch(|| unreachable!()); // active 2, previous 1: read value 1
+        m.switch(|| unreachable!()); // active 3, previous 2: read value 1 (written in 1)
+        let writers: Vec<_> = (0..2)
+            .map(|_| {
+                let m = m.clone();
+                thread::spawn(move || m.mark_write(SectorRange::new(0, 1)).unwrap())
+            })
+            .collect();
+        m.mark_both(SectorRange::new(0, 1)).unwrap();
+        for w in writers {
+            w.join().unwrap();
+        }
+        let mut read = Vec::new();
+        m.read_map(0, 1, &mut read).unwrap();
+        assert_eq!(read[0], 2, "pre-take value 1, raised to previous by the image write");
+        let st = m.state();
+        assert_eq!(st.write_map[0], 3);
+        m.switch(|| unreachable!());
+        m.read_map(0, 1, &mut read).unwrap();
+        assert_eq!(read[0], 3, "the next take copies the write value");
+    });
+}
+
+#[test]
 fn membership_add_add_destroy_never_double_links() {
     model(|| {
         let e = Arc::new(small_engine(true));
