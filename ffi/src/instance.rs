@@ -81,21 +81,6 @@ fn block_device_id(path: &Path) -> Option<DeviceId> {
     meta.file_type().is_block_device().then(|| split_rdev(meta.rdev()))
 }
 
-fn set_param(params: &mut Params, name: &str, value: u64) -> R<()> {
-    let small = |v: u64| u32::try_from(v).map_err(|_| Errno::EINVAL);
-    match name {
-        "tracking_block_minimum_shift" => params.tracking_block_minimum_shift = small(value)?,
-        "tracking_block_maximum_count" => params.tracking_block_maximum_count = value,
-        "tracking_block_maximum_shift" => params.tracking_block_maximum_shift = small(value)?,
-        "chunk_minimum_shift" => params.chunk_minimum_shift = small(value)?,
-        "chunk_maximum_count_shift" => params.chunk_maximum_count_shift = small(value)?,
-        "chunk_maximum_shift" => params.chunk_maximum_shift = small(value)?,
-        "diff_storage_minimum_sectors" => params.diff_storage_minimum_sectors = value,
-        _ => return Err(Errno::EINVAL),
-    }
-    Ok(())
-}
-
 impl Config {
     /// Parses the configuration string (module docs). Errors: EINVAL.
     pub fn parse(text: &str) -> R<Config> {
@@ -110,7 +95,7 @@ impl Config {
                 return Err(Errno::EINVAL);
             }
             if let Some(name) = key.strip_prefix("param.") {
-                set_param(&mut config.params, name, parse_u64(value)?)?;
+                config.params.set(name, parse_u64(value)?).map_err(|e| e.errno)?;
             } else if key == "seed" {
                 config.seed = Some(parse_u64(value)?);
             } else if key == "socket" {

@@ -95,6 +95,36 @@ impl Params {
         Ok(p)
     }
 
+    /// The parameters' names, as the kernel module's (`modinfo blksnap`).
+    pub const NAMES: [&'static str; 7] = [
+        "tracking_block_minimum_shift",
+        "tracking_block_maximum_count",
+        "tracking_block_maximum_shift",
+        "chunk_minimum_shift",
+        "chunk_maximum_count_shift",
+        "chunk_maximum_shift",
+        "diff_storage_minimum_sectors",
+    ];
+
+    /// Sets parameter `name` (one of [`Params::NAMES`]) to `value`: EINVAL for an unknown name or
+    /// a shift that does not fit. Whole-set checks are [`Params::sanitized`]'s.
+    pub fn set(&mut self, name: &str, value: u64) -> Result<()> {
+        let shift = |v: u64| {
+            u32::try_from(v).map_err(|_| Error::new(Errno::EINVAL, "shift parameter too large"))
+        };
+        match name {
+            "tracking_block_minimum_shift" => self.tracking_block_minimum_shift = shift(value)?,
+            "tracking_block_maximum_count" => self.tracking_block_maximum_count = value,
+            "tracking_block_maximum_shift" => self.tracking_block_maximum_shift = shift(value)?,
+            "chunk_minimum_shift" => self.chunk_minimum_shift = shift(value)?,
+            "chunk_maximum_count_shift" => self.chunk_maximum_count_shift = shift(value)?,
+            "chunk_maximum_shift" => self.chunk_maximum_shift = shift(value)?,
+            "diff_storage_minimum_sectors" => self.diff_storage_minimum_sectors = value,
+            _ => return Err(Error::new(Errno::EINVAL, "unknown parameter")),
+        }
+        Ok(())
+    }
+
     /// The low-space threshold in sectors: half the storage step.
     pub fn low_space_threshold_sectors(&self) -> u64 {
         self.diff_storage_minimum_sectors / 2

@@ -10,14 +10,19 @@
 //! io_buf_bytes = 524288
 //! state_dir = "/var/lib/blksnap"  # CBT kept across clean restarts; crash marker; device map
 //!
+//! [params]                          # the module parameters (`modinfo blksnap`), optional
+//! diff_storage_minimum_sectors = 2097152   # storage step: v3 low-space request, newest growth
+//! tracking_block_minimum_shift = 16
+//!
 //! [[device]]
 //! backing = "/var/lib/vm/disk0.img" # regular file or block device
 //! attach = true                     # start change tracking at once (default)
 //! ```
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use blksnap_model::Profile;
+use blksnap_model::{Params, Profile};
 use serde::Deserialize;
 
 /// Default configuration file.
@@ -82,6 +87,9 @@ pub struct Config {
     /// State directory (`crate::state`): saved CBT, the running marker, the device map.
     #[serde(default = "default_state_dir")]
     pub state_dir: PathBuf,
+    /// Engine parameters by their module names (`Params::NAMES`); the rest keep the defaults.
+    #[serde(default)]
+    pub params: BTreeMap<String, u64>,
     /// Tracked devices.
     #[serde(default, rename = "device")]
     pub devices: Vec<DeviceConfig>,
@@ -120,6 +128,7 @@ impl Default for Config {
             queue_depth: default_depth(),
             io_buf_bytes: default_io_buf(),
             state_dir: default_state_dir(),
+            params: BTreeMap::new(),
             devices: Vec::new(),
         }
     }
@@ -163,7 +172,23 @@ impl Config {
                 return Err(format!("{}: backing must be an absolute path", d.backing.display()));
             }
         }
-        Ok(())
+        self.engine_params().map(drop)
+    }
+
+    /// The engine's parameters: the defaults with `params` applied, sanitised as the module does
+    /// at load time.
+    pub fn engine_params(&self) -> Result<Params, String> {
+        let mut p = Params::default();
+        for (name, value) in &self.params {
+            p.set(name, *value).map_err(|e| {
+                format!(
+                    "params.{name} = {value}: {} (known: {})",
+                    e.detail,
+                    Params::NAMES.join(", ")
+                )
+            })?;
+        }
+        p.sanitized().map_err(|e| format!("params: {}", e.detail))
     }
 
     /// Queues per device: configured, or one per core.
@@ -235,5 +260,20 @@ mod tests {
         assert!(Config::parse("io_buf_bytes = 1000").is_err());
         assert!(Config::parse("[[device]]\nbacking = \"rel.img\"").is_err());
         assert_eq!(Config::parse("").unwrap(), Config::default());
+        let e = Config::parse("[params]\nno_such_param = 1").unwrap_err();
+        assert!(e.contains("no_such_param") && e.contains("diff_storage_minimum_sectors"), "{e}");
+        assert!(Config::parse("[params]\nchunk_minimum_shift = 99").is_err());
+        assert!(Config::parse("[params]\nchunk_minimum_shift = 99999999999").is_err());
+    }
+
+    #[test]
+    fn module_parameters() {
+        let cfg = Config::parse("[params]\ndiff_storage_minimum_sectors = 16384").unwrap();
+        let p = cfg.engine_params().unwrap();
+        assert_eq!(p.diff_storage_minimum_sectors, 16384);
+        assert_eq!(p.chunk_minimum_shift, Params::default().chunk_minimum_shift);
+        // sanitised as the module does: the step is at least two minimum chunks
+        let cfg = Config::parse("[params]\ndiff_storage_minimum_sectors = 1").unwrap();
+        assert_eq!(cfg.engine_params().unwrap().diff_storage_minimum_sectors, 1024);
     }
 }

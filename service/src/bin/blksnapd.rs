@@ -47,6 +47,15 @@ struct Args {
     /// Do not attach trackers of devices given with --device.
     #[arg(long)]
     no_attach: bool,
+    /// A module parameter, NAME=VALUE (repeatable; e.g. diff_storage_minimum_sectors=16384).
+    #[arg(long = "param", value_name = "NAME=VALUE", value_parser = parse_param)]
+    params: Vec<(String, u64)>,
+}
+
+fn parse_param(s: &str) -> Result<(String, u64), String> {
+    let (name, value) = s.split_once('=').ok_or("expected NAME=VALUE")?;
+    let value = value.trim().parse().map_err(|_| format!("{value}: not a number"))?;
+    Ok((name.trim().to_string(), value))
 }
 
 fn parse_link(s: &str) -> Result<LinkStyle, String> {
@@ -86,6 +95,7 @@ fn config(args: &Args) -> Result<Config, String> {
     if let Some(d) = &args.state_dir {
         cfg.state_dir = std::path::absolute(d).map_err(|e| format!("{}: {e}", d.display()))?;
     }
+    cfg.params.extend(args.params.iter().cloned());
     for d in &args.devices {
         let backing = std::path::absolute(d).map_err(|e| format!("{}: {e}", d.display()))?;
         cfg.devices.push(DeviceConfig { backing, attach: !args.no_attach });
@@ -133,7 +143,9 @@ fn run() -> Result<(), String> {
     let cfg = config(&args)?;
     let set = block_signals();
     let frontend = frontend(&cfg)?;
-    let engine = Arc::new(Engine::new(EngineConfig::default()).map_err(|e| format!("{e:?}"))?);
+    let params = cfg.engine_params()?;
+    let engine_config = EngineConfig::new(params, None, blksnap_engine::clock::Clock::monotonic());
+    let engine = Arc::new(Engine::new(engine_config).map_err(|e| format!("{e:?}"))?);
     let group = cfg.group_gid()?;
     let state = StateDir::open(&cfg.state_dir)
         .map_err(|e| format!("state directory {}: {e}", cfg.state_dir.display()))?;

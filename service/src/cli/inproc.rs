@@ -106,18 +106,10 @@ impl InConfig {
                 "state" => state = Some(canonical(Path::new(value))),
                 "seed" => seed = Some(num(value)?),
                 _ if key.starts_with("param.") => {
-                    let v = num(value)?;
-                    let s = u32::try_from(v).map_err(|_| bad(format!("{key}: too large")));
-                    match &key[6..] {
-                        "tracking_block_minimum_shift" => params.tracking_block_minimum_shift = s?,
-                        "tracking_block_maximum_count" => params.tracking_block_maximum_count = v,
-                        "tracking_block_maximum_shift" => params.tracking_block_maximum_shift = s?,
-                        "chunk_minimum_shift" => params.chunk_minimum_shift = s?,
-                        "chunk_maximum_count_shift" => params.chunk_maximum_count_shift = s?,
-                        "chunk_maximum_shift" => params.chunk_maximum_shift = s?,
-                        "diff_storage_minimum_sectors" => params.diff_storage_minimum_sectors = v,
-                        other => return Err(bad(format!("unknown parameter {other}"))),
-                    }
+                    let name = &key["param.".len()..];
+                    params.set(name, num(value)?).map_err(|e| {
+                        bad(format!("{key}: {} (known: {})", e.detail, Params::NAMES.join(", ")))
+                    })?;
                 }
                 _ => {
                     let (backing, dev) = match value.rsplit_once('@') {
