@@ -92,6 +92,11 @@ const SCENARIOS: &[Scenario] = &[
         run: cli_backup,
     },
     Scenario {
+        name: "stretch",
+        about: "stretch_snapshot grows v3 storage on demand while the mounted origin is written",
+        run: stretch,
+    },
+    Scenario {
         name: "preload-daemon",
         about: "an upstream-style raw-ioctl client under the LD_PRELOAD shim against blksnapd",
         run: preload_daemon,
@@ -733,6 +738,18 @@ impl DaemonProc {
         link_dir: &Path,
         styles: &[&str],
     ) -> R<DaemonProc> {
+        Self::start_args(env, backing, queues, link_dir, styles, &[])
+    }
+
+    /// As `start_linked`, with `extra` flags.
+    fn start_args(
+        env: &Env,
+        backing: Option<&Path>,
+        queues: u16,
+        link_dir: &Path,
+        styles: &[&str],
+        extra: &[&str],
+    ) -> R<DaemonProc> {
         let exe = std::env::current_exe().map_err(|e| e.to_string())?;
         let bin = exe.with_file_name("blksnapd");
         ensure!(bin.exists(), "{} missing (copy it next to this test)", bin.display());
@@ -751,6 +768,7 @@ impl DaemonProc {
             args.push("--image-link".into());
             args.push(style.to_string());
         }
+        args.extend(extra.iter().map(|a| a.to_string()));
         if let Some(b) = backing {
             args.push("--device".into());
             args.push(b.display().to_string());
@@ -1189,6 +1207,109 @@ fn cli_backup(env: &Env) -> R {
     Ok(())
 }
 
+/// `stretch_snapshot` against blksnapd (v3 storage grown on demand): a 4 MiB storage step
+/// (`--param`), the tool appending a preallocated file at each low-space event while 24 MiB are
+/// written to the mounted origin; the snapshot never overflows, its image is the pre-take
+/// filesystem, and destroy ends the tool, which removes its files.
+fn stretch(env: &Env) -> R {
+    use std::io::BufRead;
+    let backing = env.path("disk0.img");
+    File::create(&backing).and_then(|f| f.set_len(64 * MIB)).map_err(|e| e.to_string())?;
+    let links = env.path("links");
+    std::fs::create_dir_all(&links).map_err(|e| e.to_string())?;
+    let d = DaemonProc::start_args(
+        env,
+        None,
+        2,
+        &links,
+        &["v3"],
+        &["--param", "diff_storage_minimum_sectors=8192"],
+    )?;
+    let sock = d.socket.clone();
+    let node = field(&cli(&sock, &["attach", "-d", &backing.display().to_string()])?, "device")?;
+    mkfs(&node)?;
+    let om = env.path("origin");
+    mount(&node, &om, "rw")?;
+    let files0 = write_files(&om, "a", 40, 41)?;
+    let id = cli(&sock, &["snapshot_create", "-d", &node])?.trim().to_string();
+    let sdir = env.path("stretch");
+    std::fs::create_dir_all(&sdir).map_err(|e| e.to_string())?;
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mut child = Command::new(exe.with_file_name("blksnap"))
+        .env("BLKSNAP_SOCKET", &sock)
+        .args(["stretch_snapshot", "-i", &id, "-p", &format!("{}/", sdir.display()), "-l", "64"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("stretch_snapshot: {e}"))?;
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let out = child.stdout.take().ok_or("stdout")?;
+    let reader = std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut lines = Vec::new();
+    let appended = |lines: &mut Vec<String>, wait: Duration| -> usize {
+        while let Ok(l) = rx.recv_timeout(wait) {
+            lines.push(l);
+        }
+        lines.iter().filter(|l| l.starts_with("appended ")).count()
+    };
+    // the create queued a low-space event: the first file arrives before the take
+    let t = Instant::now();
+    while appended(&mut lines, Duration::from_millis(100)) == 0 {
+        ensure!(t.elapsed() < Duration::from_secs(20), "no storage appended: {lines:?}");
+    }
+    sync();
+    freeze(&om, true)?;
+    let took = cli(&sock, &["snapshot_take", "-i", &id]);
+    freeze(&om, false)?;
+    took?;
+    let image = cli(&sock, &["snapshot_info", "-d", &node, "-f", "image"])?.trim().to_string();
+    // 24 MiB of new data, 1 MiB per fsync'd file: six times the storage step
+    for i in 0..24u64 {
+        let mut data = vec![0u8; MIB as usize];
+        fill(500 + i, &mut data);
+        let path = om.join(format!("big{i:02}"));
+        let mut f = File::create(&path).map_err(|e| e.to_string())?;
+        f.write_all(&data).and_then(|()| f.sync_all()).map_err(|e| e.to_string())?;
+    }
+    sync();
+    let n = appended(&mut lines, Duration::from_millis(300));
+    let info = cli(&sock, &["snapshot_info", "-d", &node])?;
+    ensure!(field(&info, "error_code")? == "0", "snapshot failed: {info}; stretch: {lines:?}");
+    ensure!(n >= 4, "only {n} storage files appended for 24 MiB of writes: {lines:?}");
+    fsck(&image)?;
+    let im = env.path("image");
+    mount(&image, &im, "ro")?;
+    let checked = verify_files(&im, &files0).and_then(|()| {
+        ensure!(!im.join("big00").exists(), "a post-take file is in the image");
+        Ok(())
+    });
+    umount(&im)?;
+    checked?;
+    cli(&sock, &["snapshot_destroy", "-i", &id])?;
+    let t = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().map_err(|e| e.to_string())? {
+            break s;
+        }
+        ensure!(t.elapsed() < Duration::from_secs(10), "stretch_snapshot still running");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let _ = reader.join();
+    appended(&mut lines, Duration::from_millis(1));
+    ensure!(status.success(), "stretch_snapshot: {status}: {lines:?}");
+    ensure!(lines.iter().any(|l| l.contains("snapshot is gone")), "{lines:?}");
+    let left: Vec<_> = std::fs::read_dir(&sdir).map_err(|e| e.to_string())?.flatten().collect();
+    ensure!(left.is_empty(), "storage files left: {left:?}");
+    umount(&om)?;
+    fsck(&node)?;
+    println!("    {n} storage files of 4 MiB appended while 24 MiB were written; image verified");
+    Ok(())
+}
+
 /// An upstream-style client (ffi/tests-c/preload_daemon.c: open/ioctl/pread/pwrite only),
 /// dynamically linked, run under the LD_PRELOAD shim in client mode against blksnapd: the shim
 /// serves /dev/blksnap-control and the BLKFILTER_* requests on the real ublk device; data I/O
@@ -1383,7 +1504,7 @@ fn sizes_for(name: &str) -> Vec<u64> {
         "two-devices" => vec![16 * MIB, 16 * MIB],
         "cbt" => vec![64 * MIB],
         "daemon-process" | "restart" | "recovery" | "c-clients" | "cli-backup"
-        | "preload-daemon" => vec![],
+        | "preload-daemon" | "stretch" => vec![],
         _ => vec![64 * MIB],
     }
 }
