@@ -94,9 +94,10 @@ pub fn section(env: &Env, cfg: &Config, _goals: &mut Goals) -> Result<Table> {
         ratio(d / p),
     ]);
     t.note(
-        "* The engine's maps are atomic bytes (markers never lock), so `cbtmap` copies them one \
-         relaxed load at a time, where the kernel's `copy_to_user` is a memcpy; cbtdirty checks \
-         every range before marking any (all-or-nothing)."
+        "* The engine's map is one atomic `u16` cell per block (write byte + saved read byte, \
+         so markers never lock and take needs no copy), and `cbtmap` derives each read value \
+         from its cell, one relaxed load at a time, where the kernel's `copy_to_user` is a \
+         memcpy; cbtdirty checks every range before marking any (all-or-nothing)."
             .to_string(),
     );
     Ok(t)

@@ -134,7 +134,8 @@ pub fn section(env: &Env, cfg: &Config, goals: &mut Goals) -> Result<Table> {
         "—".into(),
     ]);
     t.note(
-        "* CBT: both maps are one `AtomicU8` per block, as the kernel's two byte maps; the \
+        "* CBT: both maps live in one `AtomicU16` cell per block, as many bytes as the kernel's \
+         two byte maps; the \
          measured figure is everything attach retains (the maps and the tracker's record). Per-TiB figures scale the device's \
          retained bytes to 1 TiB (the block size grows with the device, so small devices cost \
          more per TiB)."
