@@ -13,6 +13,8 @@
 #     (-O2 -D_FORTIFY_SOURCE=2, so the __open_2/__read_chk/__pread_chk entry points are used),
 #     run under LD_PRELOAD (valgrind memcheck, following its fork+exec); and without the shim it
 #     must fail (nothing is served by accident); stat, blockdev and dd on a served device.
+#     (tests-c/preload_daemon.c, the shim in front of blksnapd, is only compiled here: it runs in
+#     the VM, service/vm/run-tests.sh.)
 # Options: --no-valgrind (run the shared-library clients and the shim tests directly).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -40,6 +42,12 @@ for arch in "" -m32; do
       "$CXX" -std=c++11 -Wall -Werror -fsyntax-only $arch -I "include/$profile" -I include -x c++ -
     echo "headers as C++ $profile ${arch:-native}: ok"
   done
+  # The daemon-mode shim client runs only in the VM (scenario preload-daemon); compiled here too.
+  for profile in v3 newest; do
+    "$CC" -std=c11 -Wall -Wextra -Werror -fsyntax-only $arch -I "include/$profile" \
+      ffi/tests-c/preload_daemon.c
+  done
+  echo "preload_daemon.c ${arch:-native}: compiles"
 done
 
 echo "--- exported symbols"
