@@ -10,7 +10,9 @@
 //! `O_DIRECT` with aligned bounce buffers — CBT marking and copy-on-write happen in the daemon.
 //!
 //! Devices: with no device entries in the configuration, the handle sees the daemon's origins
-//! as they are (path `/dev/ublkbN`, number its `MAJ:MIN`). A `/dev/PATH=BACKING[@MAJ:MIN]` entry
+//! as they are (path `/dev/ublkbN`, number its `MAJ:MIN`); a device looked up and not found makes
+//! it re-read the daemon's list once ([`Remote::refresh`]), so devices served after the handle
+//! opened are found. A `/dev/PATH=BACKING[@MAJ:MIN]` entry
 //! names the daemon's origin in front of `BACKING` (asking the daemon to serve it, not attached,
 //! if it does not yet — and to stop serving it when the last handle closes); the client sees it
 //! under `/dev/PATH` with the entry's number, which is translated both ways (requests, the
@@ -25,7 +27,7 @@
 
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Mutex, PoisonError, RwLock};
 
 use blksnap_engine::io::Dev as Backing;
 use blksnap_engine::{Engine, StorageSpec};
@@ -82,9 +84,13 @@ struct Mapped {
 pub struct Remote {
     socket: PathBuf,
     idle: Mutex<Vec<Client>>,
-    devices: Vec<Mapped>,
+    /// The device mapping; re-read from the daemon by [`Remote::refresh`].
+    devices: RwLock<Vec<Mapped>>,
     /// Origins this instance asked the daemon to serve (removed again on drop).
     added: Vec<Dev>,
+    /// No devices were configured: the handle sees every origin the daemon serves, and a
+    /// device the daemon starts serving later is found by re-reading its list.
+    follows_daemon: bool,
 }
 
 impl std::fmt::Debug for Remote {
@@ -109,27 +115,15 @@ impl Remote {
         let mut remote = Remote {
             socket: socket.to_path_buf(),
             idle: Mutex::new(vec![client]),
-            devices: Vec::new(),
+            devices: RwLock::new(Vec::new()),
             added: Vec::new(),
+            follows_daemon: devices.is_empty(),
         };
-        let origins = remote.origins().map_err(|e| e.errno)?;
-        if devices.is_empty() {
-            for o in origins {
-                let id = DeviceId::from(o.dev);
-                remote.devices.push(Mapped {
-                    id,
-                    dev: o.dev,
-                    node: o.path.clone(),
-                    capacity: o.capacity_bytes,
-                });
-                devices.push(Device {
-                    path: PathBuf::from(o.path),
-                    backing: PathBuf::from(o.backing),
-                    id,
-                });
-            }
+        if remote.follows_daemon {
+            *devices = remote.refresh().map_err(|e| e.errno)?.unwrap_or_default();
             return Ok(remote);
         }
+        let origins = remote.origins().map_err(|e| e.errno)?;
         for d in devices.iter() {
             let backing = canonical(&d.backing);
             let entry = match origins.iter().find(|o| o.backing == backing) {
@@ -145,7 +139,7 @@ impl Remote {
                     }
                 }
             };
-            remote.devices.push(Mapped {
+            remote.devices.get_mut().unwrap_or_else(PoisonError::into_inner).push(Mapped {
                 id: d.id,
                 dev: entry.dev,
                 node: entry.path,
@@ -153,6 +147,28 @@ impl Remote {
             });
         }
         Ok(remote)
+    }
+
+    /// When the handle follows the daemon's origins: re-reads them, replaces the mapping and
+    /// returns the devices as the instance lists them; `None` for a handle of configured devices.
+    pub fn refresh(&self) -> Res<Option<Vec<Device>>> {
+        if !self.follows_daemon {
+            return Ok(None);
+        }
+        let origins = self.origins()?;
+        let mapped = origins.iter().map(|o| Mapped {
+            id: DeviceId::from(o.dev),
+            dev: o.dev,
+            node: o.path.clone(),
+            capacity: o.capacity_bytes,
+        });
+        *self.devices.write().unwrap_or_else(PoisonError::into_inner) = mapped.collect();
+        let listed = origins.into_iter().map(|o| Device {
+            path: PathBuf::from(o.path),
+            backing: PathBuf::from(o.backing),
+            id: DeviceId::from(o.dev),
+        });
+        Ok(Some(listed.collect()))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Client>> {
@@ -191,8 +207,9 @@ impl Remote {
         }
     }
 
-    fn mapped(&self, id: DeviceId) -> Option<&Mapped> {
-        self.devices.iter().find(|m| m.id == id)
+    fn mapped(&self, id: DeviceId) -> Option<Mapped> {
+        let devices = self.devices.read().unwrap_or_else(PoisonError::into_inner);
+        devices.iter().find(|m| m.id == id).cloned()
     }
 
     /// Client number → daemon number (unmapped numbers pass as they are).
@@ -202,7 +219,8 @@ impl Remote {
 
     /// Daemon number → client number.
     fn to_client(&self, dev: Dev) -> DeviceId {
-        self.devices.iter().find(|m| m.dev == dev).map_or_else(|| dev.into(), |m| m.id)
+        let devices = self.devices.read().unwrap_or_else(PoisonError::into_inner);
+        devices.iter().find(|m| m.dev == dev).map_or_else(|| dev.into(), |m| m.id)
     }
 
     /// The block device node of the origin `id` or of its image.
@@ -210,7 +228,7 @@ impl Remote {
         let dev = self.to_daemon(id);
         if !image {
             if let Some(m) = self.mapped(id) {
-                return Ok((m.node.clone(), m.capacity));
+                return Ok((m.node, m.capacity));
             }
         }
         let Reply::Devices(list) = self.call(Request::ListDevices)? else {

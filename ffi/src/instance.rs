@@ -18,7 +18,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Mutex, MutexGuard, PoisonError, RwLock};
 
 use blksnap_engine::io::{Dev, FileDev};
 use blksnap_engine::sync::StdArc;
@@ -148,6 +148,8 @@ pub struct Instance {
     /// The engine: in process, or a daemon's ([`crate::client`]).
     pub engine: Backend,
     config: Config,
+    /// The devices: the configured ones, or the daemon's origins (refreshed on a miss).
+    devices: RwLock<Vec<Device>>,
     storage: Mutex<HashMap<SnapshotId, SnapshotStorage>>,
     poisoned: AtomicBool,
 }
@@ -174,6 +176,7 @@ impl Instance {
         Ok(Instance {
             profile,
             engine,
+            devices: RwLock::new(config.devices.clone()),
             config,
             storage: Mutex::new(HashMap::new()),
             poisoned: AtomicBool::new(false),
@@ -192,9 +195,28 @@ impl Instance {
         Ok(engine)
     }
 
-    /// The configured devices.
-    pub fn devices(&self) -> &[Device] {
-        &self.config.devices
+    /// The devices (a copy: a handle that follows the daemon re-reads them).
+    pub fn devices(&self) -> Vec<Device> {
+        self.devices.read().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// The first device matching `pred`; on a miss, a handle that follows the daemon re-reads
+    /// its origins once (a device it started serving after this handle opened) and looks again.
+    fn find_device(&self, pred: impl Fn(&Device) -> bool) -> Option<Device> {
+        let found = self
+            .devices
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .find(|d| pred(d))
+            .cloned();
+        if found.is_some() {
+            return found;
+        }
+        let fresh = self.engine.remote()?.refresh().ok()??;
+        let found = fresh.iter().find(|d| pred(d)).cloned();
+        *self.devices.write().unwrap_or_else(PoisonError::into_inner) = fresh;
+        found
     }
 
     /// Marks the instance failed (a panic was caught while it was in use).
@@ -208,26 +230,23 @@ impl Instance {
     }
 
     /// The device named `path`: its configured path, `/dev/block/MAJ:MIN`, or its backing path.
-    pub fn device_by_path(&self, path: &[u8]) -> Option<&Device> {
+    pub fn device_by_path(&self, path: &[u8]) -> Option<Device> {
         let path = Path::new(OsStr::from_bytes(path));
         let by_number =
             path.to_str().and_then(|p| p.strip_prefix("/dev/block/")).and_then(parse_dev_id);
-        self.config
-            .devices
-            .iter()
-            .find(|d| d.path == path || Some(d.id) == by_number || d.backing == path)
+        self.find_device(|d| d.path == path || Some(d.id) == by_number || d.backing == path)
     }
 
     /// The device whose snapshot image is `name` (`/dev/` prefix optional), in this profile's
     /// naming (`blksnap-image_MAJ:MIN` or `blksnap-MAJ-MIN`).
-    pub fn device_by_image(&self, name: &[u8]) -> Option<&Device> {
+    pub fn device_by_image(&self, name: &[u8]) -> Option<Device> {
         let name = name.strip_prefix(b"/dev/").unwrap_or(name);
-        self.config.devices.iter().find(|d| self.profile.image_name(d.id).as_bytes() == name)
+        self.find_device(|d| self.profile.image_name(d.id).as_bytes() == name)
     }
 
     /// The device with number `id`.
-    pub fn device_by_id(&self, id: DeviceId) -> Option<&Device> {
-        self.config.devices.iter().find(|d| d.id == id)
+    pub fn device_by_id(&self, id: DeviceId) -> Option<Device> {
+        self.find_device(|d| d.id == id)
     }
 
     /// Where a storage path really is (the `storage:` translations).

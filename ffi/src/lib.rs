@@ -176,17 +176,12 @@ pub unsafe extern "C" fn blksnap_ctl_ioctl(
     })
 }
 
-fn filter_on(
-    inst: &Instance,
-    device: Option<&Device>,
-    request: c_ulong,
-    arg: *mut c_void,
-) -> c_int {
+fn filter_on(inst: &Instance, device: Option<Device>, request: c_ulong, arg: *mut c_void) -> c_int {
     let Some(device) = device else {
         return negative(Errno::ENOTTY); // not a block device this engine serves
     };
     // SAFETY: the caller of the entry point guarantees the ioctl contract on `arg`.
-    ret(unsafe { filter::ioctl(inst, device, request as u32, UserAddr::from_ptr(arg)) })
+    ret(unsafe { filter::ioctl(inst, &device, request as u32, UserAddr::from_ptr(arg)) })
 }
 
 /// A block-filter request (`BLKFILTER_ATTACH`, `BLKFILTER_DETACH`, `BLKFILTER_CTL` of the
@@ -215,7 +210,7 @@ pub unsafe extern "C" fn blksnap_filter_ioctl(
 
 /// The served device an open file descriptor refers to: a real block device with a served
 /// number, or a path (`/proc/self/fd/N`) that names a served device or its backing file.
-fn device_of_fd(inst: &Instance, fd: c_int) -> Result<Option<&Device>, c_int> {
+fn device_of_fd(inst: &Instance, fd: c_int) -> Result<Option<Device>, c_int> {
     if fd < 0 {
         return Err(-EBADF);
     }

@@ -241,3 +241,24 @@ fn access_rules() {
     assert!(allowed(&Peer { pid: 1, uid: 1000, gid: 1000 }, Some(1000)));
     assert!(!allowed(&Peer { pid: i32::MAX, uid: 1000, gid: 1000 }, Some(4242)));
 }
+
+#[test]
+fn libblksnap_client_mode_finds_devices_served_after_it_opened() {
+    use blksnap_ffi::instance::{Config as LibConfig, Instance};
+    use blksnap_model::{DeviceId, Profile};
+    let f = fixture(1);
+    let cfg = LibConfig::parse(&format!("socket={}", f.socket.display())).unwrap();
+    let inst = Instance::new(Profile::Newest, cfg).unwrap();
+    assert_eq!(inst.devices().len(), 1, "the daemon's origins at open");
+    // Served after the handle opened (e.g. `blksnap attach` of a new backing).
+    let backing = f.dir.join("later.img");
+    std::fs::File::create(&backing).unwrap().set_len(8 << 20).unwrap();
+    let later: Dev = f.daemon.add_origin(&backing, true).unwrap().into();
+    let id = DeviceId::from(later);
+    let device = inst.device_by_id(id).expect("found by re-reading the daemon's list");
+    assert_eq!(device.id, id);
+    assert_eq!(inst.devices().len(), 2);
+    assert_eq!(inst.engine.cbt_info(id).unwrap().device_capacity_bytes, 8 << 20);
+    // A number the daemon does not serve stays unknown (one re-read, no error).
+    assert!(inst.device_by_id(DeviceId::new(4000, 1)).is_none());
+}

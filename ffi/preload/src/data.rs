@@ -335,7 +335,7 @@ pub unsafe fn ioctl(obj: &Object, request: c_ulong, arg: *mut c_void) -> Res<c_i
             _ => match target {
                 Target::Device(_) => {
                     let device = inst.device_by_id(id).ok_or(libc::ENOTTY)?;
-                    filter::ioctl(&inst, device, request, UserAddr::from_ptr(arg))
+                    filter::ioctl(&inst, &device, request, UserAddr::from_ptr(arg))
                         .map_err(|e| e.code())
                 }
                 _ => Err(libc::ENOTTY),
@@ -390,7 +390,7 @@ pub unsafe fn filter_on_block_device(
     let device = inst.device_by_id(id)?;
     // SAFETY: contract forwarded.
     Some(
-        unsafe { filter::ioctl(&inst, device, request, UserAddr::from_ptr(arg)) }
+        unsafe { filter::ioctl(&inst, &device, request, UserAddr::from_ptr(arg)) }
             .map_err(|e| e.code()),
     )
 }
