@@ -266,6 +266,42 @@ pub fn backup(
     ))
 }
 
+/// Starts the writeback of a point file while it is still being written, every
+/// [`Writeback::STEP_BYTES`], so the final `fsync` finds little left to write and the disk works
+/// while the image is read (a plain write-then-fsync leaves the disk idle during the copy and the
+/// copy idle during the flush). Advisory: a failure here only means the `fsync` does the work.
+struct Writeback<'a> {
+    file: &'a File,
+    started_bytes: u64,
+}
+
+impl<'a> Writeback<'a> {
+    const STEP_BYTES: u64 = 8 << 20;
+
+    fn new(file: &'a File) -> Writeback<'a> {
+        Writeback { file, started_bytes: 0 }
+    }
+
+    /// Everything below `done_bytes` has been written.
+    fn progress(&mut self, done_bytes: u64) {
+        if done_bytes < self.started_bytes + Self::STEP_BYTES {
+            return;
+        }
+        let (from, len) = (self.started_bytes, done_bytes - self.started_bytes);
+        // SAFETY: sync_file_range on an open descriptor we own, plain integers; it reads no
+        // memory of ours.
+        unsafe {
+            libc::sync_file_range(
+                std::os::fd::AsRawFd::as_raw_fd(self.file),
+                from as libc::off64_t,
+                len as libc::off64_t,
+                libc::SYNC_FILE_RANGE_WRITE,
+            );
+        }
+        self.started_bytes = done_bytes;
+    }
+}
+
 /// Copies the whole image, leaving all-zero units as holes. Returns (read, written).
 fn copy_full(
     img: &File,
@@ -279,6 +315,7 @@ fn copy_full(
     out.set_len(size).map_err(io(tmp.display()))?;
     let mut buf = vec![0u8; COPY_UNIT];
     let (mut off, mut written) = (0u64, 0u64);
+    let mut writeback = Writeback::new(&out);
     while off < size {
         let n = (size - off).min(COPY_UNIT as u64) as usize;
         read_full(img, &mut buf[..n], off, image)?;
@@ -287,6 +324,7 @@ fn copy_full(
             written += n as u64;
         }
         off += n as u64;
+        writeback.progress(off);
         pb.set_position(off);
     }
     out.sync_all().map_err(io(tmp.display()))?;
@@ -325,6 +363,7 @@ fn write_delta(
     let mut written = 0u64;
     // Adjacent changed blocks are read and written together (up to COPY_UNIT).
     let mut i = 0;
+    let mut writeback = Writeback::new(&out);
     while i < blocks.len() {
         let mut j = i + 1;
         while j < blocks.len()
@@ -343,6 +382,7 @@ fn write_delta(
         out.write_all_at(&buf[..n], pos).map_err(io(tmp.display()))?;
         pos += n as u64;
         written += n as u64;
+        writeback.progress(pos);
         pb.inc(n as u64);
         i = j;
     }
@@ -466,12 +506,14 @@ pub fn restore(dir: &Path, point: Option<u32>, output: &Path) -> Result<Report, 
     let out = File::create(output).map_err(io(output.display()))?;
     out.set_len(r.size).map_err(io(output.display()))?;
     let mut buf = vec![0u8; r.unit as usize];
+    let mut writeback = Writeback::new(&out);
     for i in 0..r.units() {
         let len = r.unit_len(i);
         r.unit(i, &mut buf[..len])?;
         if buf[..len].iter().any(|b| *b != 0) {
             out.write_all_at(&buf[..len], i * r.unit).map_err(io(output.display()))?;
         }
+        writeback.progress(i * r.unit + len as u64);
     }
     out.sync_all().map_err(io(output.display()))?;
     let secs = started.elapsed().as_secs_f64();
