@@ -221,6 +221,33 @@ fn cbt_lazy_copy_survives_racing_markers() {
 }
 
 #[test]
+fn stored_map_racing_first_sets_publish_one_page() {
+    // Two writers set bits whose directory and page do not exist yet: each may allocate, one
+    // publication wins, the loser frees its copy; a concurrent reader sees a bit only once it
+    // is set, and both bits are set at the end (no update lost on the losing page).
+    use blksnap_engine::stored_map::{StoredMap, PAGE_CHUNKS};
+    model(|| {
+        let map = Arc::new(StoredMap::new(2 * PAGE_CHUNKS));
+        let (a, b) = (1, PAGE_CHUNKS - 1); // same page, different words
+        let setters: Vec<_> = [a, b]
+            .into_iter()
+            .map(|chunk| {
+                let map = map.clone();
+                thread::spawn(move || map.set(chunk))
+            })
+            .collect();
+        // A reader racing the publication (loom checks its loads against the stores).
+        let _maybe = map.is_set(a);
+        for s in setters {
+            s.join().unwrap();
+        }
+        assert!(map.is_set(a) && map.is_set(b), "both bits survive the publication race");
+        assert!(!map.is_set(0) && !map.is_set(PAGE_CHUNKS), "no other bit set");
+        assert_eq!(map.pages_allocated(), 1, "one page published");
+    });
+}
+
+#[test]
 fn membership_add_add_destroy_never_double_links() {
     model(|| {
         let e = Arc::new(small_engine(true));
