@@ -45,6 +45,16 @@ fn cell_parts(cell: u16) -> (u8, u8) {
     ((cell >> 8) as u8, cell as u8)
 }
 
+/// The read value of a cell in the epoch `(active, frozen)` (module doc).
+fn read_value(cell: u16, active: u8, frozen: bool) -> u8 {
+    let (read, write) = cell_parts(cell);
+    if !frozen && write < active {
+        write
+    } else {
+        read
+    }
+}
+
 /// One device's CBT.
 #[derive(Debug)]
 pub struct CbtMap {
@@ -127,16 +137,6 @@ impl CbtMap {
         })
     }
 
-    /// The read value of a cell under the current epoch (module doc).
-    fn read_value(&self, cell: u16, active: u8, frozen: bool) -> u8 {
-        let (read, write) = cell_parts(cell);
-        if !frozen && write < active {
-            write
-        } else {
-            read
-        }
-    }
-
     /// The whole state. Caller holds the gate for writing, so no marker runs meanwhile.
     pub fn state(&self) -> CbtState {
         let (active, frozen) = self.epoch();
@@ -145,7 +145,7 @@ impl CbtMap {
             block_shift: self.layout.block_shift,
             capacity_sectors: self.capacity_sectors,
             write_map: cells.iter().map(|c| cell_parts(*c).1).collect(),
-            read_map: cells.iter().map(|c| self.read_value(*c, active, frozen)).collect(),
+            read_map: cells.iter().map(|c| read_value(*c, active, frozen)).collect(),
             active,
             previous: self.previous.load(Ordering::Relaxed),
             generation: *self.generation.lock(),
@@ -215,7 +215,7 @@ impl CbtMap {
         let previous = self.previous.load(Ordering::Relaxed);
         self.update(first, last, |current| {
             let (_, write) = cell_parts(current);
-            let read = self.read_value(current, active, frozen).max(previous);
+            let read = read_value(current, active, frozen).max(previous);
             let new = cell(read, write.max(active));
             (new != current).then_some(new)
         });
@@ -244,7 +244,7 @@ impl CbtMap {
             // client sees a new generation and must do a full backup anyway): the read bytes
             // take the current read values and the epoch is frozen.
             for c in self.cells.iter() {
-                let read = self.read_value(c.load(Ordering::Relaxed), active, frozen);
+                let read = read_value(c.load(Ordering::Relaxed), active, frozen);
                 c.store(cell(read, 0), Ordering::Relaxed);
             }
             self.active.store(1, Ordering::Relaxed);
@@ -282,7 +282,7 @@ impl CbtMap {
         out.extend(
             self.cells[offset as usize..(offset + length) as usize]
                 .iter()
-                .map(|c| self.read_value(c.load(Ordering::Relaxed), active, frozen)),
+                .map(|c| read_value(c.load(Ordering::Relaxed), active, frozen)),
         );
         Ok(())
     }

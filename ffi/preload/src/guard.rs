@@ -89,12 +89,15 @@ pub fn run<T: Fail>(body: impl FnOnce() -> Res<T>) -> T {
             set_errno(errno);
             T::FAIL
         }
-        Err(_) => {
-            crate::state::poison();
-            set_errno(PANIC_ERRNO);
-            T::FAIL
-        }
+        Err(_) => panicked(),
     }
+}
+
+/// After a caught panic: marks the engine failed, `errno = ENOTRECOVERABLE`, `-1`.
+pub fn panicked<T: Fail>() -> T {
+    crate::state::poison();
+    set_errno(PANIC_ERRNO);
+    T::FAIL
 }
 
 /// Runs `body`, `fallback` if it panics (for the decisions made before a pass-through).

@@ -32,12 +32,14 @@ pub unsafe extern "C" fn ioctl(fd: c_int, request: c_ulong, arg: *mut c_void) ->
         // A block device of the kernel's (blksnapd's ublk device): only its filter requests are
         // the library's.
         if let Some(_inside) = Inside::enter() {
-            // SAFETY: contract: arg follows the request's contract.
-            let routed = guard::catch(Some(Err(guard::PANIC_ERRNO)), || unsafe {
-                data::filter_on_block_device(fd, request, arg)
+            let routed = guard::catch(None, || {
+                // SAFETY: contract: arg follows the request's contract.
+                Some(unsafe { data::filter_on_block_device(fd, request, arg) })
             });
-            if let Some(result) = routed {
-                return guard::run(|| result);
+            match routed {
+                Some(None) => {} // not ours: the kernel's
+                Some(Some(result)) => return guard::run(|| result),
+                None => return guard::panicked(), // the engine is marked failed
             }
         }
     }
