@@ -34,37 +34,9 @@
 
 #include <linux/fs.h>
 
-#include <linux/blk-filter.h>
-#include <linux/blksnap.h>
+#define CLIENT_NAME "preload_client"
+#include "upstream_client.h"
 
-#ifdef IOCTL_BLKSNAP_SNAPSHOT_APPEND_STORAGE
-#define PROFILE "v3"
-#define IMAGE_FMT "blksnap-image_%u:%u"
-#define OTHER_IMAGE_FMT "/dev/blksnap-%u-%u"
-#define CTL_CBTINFO blkfilter_ctl_blksnap_cbtinfo
-#define CTL_CBTMAP blkfilter_ctl_blksnap_cbtmap
-#define CTL_CBTDIRTY blkfilter_ctl_blksnap_cbtdirty
-#define CTL_SNAPSHOTADD blkfilter_ctl_blksnap_snapshotadd
-#define CTL_SNAPSHOTINFO blkfilter_ctl_blksnap_snapshotinfo
-#define EVENT_LOW_FREE_SPACE blksnap_event_code_low_free_space
-typedef struct blkfilter_name attach_t;
-typedef struct blkfilter_name detach_t;
-#define USER_PTR(p) (p)
-#else
-#define PROFILE "newest"
-#define IMAGE_FMT "blksnap-%u-%u"
-#define OTHER_IMAGE_FMT "/dev/blksnap-image_%u:%u"
-#define CTL_CBTINFO BLKFILTER_CTL_BLKSNAP_CBTINFO
-#define CTL_CBTMAP BLKFILTER_CTL_BLKSNAP_CBTMAP
-#define CTL_CBTDIRTY BLKFILTER_CTL_BLKSNAP_CBTDIRTY
-#define CTL_SNAPSHOTADD BLKFILTER_CTL_BLKSNAP_SNAPSHOTADD
-#define CTL_SNAPSHOTINFO BLKFILTER_CTL_BLKSNAP_SNAPSHOTINFO
-typedef struct blkfilter_attach attach_t;
-typedef struct blkfilter_detach detach_t;
-#define USER_PTR(p) ((__u64)(uintptr_t)(p))
-#endif
-
-#define MIB (1u << 20)
 #define DISK0_BYTES (8 * MIB)
 #define DISK1_BYTES (4 * MIB)
 #define STORAGE_BYTES (8 * MIB)
@@ -73,27 +45,6 @@ typedef struct blkfilter_detach detach_t;
 #define DEV0_MINOR 240
 #define DEV1 "/dev/vdz"
 #define DEV1_BY_NUMBER "/dev/block/240:1" /* no number configured: 240:index */
-
-static int failures;
-#define CHECK(cond)                                                                        \
-	do {                                                                               \
-		if (!(cond)) {                                                             \
-			fprintf(stderr, "preload_client[" PROFILE "]:%d: check failed: %s (errno %d %s)\n", \
-				__LINE__, #cond, errno, strerror(errno));                  \
-			failures++;                                                        \
-		}                                                                          \
-	} while (0)
-/* A libc-style call that must fail with `err`. */
-#define CHECK_ERR(expr, err)                                                               \
-	do {                                                                               \
-		errno = 0;                                                                 \
-		long rc_ = (long)(expr);                                                   \
-		if (rc_ != -1 || errno != (err)) {                                         \
-			fprintf(stderr, "preload_client[" PROFILE "]:%d: %s = %ld, errno %d (%s), want -1/%s\n", \
-				__LINE__, #expr, rc_, errno, strerror(errno), #err);        \
-			failures++;                                                        \
-		}                                                                          \
-	} while (0)
 
 static void fill(unsigned char *buf, size_t len, unsigned seed)
 {
@@ -109,47 +60,6 @@ static void *aligned_alloc_or_die(size_t len)
 		exit(2);
 	}
 	return p;
-}
-
-static void set_name(__u8 name[BLKFILTER_NAME_LENGTH], const char *value)
-{
-	memset(name, 0, BLKFILTER_NAME_LENGTH);
-	memcpy(name, value, strlen(value));
-}
-
-static int filter_attach(int fd)
-{
-	attach_t a;
-	memset(&a, 0, sizeof a);
-	set_name(a.name, "blksnap");
-	return ioctl(fd, BLKFILTER_ATTACH, &a);
-}
-
-static int filter_detach(int fd)
-{
-	detach_t d;
-	memset(&d, 0, sizeof d);
-	set_name(d.name, "blksnap");
-	return ioctl(fd, BLKFILTER_DETACH, &d);
-}
-
-static int ctl(int fd, unsigned cmd, void *opt, unsigned optlen)
-{
-	struct blkfilter_ctl c;
-	set_name(c.name, "blksnap");
-	c.cmd = cmd;
-	c.optlen = optlen;
-	c.opt = (__u64)(uintptr_t)opt;
-	return ioctl(fd, BLKFILTER_CTL, &c);
-}
-
-static int wait_event(int control, const struct blksnap_uuid *id, unsigned timeout_ms,
-		      struct blksnap_snapshot_event *ev)
-{
-	memset(ev, 0, sizeof *ev);
-	ev->id = *id;
-	ev->timeout_ms = timeout_ms;
-	return ioctl(control, IOCTL_BLKSNAP_SNAPSHOT_WAIT_EVENT, ev);
 }
 
 /* Reads `len` bytes with read() in 1 MiB steps from the current position. */

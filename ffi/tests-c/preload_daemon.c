@@ -28,86 +28,12 @@
 
 #include <linux/fs.h>
 
-#include <linux/blk-filter.h>
-#include <linux/blksnap.h>
+#define CLIENT_NAME "preload_daemon"
+#include "upstream_client.h"
 
-#ifdef IOCTL_BLKSNAP_SNAPSHOT_APPEND_STORAGE
-#define PROFILE "v3"
-#define IMAGE_FMT "blksnap-image_%u:%u"
-#define CTL_CBTINFO blkfilter_ctl_blksnap_cbtinfo
-#define CTL_CBTMAP blkfilter_ctl_blksnap_cbtmap
-#define CTL_CBTDIRTY blkfilter_ctl_blksnap_cbtdirty
-#define CTL_SNAPSHOTADD blkfilter_ctl_blksnap_snapshotadd
-#define CTL_SNAPSHOTINFO blkfilter_ctl_blksnap_snapshotinfo
-#define EVENT_LOW_FREE_SPACE blksnap_event_code_low_free_space
-#define EVENT_STORAGE_LOW blksnap_event_code_low_free_space
-typedef struct blkfilter_name attach_t;
-typedef struct blkfilter_name detach_t;
-#define USER_PTR(p) (p)
-#else
-#define PROFILE "newest"
-#define IMAGE_FMT "blksnap-%u-%u"
-#define CTL_CBTINFO BLKFILTER_CTL_BLKSNAP_CBTINFO
-#define CTL_CBTMAP BLKFILTER_CTL_BLKSNAP_CBTMAP
-#define CTL_CBTDIRTY BLKFILTER_CTL_BLKSNAP_CBTDIRTY
-#define CTL_SNAPSHOTADD BLKFILTER_CTL_BLKSNAP_SNAPSHOTADD
-#define CTL_SNAPSHOTINFO BLKFILTER_CTL_BLKSNAP_SNAPSHOTINFO
-#define EVENT_STORAGE_LOW blksnap_event_code_no_space
-typedef struct blkfilter_attach attach_t;
-typedef struct blkfilter_detach detach_t;
-#define USER_PTR(p) ((__u64)(uintptr_t)(p))
-#endif
-
-#define MIB (1u << 20)
 #define STORAGE_BYTES (16 * MIB)
 #define AT (1 * MIB) /* where the test writes */
 #define LEN (64u << 10)
-
-static int failures;
-#define CHECK(cond)                                                                        \
-	do {                                                                               \
-		if (!(cond)) {                                                             \
-			fprintf(stderr, "preload_daemon[" PROFILE "]:%d: check failed: %s (errno %d %s)\n", \
-				__LINE__, #cond, errno, strerror(errno));                  \
-			failures++;                                                        \
-		}                                                                          \
-	} while (0)
-#define CHECK_ERR(expr, err)                                                               \
-	do {                                                                               \
-		errno = 0;                                                                 \
-		long rc_ = (long)(expr);                                                   \
-		if (rc_ != -1 || errno != (err)) {                                         \
-			fprintf(stderr, "preload_daemon[" PROFILE "]:%d: %s = %ld, errno %d (%s), want -1/%s\n", \
-				__LINE__, #expr, rc_, errno, strerror(errno), #err);        \
-			failures++;                                                        \
-		}                                                                          \
-	} while (0)
-
-static void set_name(__u8 name[BLKFILTER_NAME_LENGTH], const char *value)
-{
-	memset(name, 0, BLKFILTER_NAME_LENGTH);
-	memcpy(name, value, strlen(value));
-}
-
-static int ctl(int fd, unsigned cmd, void *opt, unsigned optlen)
-{
-	struct blkfilter_ctl c;
-	memset(&c, 0, sizeof c);
-	set_name(c.name, "blksnap");
-	c.cmd = cmd;
-	c.optlen = optlen;
-	c.opt = (__u64)(uintptr_t)opt;
-	return ioctl(fd, BLKFILTER_CTL, &c);
-}
-
-static int wait_event(int control, const struct blksnap_uuid *id, unsigned timeout_ms,
-		      struct blksnap_snapshot_event *ev)
-{
-	memset(ev, 0, sizeof *ev);
-	ev->id = *id;
-	ev->timeout_ms = timeout_ms;
-	return ioctl(control, IOCTL_BLKSNAP_SNAPSHOT_WAIT_EVENT, ev);
-}
 
 static void *page_buffer(size_t len, int fill)
 {
@@ -141,13 +67,10 @@ int main(int argc, char **argv)
 	unsigned maj = major(st.st_rdev), min = minor(st.st_rdev);
 	unsigned long long size = 0;
 	CHECK(ioctl(dev, BLKGETSIZE64, &size) == 0 && size >= 8 * MIB);
-	attach_t a;
-	memset(&a, 0, sizeof a);
-	set_name(a.name, "blksnap");
 	errno = 0;
-	int rc = ioctl(dev, BLKFILTER_ATTACH, &a);
+	int rc = filter_attach(dev);
 	CHECK(rc == 0 || errno == EALREADY); /* blksnapd may track it already */
-	CHECK_ERR(ioctl(dev, BLKFILTER_ATTACH, &a), EALREADY);
+	CHECK_ERR(filter_attach(dev), EALREADY);
 	struct blksnap_cbtinfo cbt;
 	memset(&cbt, 0, sizeof cbt);
 	CHECK(ctl(dev, CTL_CBTINFO, &cbt, sizeof cbt) == 0);
@@ -250,7 +173,7 @@ int main(int argc, char **argv)
 	/* Only BLKFILTER_* of known devices are the library's: a regular file is the kernel's. */
 	int plain = open(storage, O_CREAT | O_RDWR, 0600);
 	CHECK(plain >= 0);
-	CHECK_ERR(ioctl(plain, BLKFILTER_ATTACH, &a), ENOTTY);
+	CHECK_ERR(filter_attach(plain), ENOTTY);
 	CHECK(close(plain) == 0 && unlink(storage) == 0);
 
 	CHECK(close(dev) == 0 && close(control) == 0);

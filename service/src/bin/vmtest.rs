@@ -322,6 +322,24 @@ fn wait_gone(path: &str, secs: u64) -> bool {
     false
 }
 
+/// Runs a test client to completion (stdin closed): its stdout, or an error naming `what` with
+/// the exit status and both streams.
+fn run_client(mut cmd: Command, what: &str) -> R<String> {
+    let out = cmd.stdin(Stdio::null()).output().map_err(|e| format!("{what}: {e}"))?;
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(out.status.success(), "{what}: {}:\n{}\n{}", out.status, stdout.trim(), stderr.trim());
+    Ok(stdout)
+}
+
+/// A file shipped next to this test program (service/vm/run-tests.sh copies each one).
+fn sibling(name: &str) -> R<PathBuf> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let path = exe.with_file_name(name);
+    ensure!(path.exists(), "{} missing (service/vm/run-tests.sh builds it)", path.display());
+    Ok(path)
+}
+
 // ---------------------------------------------------------------------------------- scenarios
 
 fn fs_image(env: &Env) -> R {
@@ -627,9 +645,7 @@ fn two_devices(env: &Env) -> R {
 
 fn daemon_process(env: &Env) -> R {
     // `env` has no devices: this scenario runs the real binary.
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let bin = exe.with_file_name("blksnapd");
-    ensure!(bin.exists(), "{} missing (copy it next to this test)", bin.display());
+    let bin = sibling("blksnapd")?;
     let backing = env.path("d.img");
     File::create(&backing).and_then(|f| f.set_len(16 * MIB)).map_err(|e| e.to_string())?;
     let socket = env.path("d.sock");
@@ -750,9 +766,7 @@ impl DaemonProc {
         styles: &[&str],
         extra: &[&str],
     ) -> R<DaemonProc> {
-        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-        let bin = exe.with_file_name("blksnapd");
-        ensure!(bin.exists(), "{} missing (copy it next to this test)", bin.display());
+        let bin = sibling("blksnapd")?;
         let socket = env.path("d.sock");
         let mut args = vec![bin.display().to_string()];
         for (k, v) in [
@@ -1011,21 +1025,13 @@ fn restart(env: &Env) -> R {
 /// the daemon, their devices are ublk devices the library asks the daemon to serve, data I/O
 /// goes through those block devices and the images' (O_DIRECT).
 fn c_clients(env: &Env) -> R {
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let d = DaemonProc::start_with(env, None, 1)?;
     for name in ["client_v3", "client_newest"] {
-        let bin = exe.with_file_name(name);
-        ensure!(bin.exists(), "{} missing (run-tests.sh builds it with gcc/g++)", bin.display());
+        let mut cmd = Command::new(sibling(name)?);
+        cmd.env("BLKSNAP_SOCKET", &d.socket);
         let t = Instant::now();
-        let out = Command::new(&bin)
-            .env("BLKSNAP_SOCKET", &d.socket)
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|e| format!("{name}: {e}"))?;
-        let text = String::from_utf8_lossy(&out.stdout).to_string()
-            + &String::from_utf8_lossy(&out.stderr);
-        ensure!(out.status.success(), "{name}: {}:\n{}", out.status, text.trim());
-        println!("    {} ({} ms)", text.trim(), t.elapsed().as_millis());
+        let out = run_client(cmd, name)?;
+        println!("    {} ({} ms)", out.trim(), t.elapsed().as_millis());
     }
     // The library removed the devices it had the daemon serve; nothing is left behind.
     let mut c = d.client()?;
@@ -1042,25 +1048,9 @@ fn c_clients(env: &Env) -> R {
 
 /// Runs the `blksnap` CLI (next to this binary) against the daemon on `socket`; returns stdout.
 fn cli(socket: &Path, args: &[&str]) -> R<String> {
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let bin = exe.with_file_name("blksnap");
-    ensure!(bin.exists(), "{} missing (run-tests.sh builds it)", bin.display());
-    let out = Command::new(&bin)
-        .env("BLKSNAP_SOCKET", socket)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("blksnap: {e}"))?;
-    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    ensure!(
-        out.status.success(),
-        "blksnap {}: {}: {}{}",
-        args.join(" "),
-        out.status,
-        stdout.trim(),
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    Ok(stdout)
+    let mut cmd = Command::new(sibling("blksnap")?);
+    cmd.env("BLKSNAP_SOCKET", socket).args(args);
+    run_client(cmd, &format!("blksnap {}", args.join(" ")))
 }
 
 /// The value of `key=` in the CLI's key=value output.
@@ -1234,8 +1224,7 @@ fn stretch(env: &Env) -> R {
     let id = cli(&sock, &["snapshot_create", "-d", &node])?.trim().to_string();
     let sdir = env.path("stretch");
     std::fs::create_dir_all(&sdir).map_err(|e| e.to_string())?;
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let mut child = Command::new(exe.with_file_name("blksnap"))
+    let mut child = Command::new(sibling("blksnap")?)
         .env("BLKSNAP_SOCKET", &sock)
         .args(["stretch_snapshot", "-i", &id, "-p", &format!("{}/", sdir.display()), "-l", "64"])
         .stdin(Stdio::null())
@@ -1315,31 +1304,23 @@ fn stretch(env: &Env) -> R {
 /// serves /dev/blksnap-control and the BLKFILTER_* requests on the real ublk device; data I/O
 /// and the images (the daemon's /dev links) are the kernel's.
 fn preload_daemon(env: &Env) -> R {
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let shim = exe.with_file_name("libblksnap-preload.so");
-    ensure!(shim.exists(), "{} missing (run-tests.sh builds it)", shim.display());
+    let shim = sibling("libblksnap-preload.so")?;
     let backing = env.path("pd.img");
     File::create(&backing).and_then(|f| f.set_len(32 * MIB)).map_err(|e| e.to_string())?;
     let d = DaemonProc::start_linked(env, Some(&backing), 1, Path::new("/dev"), &["v3", "newest"])?;
     let (node, _) = d.origin()?;
     for profile in ["v3", "newest"] {
-        let bin = exe.with_file_name(format!("preload_daemon_{profile}"));
-        ensure!(bin.exists(), "{} missing (run-tests.sh builds it)", bin.display());
+        let bin = sibling(&format!("preload_daemon_{profile}"))?;
         let dir = env.path(&format!("pd-{profile}"));
         std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-        let t = Instant::now();
-        let out = Command::new(&bin)
-            .args([node.as_str(), &dir.display().to_string()])
+        let mut cmd = Command::new(bin);
+        cmd.args([node.as_str(), &dir.display().to_string()])
             .env("LD_PRELOAD", &shim)
             .env("BLKSNAP_SOCKET", &d.socket)
-            .env("BLKSNAP_PROFILE", profile)
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|e| format!("{}: {e}", bin.display()))?;
-        let text = String::from_utf8_lossy(&out.stdout).to_string()
-            + &String::from_utf8_lossy(&out.stderr);
-        ensure!(out.status.success(), "preload_daemon {profile}: {}:\n{}", out.status, text.trim());
-        println!("    {} ({} ms)", text.trim(), t.elapsed().as_millis());
+            .env("BLKSNAP_PROFILE", profile);
+        let t = Instant::now();
+        let out = run_client(cmd, &format!("preload_daemon {profile}"))?;
+        println!("    {} ({} ms)", out.trim(), t.elapsed().as_millis());
     }
     // Nothing left behind: no snapshot; the device is still served and tracked.
     let mut c = d.client()?;
