@@ -136,7 +136,7 @@ impl Env {
         std::thread::spawn(move || server.serve(d));
         for (i, size) in sizes.iter().enumerate() {
             let backing = dir.join(format!("backing{i}.img"));
-            File::create(&backing).and_then(|f| f.set_len(*size)).map_err(|e| e.to_string())?;
+            sparse_file(&backing, *size)?;
             daemon.add_origin(&backing, true).map_err(|e| format!("add_origin: {e:?}"))?;
         }
         Ok(Env { dir, daemon, socket })
@@ -167,7 +167,7 @@ impl Env {
     /// Creates a snapshot on a new storage file of `mib` MiB (limit = size) and adds `devs`.
     fn snapshot(&self, c: &mut Client, mib: u64, devs: &[Dev]) -> R<Id> {
         let storage = self.path("diff.img");
-        File::create(&storage).and_then(|f| f.set_len(mib * MIB)).map_err(|e| e.to_string())?;
+        sparse_file(&storage, mib * MIB)?;
         let Reply::Created(id) = c.req(Request::SnapshotCreate {
             storage: Storage::File {
                 path: storage.display().to_string(),
@@ -320,6 +320,13 @@ fn wait_gone(path: &str, secs: u64) -> bool {
         std::thread::sleep(Duration::from_millis(50));
     }
     false
+}
+
+/// A sparse file of `bytes` at `path` (a backing or a storage file).
+fn sparse_file(path: &Path, bytes: u64) -> R {
+    File::create(path)
+        .and_then(|f| f.set_len(bytes))
+        .map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// Runs a test client to completion (stdin closed): its stdout, or an error naming `what` with
@@ -647,7 +654,7 @@ fn daemon_process(env: &Env) -> R {
     // `env` has no devices: this scenario runs the real binary.
     let bin = sibling("blksnapd")?;
     let backing = env.path("d.img");
-    File::create(&backing).and_then(|f| f.set_len(16 * MIB)).map_err(|e| e.to_string())?;
+    sparse_file(&backing, 16 * MIB)?;
     let socket = env.path("d.sock");
     let links = env.path("links");
     std::fs::create_dir_all(&links).map_err(|e| e.to_string())?;
@@ -683,7 +690,7 @@ fn daemon_process(env: &Env) -> R {
         let f = open_direct(&node, true).map_err(|e| e.to_string())?;
         pwrite_page(&f, 0, b"one").map_err(|e| e.to_string())?;
         let storage = env.path("d.diff");
-        File::create(&storage).and_then(|f| f.set_len(4 * MIB)).map_err(|e| e.to_string())?;
+        sparse_file(&storage, 4 * MIB)?;
         let Reply::Created(id) = c.req(Request::SnapshotCreate {
             storage: Storage::File {
                 path: storage.display().to_string(),
@@ -891,7 +898,7 @@ fn state_files(env: &Env) -> Vec<PathBuf> {
 
 fn restart(env: &Env) -> R {
     let backing = env.path("r.img");
-    File::create(&backing).and_then(|f| f.set_len(64 * MIB)).map_err(|e| e.to_string())?;
+    sparse_file(&backing, 64 * MIB)?;
     let mut d = DaemonProc::start(env, &backing, 1)?;
     let (node, dev) = d.origin()?;
     let f = open_direct(&node, true).map_err(|e| e.to_string())?;
@@ -901,7 +908,7 @@ fn restart(env: &Env) -> R {
     // take and destroy, then more writes: both maps and both numbers are non-trivial
     let mut c = d.client()?;
     let storage = env.path("diff.img");
-    File::create(&storage).and_then(|f| f.set_len(8 * MIB)).map_err(|e| e.to_string())?;
+    sparse_file(&storage, 8 * MIB)?;
     let Reply::Created(id) = c.req(Request::SnapshotCreate {
         storage: Storage::File {
             path: storage.display().to_string(),
@@ -1074,7 +1081,7 @@ fn fallocate(path: &Path, bytes: u64) -> R {
 /// images under `/dev/blksnap-*`, a filesystem on the device; restores checked file by file.
 fn cli_backup(env: &Env) -> R {
     let backing = env.path("disk0.img");
-    File::create(&backing).and_then(|f| f.set_len(64 * MIB)).map_err(|e| e.to_string())?;
+    sparse_file(&backing, 64 * MIB)?;
     let d = DaemonProc::start_linked(env, None, 2, Path::new("/dev"), &["v3", "newest"])?;
     let sock = d.socket.clone();
     let t = Instant::now();
@@ -1204,7 +1211,7 @@ fn cli_backup(env: &Env) -> R {
 fn stretch(env: &Env) -> R {
     use std::io::BufRead;
     let backing = env.path("disk0.img");
-    File::create(&backing).and_then(|f| f.set_len(64 * MIB)).map_err(|e| e.to_string())?;
+    sparse_file(&backing, 64 * MIB)?;
     let links = env.path("links");
     std::fs::create_dir_all(&links).map_err(|e| e.to_string())?;
     let d = DaemonProc::start_args(
@@ -1306,7 +1313,7 @@ fn stretch(env: &Env) -> R {
 fn preload_daemon(env: &Env) -> R {
     let shim = sibling("libblksnap-preload.so")?;
     let backing = env.path("pd.img");
-    File::create(&backing).and_then(|f| f.set_len(32 * MIB)).map_err(|e| e.to_string())?;
+    sparse_file(&backing, 32 * MIB)?;
     let d = DaemonProc::start_linked(env, Some(&backing), 1, Path::new("/dev"), &["v3", "newest"])?;
     let (node, _) = d.origin()?;
     for profile in ["v3", "newest"] {
@@ -1333,7 +1340,7 @@ fn preload_daemon(env: &Env) -> R {
 
 fn recovery(env: &Env) -> R {
     let backing = env.path("rec.img");
-    File::create(&backing).and_then(|f| f.set_len(64 * MIB)).map_err(|e| e.to_string())?;
+    sparse_file(&backing, 64 * MIB)?;
     let mut d = DaemonProc::start(env, &backing, 2)?;
     let (node, dev) = d.origin()?;
     mkfs(&node)?;
@@ -1433,7 +1440,7 @@ fn bench(env: &Env) -> R {
     let region = 8 * MIB;
     // the kernel loop driver over a file of the same kind (tmpfs), same sizes
     let loop_file = env.path("loop.img");
-    File::create(&loop_file).and_then(|f| f.set_len(64 * MIB)).map_err(|e| e.to_string())?;
+    sparse_file(&loop_file, 64 * MIB)?;
     let lo = run("losetup", &["-f"])?.trim().to_string(); // busybox: the next free device
     run("losetup", &[&lo, &loop_file.display().to_string()])?;
     let mut rows: Vec<(String, [f64; 4])> = Vec::new();
