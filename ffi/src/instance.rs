@@ -147,7 +147,8 @@ pub struct Instance {
     pub profile: Profile,
     /// The engine: in process, or a daemon's ([`crate::client`]).
     pub engine: Backend,
-    config: Config,
+    /// The `storage:` translations of the configuration.
+    storage_map: Vec<(PathBuf, PathBuf)>,
     /// The devices: the configured ones, or the daemon's origins (refreshed on a miss).
     devices: RwLock<Vec<Device>>,
     storage: Mutex<HashMap<SnapshotId, SnapshotStorage>>,
@@ -176,8 +177,8 @@ impl Instance {
         Ok(Instance {
             profile,
             engine,
-            devices: RwLock::new(config.devices.clone()),
-            config,
+            devices: RwLock::new(config.devices),
+            storage_map: config.storage_map,
             storage: Mutex::new(HashMap::new()),
             poisoned: AtomicBool::new(false),
         })
@@ -251,7 +252,7 @@ impl Instance {
 
     /// Where a storage path really is (the `storage:` translations).
     pub fn storage_backing(&self, path: &Path) -> PathBuf {
-        let mapped = self.config.storage_map.iter().find(|(p, _)| p == path);
+        let mapped = self.storage_map.iter().find(|(p, _)| p == path);
         mapped.map_or_else(|| path.to_path_buf(), |(_, b)| b.clone())
     }
 
