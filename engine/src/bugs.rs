@@ -29,4 +29,9 @@ pub enum Bug {
     /// The diff area holds no reference on the difference storage: a completion allocates on
     /// a freed storage (upstream #8, fixed only in the newest series).
     StorageUnpinned,
+    /// Not upstream: this engine's own race, found by review (2026-12). An image read of an
+    /// uncopied chunk re-checks only that the image is open, not that the snapshot is still
+    /// intact, so a read in flight when a copy-on-write fails returns an origin write made
+    /// after the take (writers stop copying once the diff area is corrupted) as success.
+    ReadIgnoresCorruption,
 }

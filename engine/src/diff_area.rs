@@ -300,10 +300,25 @@ impl DiffArea {
     }
 
     /// After reading an uncopied chunk from the origin: the data is the pre-take content only if
-    /// the image was still open when the read finished. Teardown closes the image before it
-    /// unpublishes the diff area, and origin writes skip copy-on-write only after that, so a
-    /// read that returned such a write observes the image closed here (found by shuttle).
+    /// copy-on-write was still guarding the origin when the read finished. Two things end that
+    /// guard, and origin writes bypass copy-on-write only after they observe one of them:
+    /// - teardown closes the image before it unpublishes the diff area (found by shuttle);
+    /// - a failed copy sets `corrupted` before any writer skips copying (`copy_on_write` and
+    ///   `Engine::write_data` test it first). A read that returned such a write therefore sees
+    ///   the flag here: the writer's load of it happens before its origin write, which happens
+    ///   before our read returned it, and the flag never goes back to false (found by review:
+    ///   a backup racing an overflow recorded post-take blocks as success).
+    ///
+    /// Invariant: an image read returns the content at take plus image writes, or an error.
     fn origin_read_still_valid(&self) -> Result<()> {
+        #[cfg(blksnap_bugs)]
+        let check_corrupted =
+            !self.storage.shared().injected(crate::bugs::Bug::ReadIgnoresCorruption);
+        #[cfg(not(blksnap_bugs))]
+        let check_corrupted = true;
+        if check_corrupted && self.is_corrupted() {
+            return Err(Error::new(Errno::EIO, "the snapshot became corrupted during the read"));
+        }
         if self.image_open() {
             Ok(())
         } else {

@@ -7,10 +7,10 @@
 //! loom: the same with `--cfg blksnap_loom` (target/loom-bugs).
 #![cfg(all(blksnap_bugs, any(blksnap_loom, blksnap_shuttle)))]
 
-#[cfg(blksnap_shuttle)]
 use std::panic::{catch_unwind, AssertUnwindSafe};
-#[cfg(blksnap_shuttle)]
 use std::sync::atomic::{AtomicUsize, Ordering};
+
+mod common;
 
 use blksnap_engine::bugs::Bug;
 use blksnap_engine::clock::Clock;
@@ -20,7 +20,6 @@ use blksnap_model::{Event, EventKind};
 
 /// First the control: `scenario(None)` (the fixed engine) must pass the checker's whole
 /// budget. Then `scenario(Some(bug))` must fail with `signature`. Panics otherwise.
-#[cfg(blksnap_shuttle)]
 fn expect_caught<F>(name: &str, signature: &str, bug: Bug, scenario: F)
 where
     F: Fn(Option<Bug>) + Send + Sync + Copy + 'static,
@@ -63,6 +62,8 @@ where
 
 #[cfg(blksnap_shuttle)]
 const CHECKER: &str = "shuttle";
+#[cfg(blksnap_loom)]
+const CHECKER: &str = "loom";
 
 #[cfg(blksnap_shuttle)]
 fn run_checker<F: Fn() + Send + Sync + 'static>(f: F) {
@@ -254,6 +255,22 @@ mod shuttle_found {
     fn lost_wakeup_in_the_event_queue_shuttle() {
         expect_caught("lost wake-up (shuttle)", "deadlock", Bug::LostWakeup, lost_wakeup_scenario);
     }
+}
+
+/// Issue 11's race restored: an image read that re-checks only that the image is open returns
+/// an origin write made after the take once copying stopped. Both checkers must catch it.
+#[test]
+fn image_read_ignores_corruption() {
+    expect_caught(
+        "image read ignores corruption",
+        "an image read returned data written after the take",
+        Bug::ReadIgnoresCorruption,
+        |bug| {
+            let mut config = common::config();
+            config.bug = bug;
+            common::image_read_racing_corruption(config)
+        },
+    );
 }
 
 fn lost_wakeup_scenario(bug: Option<Bug>) {

@@ -5,6 +5,8 @@
 //! search; loom's own variables (LOOM_CHECKPOINT_FILE, LOOM_LOG, ...) work as documented.
 #![cfg(blksnap_loom)]
 
+mod common;
+
 use blksnap_engine::chunk::{ChunkPermit, ChunkState};
 use blksnap_engine::clock::Clock;
 use blksnap_engine::diff_area::DiffArea;
@@ -154,6 +156,13 @@ fn cow_vs_image_read_of_the_same_chunk() {
         writer.join().unwrap();
         e.snapshot_destroy(id).unwrap();
     });
+}
+
+/// Issue 11's race, with a storage fault: a read of an uncopied chunk racing a failed
+/// copy-on-write and a write that then bypasses copying returns the content at take or EIO.
+#[test]
+fn image_read_racing_corruption_never_returns_post_take_data() {
+    model(|| common::image_read_racing_corruption(common::config()));
 }
 
 #[test]

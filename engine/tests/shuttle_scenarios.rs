@@ -6,6 +6,8 @@
 //! replayed with `BLKSNAP_SHUTTLE_SCHEDULE=<schedule> cargo test ... <name>`.
 #![cfg(blksnap_shuttle)]
 
+mod common;
+
 use blksnap_engine::io::{Dev, MemDev};
 use blksnap_engine::sync::{thread, Arc, StdArc};
 use blksnap_engine::{Clock, Engine, EngineConfig, LiveCounts, StorageSpec};
@@ -299,4 +301,10 @@ fn wait_event_races_destroy() {
         }
         assert_eq!(e.live(), LiveCounts::default());
     });
+}
+
+/// Issue 11's race (see `common::image_read_racing_corruption`).
+#[test]
+fn image_read_racing_corruption() {
+    check(|| common::image_read_racing_corruption(common::config()));
 }

@@ -28,10 +28,11 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use super::backend::Backend;
+use super::backend::{unexpected, Backend};
 use super::error::CliError;
 use super::{cbt_info, cbt_map, Report};
 use blksnap_model::Uuid;
+use blksnap_proto::{Dev, Reply, Request};
 
 const MANIFEST: &str = "manifest.json";
 const FORMAT: u32 = 1;
@@ -146,6 +147,24 @@ fn progress(total: u64, json: bool) -> ProgressBar {
     pb
 }
 
+/// EIO (with the snapshot's own error) if the snapshot of `dev` has failed: its image no longer
+/// holds the point in time (the kernel keeps serving reads of copied chunks, and a read racing
+/// the failure may have completed just before it).
+fn snapshot_intact(b: &mut dyn Backend, dev: Dev, name: &str) -> Result<(), CliError> {
+    match b.call(Request::SnapshotInfo { dev })? {
+        Reply::SnapshotInfo { error_code: 0, .. } => Ok(()),
+        Reply::SnapshotInfo { error_code, .. } => Err(CliError::new(
+            libc::EIO,
+            format!(
+                "the snapshot of {name} failed during the backup (error {error_code}): the \
+                 point is not recorded; fix the cause (e.g. more difference storage) and take \
+                 a new snapshot"
+            ),
+        )),
+        other => Err(unexpected(&other)),
+    }
+}
+
 /// `blksnap backup`.
 pub fn backup(
     b: &mut dyn Backend,
@@ -228,6 +247,15 @@ pub fn backup(
         ("full", file, read, written, u64::from(blocks), blocks)
     };
     pb.finish_and_clear();
+    if let Some((dev, _)) = &mark {
+        // Every read above succeeded, but a snapshot that failed during the copy is no point to
+        // restore to: record it only if the snapshot is still intact now, after the last read.
+        if let Err(e) = snapshot_intact(b, *dev, device.unwrap_or_default()) {
+            // Best effort: the point file is unreferenced either way.
+            let _ = std::fs::remove_file(dir.join(&file));
+            return Err(e);
+        }
+    }
     manifest.points.push(Point {
         n,
         kind: kind.into(),
