@@ -31,7 +31,7 @@ use blksnap_model::params::SECTOR_SHIFT;
 use blksnap_model::{CbtInfo, Errno, Error, Params, Result, SectorRange, Uuid};
 
 use crate::sync::atomic::{AtomicBool, AtomicU16, AtomicU8, Ordering};
-use crate::sync::Mutex;
+use crate::sync::{LockRank, Mutex};
 
 /// Snap numbers run 1..=255; at 256 the map wraps and the generation changes.
 const SNAP_NUMBER_WRAP: u16 = 256;
@@ -101,7 +101,7 @@ impl CbtMap {
             active: AtomicU8::new(1),
             previous: AtomicU8::new(0),
             frozen: AtomicBool::new(false),
-            generation: Mutex::new(generation),
+            generation: Mutex::new(LockRank::CbtGeneration, generation),
         }
     }
 
@@ -133,7 +133,7 @@ impl CbtMap {
             active: AtomicU8::new(state.active),
             previous: AtomicU8::new(state.previous),
             frozen: AtomicBool::new(!lazy_ok),
-            generation: Mutex::new(state.generation),
+            generation: Mutex::new(LockRank::CbtGeneration, state.generation),
         })
     }
 

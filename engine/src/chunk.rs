@@ -15,7 +15,7 @@
 use crate::diff_area::DiffArea;
 use crate::diff_storage::Location;
 use crate::kref::Kref;
-use crate::sync::{Condvar, Mutex};
+use crate::sync::{Condvar, Held, LockRank, Mutex};
 
 /// A chunk's state.
 #[derive(Clone, Debug)]
@@ -45,7 +45,7 @@ impl Chunk {
     /// A New, unlocked chunk.
     pub fn new() -> Chunk {
         Chunk {
-            slot: Mutex::new(Slot { locked: false, state: ChunkState::New }),
+            slot: Mutex::new(LockRank::ChunkSlot, Slot { locked: false, state: ChunkState::New }),
             released: Condvar::new(),
         }
     }
@@ -62,19 +62,23 @@ pub struct ChunkPermit {
     chunk: Kref<Chunk>,
     area: Kref<DiffArea>,
     index: u64,
+    /// The permit's place in the lock order (rank `ChunkPermit`, key: the chunk index); it
+    /// follows the permit to whichever thread releases it.
+    _held: Held,
 }
 
 impl ChunkPermit {
     /// Wait for the chunk and take it. Callers take several chunks only in ascending index order
     /// and never while holding a device gate for writing, so waits cannot form a cycle.
     pub fn acquire(area: Kref<DiffArea>, chunk: Kref<Chunk>, index: u64) -> ChunkPermit {
+        let held = Held::acquire(LockRank::ChunkPermit, index);
         let mut slot = chunk.slot.lock();
         while slot.locked {
             slot = chunk.released.wait(slot);
         }
         slot.locked = true;
         drop(slot);
-        ChunkPermit { chunk, area, index }
+        ChunkPermit { chunk, area, index, _held: held }
     }
 
     /// The chunk index.

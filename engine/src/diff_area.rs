@@ -25,7 +25,7 @@ use crate::io::Dev;
 use crate::kref::{Kref, LiveObjects, ObjKind};
 use crate::stored_map::StoredMap;
 use crate::sync::atomic::{AtomicBool, Ordering};
-use crate::sync::{Arc, Mutex, RwLock};
+use crate::sync::{Arc, LockRank, Mutex, RwLock};
 
 /// A deterministic hasher: iteration order never matters here, but shuttle flags per-process
 /// random seeds as uncontrolled nondeterminism.
@@ -99,11 +99,11 @@ impl DiffArea {
             device,
             origin,
             layout,
-            chunks: RwLock::new(ChunkMap::default()),
+            chunks: RwLock::new(LockRank::ChunkMap, ChunkMap::default()),
             stored: StoredMap::new(layout.chunk_count),
             storage,
             corrupted: AtomicBool::new(false),
-            error: Mutex::new(None),
+            error: Mutex::new(LockRank::DiffAreaError, None),
             image_open: AtomicBool::new(false),
             live: live.clone(),
         };

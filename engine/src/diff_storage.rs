@@ -18,7 +18,7 @@ use blksnap_model::{Errno, Error, Event, EventKind, Result, SectorRange, Storage
 use crate::event_queue::EventQueue;
 use crate::io::Dev;
 use crate::sync::Arc;
-use crate::sync::Mutex;
+use crate::sync::{LockRank, Mutex};
 use crate::Shared;
 
 /// Where a chunk's pre-image lives.
@@ -101,14 +101,15 @@ impl DiffStorage {
                     overflow: false,
                 };
                 let events = EventQueue::for_engine(&shared);
-                let s = DiffStorage { state: Mutex::new(st), events, shared };
+                let s =
+                    DiffStorage { state: Mutex::new(LockRank::StorageState, st), events, shared };
                 s.emit(EventKind::LowFreeSpace { requested_sectors: minimum });
                 s
             }
             StorageSpec::File { backend, limit_sectors } => {
                 let st = size_file(backend, limit_sectors, minimum)?;
                 DiffStorage {
-                    state: Mutex::new(st),
+                    state: Mutex::new(LockRank::StorageState, st),
                     events: EventQueue::for_engine(&shared),
                     shared,
                 }
@@ -154,13 +155,17 @@ impl DiffStorage {
             return Err(Error::new(Errno::EINVAL, "too many ranges in one call"));
         }
         let backend_sectors = backend.len_bytes() >> SECTOR_SHIFT;
+        let new: Vec<SectorRange> = ranges.iter().copied().filter(|r| r.count > 0).collect();
+        // Asked before this storage is locked: other storages' states rank equal to ours and
+        // are never held together with it (the lock order). The answer stays true meanwhile,
+        // since every change to any storage's ranges is an append, and appends are serialised.
+        let busy = new.iter().any(in_use_elsewhere);
         let mut st = self.state.lock();
         let Mode::Ranges { extents, .. } = &mut st.mode else {
             return Err(Error::new(Errno::EINVAL, "a file-backed storage takes no ranges"));
         };
-        let new: Vec<SectorRange> = ranges.iter().copied().filter(|r| r.count > 0).collect();
         validate_ranges(&new, backend_sectors, extents, &backend)?;
-        if new.iter().any(in_use_elsewhere) {
+        if busy {
             return Err(Error::new(Errno::EBUSY, "a storage range is in use by another snapshot"));
         }
         if extents.len() + new.len() > MAX_STORAGE_RANGES {

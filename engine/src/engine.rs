@@ -14,6 +14,10 @@
 //! I/O side (inside a gate read section): chunk map → chunk permits (ascending) → storage state
 //! → event queue. A gate is never taken for writing while holding a chunk permit, and a
 //! snapshot lock is never taken while holding a gate.
+//!
+//! This order is enforced, not only stated: every lock has a `sync::LockRank` (the same order,
+//! with the leaves spelled out), and test and checker builds panic on any acquisition out of
+//! order, on every schedule, whether or not that schedule deadlocks.
 
 use std::collections::BTreeMap;
 
@@ -32,7 +36,7 @@ use crate::diff_storage::{DiffStorage, StorageSpec};
 use crate::io::Dev;
 use crate::kref::{Kref, LiveCounts, ObjKind};
 use crate::snapshot::{SnapState, Snapshot};
-use crate::sync::{Arc, Mutex, RwLock};
+use crate::sync::{Arc, LockRank, Mutex, RwLock};
 use crate::tracker::{Disk, Gate, Tracker};
 use crate::Shared;
 
@@ -109,9 +113,9 @@ impl Engine {
         }
         Ok(Engine {
             shared: Arc::new(shared),
-            disks: RwLock::new(BTreeMap::new()),
-            snapshots: RwLock::new(Vec::new()),
-            appends: Mutex::new(()),
+            disks: RwLock::new(LockRank::Disks, BTreeMap::new()),
+            snapshots: RwLock::new(LockRank::Snapshots, Vec::new()),
+            appends: Mutex::new(LockRank::Appends, ()),
         })
     }
 
@@ -167,7 +171,11 @@ impl Engine {
             backend,
             capacity_bytes,
             io_min_sectors: io_min_sectors.max(1),
-            gate: RwLock::new(Gate::default()),
+            gate: RwLock::keyed(
+                LockRank::Gate,
+                (u64::from(dev.major) << 32) | u64::from(dev.minor),
+                Gate::default(),
+            ),
         };
         disks.insert(dev, Arc::new(disk));
         Ok(())
@@ -212,7 +220,7 @@ impl Engine {
         }
         let cbt =
             CbtMap::new(&self.shared.params(), disk.capacity_sectors(), self.shared.next_id());
-        let tracker = Tracker { device: dev, cbt, owner: Mutex::new(None) };
+        let tracker = Tracker { device: dev, cbt, owner: Mutex::new(LockRank::TrackerOwner, None) };
         gate.tracker = Some(Kref::new(tracker, ObjKind::Tracker, &self.shared.live));
         Ok(())
     }
@@ -226,7 +234,7 @@ impl Engine {
         if gate.tracker.is_some() {
             return Err(Error::new(Errno::EALREADY, "the filter is already attached"));
         }
-        let tracker = Tracker { device: dev, cbt, owner: Mutex::new(None) };
+        let tracker = Tracker { device: dev, cbt, owner: Mutex::new(LockRank::TrackerOwner, None) };
         gate.tracker = Some(Kref::new(tracker, ObjKind::Tracker, &self.shared.live));
         Ok(())
     }
@@ -350,7 +358,11 @@ impl Engine {
         let storage = DiffStorage::new(spec, self.shared.clone())?;
         let storage = Kref::new(storage, ObjKind::DiffStorage, &self.shared.live);
         let id = self.shared.next_id();
-        let snapshot = Snapshot { id, storage, state: Mutex::new(SnapState::default()) };
+        let snapshot = Snapshot {
+            id,
+            storage,
+            state: Mutex::new(LockRank::SnapshotState, SnapState::default()),
+        };
         let snapshot = Kref::new(snapshot, ObjKind::Snapshot, &self.shared.live);
         let mut list = self.snapshots.write();
         if list.len() >= MAX_SNAPSHOTS {
@@ -379,8 +391,8 @@ impl Engine {
         backend: Dev,
         ranges: &[SectorRange],
     ) -> Result<()> {
-        // Appends are serialised: the overlap check reads other snapshots' storages while this
-        // one is locked, and two appends could otherwise check each other crosswise.
+        // Appends are serialised: the overlap check reads other snapshots' storages, then this
+        // one's is changed; two appends could otherwise check each other crosswise.
         let _appends = self.appends.lock();
         let snapshot = self.snapshot(id)?;
         let others: Vec<Kref<Snapshot>> =

@@ -13,7 +13,7 @@ use blksnap_model::limits::EVENT_QUEUE_CAPACITY;
 use blksnap_model::{Errno, Error, Event, Result};
 
 use crate::clock::Clock;
-use crate::sync::{Condvar, Mutex};
+use crate::sync::{Condvar, LockRank, Mutex};
 
 #[derive(Debug)]
 struct QueueState {
@@ -42,11 +42,14 @@ impl EventQueue {
     /// An empty, open queue with its capacity reserved.
     pub fn new() -> EventQueue {
         EventQueue {
-            state: Mutex::new(QueueState {
-                events: VecDeque::with_capacity(EVENT_QUEUE_CAPACITY),
-                closed: false,
-                dropped: 0,
-            }),
+            state: Mutex::new(
+                LockRank::EventQueue,
+                QueueState {
+                    events: VecDeque::with_capacity(EVENT_QUEUE_CAPACITY),
+                    closed: false,
+                    dropped: 0,
+                },
+            ),
             wakeup: Condvar::new(),
             #[cfg(blksnap_bugs)]
             lost_wakeup: false,

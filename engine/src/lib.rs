@@ -52,10 +52,10 @@ impl Shared {
     /// whole engine.
     pub fn new(params: Params, clock: Clock, id_seed: u64) -> blksnap_model::Result<Shared> {
         Ok(Shared {
-            params: sync::RwLock::new(params.sanitized()?),
+            params: sync::RwLock::new(sync::LockRank::Params, params.sanitized()?),
             clock,
             live: sync::Arc::new(kref::LiveObjects::new()),
-            ids: sync::Mutex::new(IdGen::new(id_seed)),
+            ids: sync::Mutex::new(sync::LockRank::Ids, IdGen::new(id_seed)),
             #[cfg(blksnap_bugs)]
             bug: None,
         })

@@ -208,27 +208,32 @@ mod shuttle_found {
 
     #[test]
     fn abba_deadlock_between_add_and_take() {
-        expect_caught("ABBA add vs take", "deadlock", Bug::AbbaAddTake, |bug| {
-            let e = engine(bug);
-            let disk: Dev = StdArc::new(MemDev::new(CHUNK as u64));
-            e.add_disk(D0, disk, 1).unwrap();
-            e.attach(D0).unwrap();
-            let id = e.snapshot_create(StorageSpec::Ranges).unwrap();
-            e.snapshot_add(id, D0).unwrap();
-            e.snapshot_append_storage(
-                id,
-                StdArc::new(MemDev::new(1 << 16)),
-                &[SectorRange::new(0, 64)],
-            )
-            .unwrap();
-            // A second add of the member (EALREADY) runs the ctl path while TAKE freezes D0.
-            let e1 = e.clone();
-            let adder = thread::spawn(move || {
-                let _ = e1.snapshot_add(id, D0);
-            });
-            e.snapshot_take(id).unwrap();
-            adder.join().unwrap();
-        });
+        expect_caught(
+            "ABBA add vs take",
+            "lock order violated: acquiring SnapshotState|deadlock",
+            Bug::AbbaAddTake,
+            |bug| {
+                let e = engine(bug);
+                let disk: Dev = StdArc::new(MemDev::new(CHUNK as u64));
+                e.add_disk(D0, disk, 1).unwrap();
+                e.attach(D0).unwrap();
+                let id = e.snapshot_create(StorageSpec::Ranges).unwrap();
+                e.snapshot_add(id, D0).unwrap();
+                e.snapshot_append_storage(
+                    id,
+                    StdArc::new(MemDev::new(1 << 16)),
+                    &[SectorRange::new(0, 64)],
+                )
+                .unwrap();
+                // A second add of the member (EALREADY) runs the ctl path while TAKE freezes D0.
+                let e1 = e.clone();
+                let adder = thread::spawn(move || {
+                    let _ = e1.snapshot_add(id, D0);
+                });
+                e.snapshot_take(id).unwrap();
+                adder.join().unwrap();
+            },
+        );
     }
 
     #[test]

@@ -21,7 +21,7 @@ use std::collections::VecDeque;
 use blksnap_model::{Errno, Error, IoKind, Result, SECTOR_SIZE_BYTES};
 
 use super::{BlockDev, Dev};
-use crate::sync::{Arc, Mutex};
+use crate::sync::{Arc, LockRank, Mutex};
 
 /// What a fired rule does to the I/O.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -140,15 +140,21 @@ impl PlanState {
 
 /// Shared fault rules and counters. Create it, wrap devices with [`FaultDev`] holding clones of
 /// the same `Arc`, and add rules at any time.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct FaultPlan {
     state: Mutex<PlanState>,
+}
+
+impl Default for FaultPlan {
+    fn default() -> FaultPlan {
+        FaultPlan::new()
+    }
 }
 
 impl FaultPlan {
     /// An empty plan: nothing fails.
     pub fn new() -> FaultPlan {
-        FaultPlan::default()
+        FaultPlan { state: Mutex::new(LockRank::FaultPlan, PlanState::default()) }
     }
 
     /// An empty plan, ready to share.

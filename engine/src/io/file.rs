@@ -17,7 +17,7 @@ use blksnap_model::{Errno, Error, Result};
 
 use super::BlockDev;
 use crate::sync::atomic::{AtomicU64, Ordering};
-use crate::sync::Mutex;
+use crate::sync::{LockRank, Mutex};
 
 /// Largest zero buffer `write_zeroes_at` allocates: bounds memory for huge discards.
 const ZERO_CHUNK_BYTES: u64 = 1 << 20;
@@ -95,7 +95,12 @@ impl FileDev {
     /// Wraps an open file; its access mode decides whether writes succeed.
     pub fn from_file(file: File) -> Result<FileDev> {
         let (len_bytes, regular) = probe(&file)?;
-        Ok(FileDev { file, len_bytes: AtomicU64::new(len_bytes), regular, resize: Mutex::new(()) })
+        Ok(FileDev {
+            file,
+            len_bytes: AtomicU64::new(len_bytes),
+            regular,
+            resize: Mutex::new(LockRank::FileResize, ()),
+        })
     }
 
     /// The underlying file (for metadata in tests and tools).

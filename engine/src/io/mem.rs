@@ -15,7 +15,7 @@ use blksnap_model::{Errno, Error, Result};
 
 use super::BlockDev;
 use crate::sync::atomic::{AtomicU64, Ordering};
-use crate::sync::{Mutex, RwLock};
+use crate::sync::{LockRank, Mutex, RwLock};
 
 /// Default segment size: 1 MiB keeps the table small for multi-GiB devices and the
 /// allocation granularity fine enough for chunk-sized writes.
@@ -101,7 +101,7 @@ fn segment_count(len_bytes: u64, shift: u32) -> Result<usize> {
 }
 
 fn empty_segments(count: usize) -> Vec<Segment> {
-    (0..count).map(|_| Mutex::new(None)).collect()
+    (0..count).map(|_| Mutex::new(LockRank::MemSegment, None)).collect()
 }
 
 impl MemDev {
@@ -141,7 +141,10 @@ impl MemDev {
         MemDev {
             segment_shift,
             max_len_bytes,
-            table: RwLock::new(Table { len_bytes, segments: empty_segments(count) }),
+            table: RwLock::new(
+                LockRank::MemTable,
+                Table { len_bytes, segments: empty_segments(count) },
+            ),
             allocated_segments: AtomicU64::new(0),
         }
     }
