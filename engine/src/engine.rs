@@ -185,11 +185,12 @@ impl Engine {
     /// its tracker, if any, goes with it. ENODEV if not registered.
     pub fn remove_disk(&self, dev: DeviceId) -> Result<()> {
         let disk = self.disk(dev)?;
-        let mut gate = disk.gate.write();
+        let mut gate = disk.gate_write()?;
         if gate.tracker.as_ref().is_some_and(|t| t.owner.lock().is_some()) {
             return Err(Error::new(Errno::EBUSY, "the device is in a snapshot: destroy it first"));
         }
         let tracker = gate.tracker.take();
+        gate.removed = true;
         drop(gate);
         self.disks.write().remove(&dev);
         drop(tracker);
@@ -207,14 +208,15 @@ impl Engine {
 
     fn tracker(&self, dev: DeviceId) -> Result<(Arc<Disk>, Kref<Tracker>)> {
         let disk = self.disk(dev)?;
-        let tracker = disk.tracker().ok_or(Error::new(Errno::ENOENT, "no filter attached"))?;
+        let tracker = disk.gate_read()?.tracker.clone();
+        let tracker = tracker.ok_or(Error::new(Errno::ENOENT, "no filter attached"))?;
         Ok((disk, tracker))
     }
 
     /// BLKFILTER_ATTACH: start tracking (new CBT, new generation).
     pub fn attach(&self, dev: DeviceId) -> Result<()> {
         let disk = self.disk(dev)?;
-        let mut gate = disk.gate.write();
+        let mut gate = disk.gate_write()?;
         if gate.tracker.is_some() {
             return Err(Error::new(Errno::EALREADY, "the filter is already attached"));
         }
@@ -230,7 +232,7 @@ impl Engine {
     pub fn attach_with_cbt(&self, dev: DeviceId, state: &crate::cbt::CbtState) -> Result<()> {
         let disk = self.disk(dev)?;
         let cbt = CbtMap::from_state(state, disk.capacity_sectors())?;
-        let mut gate = disk.gate.write();
+        let mut gate = disk.gate_write()?;
         if gate.tracker.is_some() {
             return Err(Error::new(Errno::EALREADY, "the filter is already attached"));
         }
@@ -242,7 +244,7 @@ impl Engine {
     /// The CBT of `dev`, whole, taken with the device frozen (for persisting at a clean stop).
     pub fn cbt_export(&self, dev: DeviceId) -> Result<crate::cbt::CbtState> {
         let disk = self.disk(dev)?;
-        let gate = disk.gate.write();
+        let gate = disk.gate_write()?;
         let tracker =
             gate.tracker.as_ref().ok_or(Error::new(Errno::ENOENT, "no filter attached"))?;
         Ok(tracker.cbt.state())
@@ -251,7 +253,7 @@ impl Engine {
     /// BLKFILTER_DETACH: stop tracking. EBUSY while the device is in a snapshot.
     pub fn detach(&self, dev: DeviceId) -> Result<()> {
         let disk = self.disk(dev)?;
-        let mut gate = disk.gate.write();
+        let mut gate = disk.gate_write()?;
         let Some(tracker) = &gate.tracker else {
             return Err(Error::new(Errno::ENOENT, "no filter attached"));
         };
@@ -267,7 +269,7 @@ impl Engine {
     /// ctl cbtinfo.
     pub fn cbt_info(&self, dev: DeviceId) -> Result<CbtInfo> {
         let disk = self.disk(dev)?;
-        let gate = disk.gate.read();
+        let gate = disk.gate_read()?;
         let tracker =
             gate.tracker.as_ref().ok_or(Error::new(Errno::ENOENT, "no filter attached"))?;
         Ok(tracker.cbt.info())
@@ -282,7 +284,7 @@ impl Engine {
         out: &mut Vec<u8>,
     ) -> Result<()> {
         let disk = self.disk(dev)?;
-        let gate = disk.gate.read();
+        let gate = disk.gate_read()?;
         let tracker =
             gate.tracker.as_ref().ok_or(Error::new(Errno::ENOENT, "no filter attached"))?;
         tracker.cbt.read_map(offset, length, out)
@@ -291,7 +293,7 @@ impl Engine {
     /// ctl cbtdirty (all-or-nothing).
     pub fn cbt_dirty(&self, dev: DeviceId, ranges: &[SectorRange]) -> Result<()> {
         let disk = self.disk(dev)?;
-        let gate = disk.gate.read();
+        let gate = disk.gate_read()?;
         let tracker =
             gate.tracker.as_ref().ok_or(Error::new(Errno::ENOENT, "no filter attached"))?;
         if ranges.len() > MAX_RANGES_PER_CALL {
@@ -320,7 +322,7 @@ impl Engine {
     /// ctl snapshotinfo.
     pub fn snapshot_info(&self, dev: DeviceId) -> Result<SnapshotInfo> {
         let disk = self.disk(dev)?;
-        let gate = disk.gate.read();
+        let gate = disk.gate_read()?;
         if gate.tracker.is_none() {
             return Err(Error::new(Errno::ENOENT, "no filter attached"));
         }
@@ -342,7 +344,6 @@ impl Engine {
                 let list = self.snapshots.read();
                 list.iter().find(|s| s.id == id).map(crate::kref::Unowned::of)
             };
-            crate::sync::thread::yield_now();
             return raw.map(|r| r.upgrade()).ok_or(Error::new(Errno::ESRCH, "no such snapshot"));
         }
         let list = self.snapshots.read();
@@ -357,18 +358,19 @@ impl Engine {
         }
         let storage = DiffStorage::new(spec, self.shared.clone())?;
         let storage = Kref::new(storage, ObjKind::DiffStorage, &self.shared.live);
+        // The id is drawn under the list lock, so ids and the creation order (collect) agree
+        // for racing creates, as they do one after another (found by the shuttle pair matrix).
+        let mut list = self.snapshots.write();
+        if list.len() >= MAX_SNAPSHOTS {
+            return Err(Error::new(Errno::ENOMEM, "too many snapshots"));
+        }
         let id = self.shared.next_id();
         let snapshot = Snapshot {
             id,
             storage,
             state: Mutex::new(LockRank::SnapshotState, SnapState::default()),
         };
-        let snapshot = Kref::new(snapshot, ObjKind::Snapshot, &self.shared.live);
-        let mut list = self.snapshots.write();
-        if list.len() >= MAX_SNAPSHOTS {
-            return Err(Error::new(Errno::ENOMEM, "too many snapshots"));
-        }
-        list.push(snapshot);
+        list.push(Kref::new(snapshot, ObjKind::Snapshot, &self.shared.live));
         Ok(id)
     }
 
@@ -459,7 +461,7 @@ impl Engine {
             return Ok(());
         }
         let range = SectorRange::new(offset_bytes >> SECTOR_SHIFT, len_bytes >> SECTOR_SHIFT);
-        let gate = disk.gate.read();
+        let gate = disk.gate_read()?;
         if let Some(tracker) = &gate.tracker {
             // Inside the capacity checked above, so inside the map.
             tracker.cbt.mark_write(range)?;
@@ -527,7 +529,6 @@ impl Engine {
             drop(area);
             let chunk_bytes = raw.get().layout().chunk_size_bytes() as usize;
             for (i, piece) in data.chunks(chunk_bytes).enumerate() {
-                crate::sync::thread::yield_now();
                 let area = raw.upgrade();
                 DiffArea::image_write(&area, offset_bytes + (i * chunk_bytes) as u64, piece)?;
             }

@@ -62,7 +62,7 @@ impl Snapshot {
         }
         // Under the snapshot lock, the gate (read) proves the tracker is still the attached one:
         // a detach in between would otherwise leave a member nobody tracks.
-        let gate = disk.gate.read();
+        let gate = disk.gate_read()?;
         let attached = gate.tracker.as_ref().is_some_and(|t| Kref::ptr_eq(t, &tracker));
         if !attached {
             return Err(Error::new(Errno::ENOENT, "the device's filter was detached"));
@@ -104,7 +104,6 @@ impl Snapshot {
             if taken {
                 return Err(Error::new(Errno::EALREADY, "the snapshot is already taken"));
             }
-            crate::sync::thread::yield_now();
             st = self.state.lock();
             test_taken = false;
         }

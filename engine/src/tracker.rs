@@ -10,13 +10,13 @@
 //! on exactly that snapshot's member list, which holds exactly one tracker reference for it.
 
 use blksnap_model::params::SECTOR_SHIFT;
-use blksnap_model::{DeviceId, SnapshotId};
+use blksnap_model::{DeviceId, Errno, Error, Result, SnapshotId};
 
 use crate::cbt::CbtMap;
 use crate::diff_area::DiffArea;
 use crate::io::Dev;
 use crate::kref::Kref;
-use crate::sync::{Mutex, RwLock};
+use crate::sync::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 /// Change tracking of one device.
 #[derive(Debug)]
@@ -36,6 +36,11 @@ pub struct Gate {
     pub tracker: Option<Kref<Tracker>>,
     /// The diff area while a snapshot of this device is taken.
     pub diff_area: Option<Kref<DiffArea>>,
+    /// Set once by `remove_disk`, under the write side, with the tracker taken out. A request
+    /// that looked the disk up before its removal and reaches the gate after it fails with
+    /// ENODEV, exactly as if it had come after the removal: no request sees the half-removed
+    /// disk (no tracker, still registered), and none attaches to a disk nobody can find.
+    pub removed: bool,
 }
 
 /// A served device.
@@ -53,14 +58,27 @@ pub struct Disk {
 }
 
 impl Disk {
+    /// The gate, shared, unless the disk was removed (ENODEV).
+    pub fn gate_read(&self) -> Result<RwLockReadGuard<'_, Gate>> {
+        let gate = self.gate.read();
+        if gate.removed {
+            return Err(Error::new(Errno::ENODEV, "the disk was removed"));
+        }
+        Ok(gate)
+    }
+
+    /// The gate, exclusive, unless the disk was removed (ENODEV).
+    pub fn gate_write(&self) -> Result<RwLockWriteGuard<'_, Gate>> {
+        let gate = self.gate.write();
+        if gate.removed {
+            return Err(Error::new(Errno::ENODEV, "the disk was removed"));
+        }
+        Ok(gate)
+    }
+
     /// Capacity in sectors.
     pub fn capacity_sectors(&self) -> u64 {
         self.capacity_bytes >> SECTOR_SHIFT
-    }
-
-    /// The attached tracker, if any (a counted reference; the gate is released on return).
-    pub fn tracker(&self) -> Option<Kref<Tracker>> {
-        self.gate.read().tracker.clone()
     }
 
     /// The diff area whose image is open, if any (a counted reference: the caller is a temporary

@@ -238,15 +238,27 @@ fn stored_map_racing_first_sets_publish_one_page() {
     model(|| {
         let map = Arc::new(StoredMap::new(2 * PAGE_CHUNKS));
         let (a, b) = (1, PAGE_CHUNKS - 1); // same page, different words
+                                           // Raised by a setter just before its `set`: a reader may see a bit only after that.
+        let started = Arc::new([AtomicUsize::new(0), AtomicUsize::new(0)]);
         let setters: Vec<_> = [a, b]
             .into_iter()
-            .map(|chunk| {
-                let map = map.clone();
-                thread::spawn(move || map.set(chunk))
+            .enumerate()
+            .map(|(i, chunk)| {
+                let (map, started) = (map.clone(), started.clone());
+                thread::spawn(move || {
+                    started[i].store(1, Ordering::SeqCst);
+                    map.set(chunk)
+                })
             })
             .collect();
         // A reader racing the publication (loom checks its loads against the stores).
-        let _maybe = map.is_set(a);
+        if map.is_set(a) {
+            assert_eq!(started[0].load(Ordering::SeqCst), 1, "a bit seen before anyone set it");
+            assert!(map.is_set(a), "a bit seen set is never seen clear again");
+        }
+        if map.is_set(b) {
+            assert_eq!(started[1].load(Ordering::SeqCst), 1, "a bit seen before anyone set it");
+        }
         for s in setters {
             s.join().unwrap();
         }

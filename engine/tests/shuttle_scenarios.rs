@@ -8,10 +8,10 @@
 
 mod common;
 
-use blksnap_engine::io::{Dev, MemDev};
+use blksnap_engine::io::{Dev, Fault, FaultDev, FaultPlan, MemDev};
 use blksnap_engine::sync::{thread, Arc, StdArc};
 use blksnap_engine::{Clock, Engine, EngineConfig, LiveCounts, StorageSpec};
-use blksnap_model::{DeviceId, Errno, EventKind, Params, SectorRange};
+use blksnap_model::{DeviceId, Errno, EventKind, IoKind, Params, SectorRange};
 
 const D0: DeviceId = DeviceId::new(7, 0);
 const D1: DeviceId = DeviceId::new(7, 1);
@@ -307,4 +307,225 @@ fn wait_event_races_destroy() {
 #[test]
 fn image_read_racing_corruption() {
     check(|| common::image_read_racing_corruption(common::config()));
+}
+
+// ---- the blind classes of issue 11: rules that only matter under concurrency ----------------
+
+/// Two copies fail at once with different errors: the diff area keeps one of them, reports it
+/// in `snapshot_info`, and emits exactly one `Corrupted` event carrying the same errno.
+#[test]
+fn two_copies_fail_at_once_first_error_wins() {
+    check(|| {
+        let e = engine();
+        disk(&e, D0, 2, 0x10);
+        let plan = FaultPlan::shared();
+        let id = snapshot_of(&e, &[D0], common::faulty_file_storage(&plan, 64));
+        e.snapshot_take(id).unwrap();
+        plan.fail_next(IoKind::Write, Fault::Error(Errno::EIO));
+        plan.fail_next(IoKind::Write, Fault::Error(Errno::ENOSPC));
+        let writers: Vec<_> = [0u64, 1]
+            .into_iter()
+            .map(|c| {
+                let e = e.clone();
+                thread::spawn(move || e.write(D0, c * CHUNK as u64, &[0x99; 512]).unwrap())
+            })
+            .collect();
+        for w in writers {
+            w.join().unwrap();
+        }
+        let mut corrupted = Vec::new();
+        while let Ok(ev) = e.wait_event(id, 0) {
+            if let EventKind::Corrupted { device, errno } = ev.kind {
+                assert_eq!(device, D0);
+                corrupted.push(errno);
+            }
+        }
+        assert_eq!(corrupted.len(), 1, "one Corrupted event per device: {corrupted:?}");
+        let kept = e.snapshot_info(D0).unwrap().error_code;
+        assert_eq!(kept, -corrupted[0].code(), "the kept error is the one reported");
+        let mut buf = [0u8; 512];
+        assert_eq!(e.image_read(D0, 0, &mut buf).unwrap_err().errno, Errno::EIO);
+        e.snapshot_destroy(id).unwrap();
+        assert_only_trackers_left(&e, 1);
+    });
+}
+
+/// Destroy wakes *every* blocked waiter: two waiters with a clock that never times out (only a
+/// wake-up can end their wait), no event queued. A destroy that woke one would hang the other.
+#[test]
+fn destroy_wakes_every_blocked_waiter() {
+    check(|| {
+        let config = EngineConfig::new(Params::small(), Some(1), Clock::manual(false));
+        let e = Arc::new(Engine::new(config).unwrap());
+        let id = e.snapshot_create(file_storage(1 << 10)).unwrap();
+        let waiters: Vec<_> = (0..2)
+            .map(|_| {
+                let e = e.clone();
+                thread::spawn(move || e.wait_event(id, 1000).map_err(|x| x.errno))
+            })
+            .collect();
+        e.snapshot_destroy(id).unwrap();
+        for w in waiters {
+            let r = w.join().unwrap();
+            assert!(matches!(r, Err(Errno::ESRCH) | Err(Errno::ENOENT)), "{r:?}");
+        }
+        assert_eq!(e.live(), LiveCounts::default());
+    });
+}
+
+/// The take is one step for a racing writer: the write is in the image exactly when the change
+/// map this take hands out (the read map, copied at the switch) marks its block with this take's
+/// number; a write after the take is marked only in the write map, for the next take.
+#[test]
+fn take_is_atomic_for_a_racing_write_seen_through_the_image() {
+    check(|| {
+        let e = engine();
+        disk(&e, D0, 2, 0x10);
+        let id = snapshot_of(&e, &[D0], file_storage(1 << 10));
+        let before = e.cbt_info(D0).unwrap().changes_number;
+        let e1 = e.clone();
+        let writer = thread::spawn(move || e1.write(D0, CHUNK as u64, &[0x77; 512]).unwrap());
+        e.snapshot_take(id).unwrap();
+        writer.join().unwrap();
+        let info = e.cbt_info(D0).unwrap();
+        assert_eq!(info.changes_number, before.wrapping_add(1), "one switch");
+        let mut map = Vec::new();
+        e.cbt_map(D0, 0, info.block_count, &mut map).unwrap();
+        let block = (CHUNK as u64 / u64::from(info.block_size_bytes)) as usize;
+        let mut image = [0u8; 512];
+        e.image_read(D0, CHUNK as u64, &mut image).unwrap();
+        let in_image = image.iter().all(|b| *b == 0x77);
+        assert!(in_image || image.iter().all(|b| *b == 0x10), "one whole write or none");
+        let marked_for_this_take = map[block] == info.changes_number;
+        assert_eq!(
+            in_image, marked_for_this_take,
+            "image and change map disagree about the write's side of the take (map {})",
+            map[block]
+        );
+        e.snapshot_destroy(id).unwrap();
+    });
+}
+
+/// Two origin writers to one chunk and an image reader: whichever writer copies, the other
+/// waits for the copy (a copy-on-write that skipped a busy chunk would write the origin before
+/// the pre-image is stored). The image shows only pre-take data.
+#[test]
+fn writers_of_one_busy_chunk_wait_for_its_copy() {
+    check(|| {
+        let e = engine();
+        disk(&e, D0, 1, 0x10);
+        let id = snapshot_of(&e, &[D0], file_storage(1 << 10));
+        e.snapshot_take(id).unwrap();
+        let writers: Vec<_> = [0u64, 1]
+            .into_iter()
+            .map(|sector| {
+                let e = e.clone();
+                thread::spawn(move || e.write(D0, sector * 512, &[0x99; 512]).unwrap())
+            })
+            .collect();
+        let mut buf = vec![0u8; CHUNK];
+        e.image_read(D0, 0, &mut buf).unwrap();
+        assert!(buf.iter().all(|b| *b == 0x10), "the image shows a post-take write");
+        for w in writers {
+            w.join().unwrap();
+        }
+        e.image_read(D0, 0, &mut buf).unwrap();
+        assert!(buf.iter().all(|b| *b == 0x10), "the image shows a post-take write");
+        e.snapshot_destroy(id).unwrap();
+    });
+}
+
+/// Faults × concurrency: a storage fault of each kind (EIO, ENOSPC, torn) and an origin read
+/// fault fire at a schedule-dependent point while origin writers, an image writer and image
+/// readers run and a destroy races their tail. Every image read returns the content at take
+/// plus image writes, or an error — never anything else.
+#[test]
+fn faults_fire_while_image_and_origin_io_and_destroy_race() {
+    let faults = [
+        (true, Fault::Error(Errno::EIO)),
+        (true, Fault::Error(Errno::ENOSPC)),
+        (true, Fault::Torn { sectors_written: 3, errno: Errno::EIO }),
+        (false, Fault::Error(Errno::EIO)),
+    ];
+    for (on_storage, fault) in faults {
+        check(move || faulty_image_io(on_storage, fault));
+    }
+}
+
+fn faulty_image_io(on_storage: bool, fault: Fault) {
+    const CHUNKS: usize = 3;
+    let e = engine();
+    let origin_plan = FaultPlan::shared();
+    let origin: Dev = StdArc::new(FaultDev::new(mem(CHUNKS * CHUNK), origin_plan.clone()));
+    e.add_disk(D0, origin, 1).unwrap();
+    for c in 0..CHUNKS {
+        e.write(D0, (c * CHUNK) as u64, &[0x10 + c as u8; CHUNK]).unwrap();
+    }
+    e.attach(D0).unwrap();
+    let storage_plan = FaultPlan::shared();
+    let id = snapshot_of(&e, &[D0], common::faulty_file_storage(&storage_plan, 1 << 10));
+    e.snapshot_take(id).unwrap();
+    if on_storage {
+        storage_plan.fail_next(IoKind::Write, fault);
+    } else {
+        origin_plan.fail_next(IoKind::Read, fault);
+    }
+    // The image writer owns sector 1 of chunk 2: it reads 0x12 or 0x33 there.
+    let expected = |sector: usize, byte: u8| {
+        let pre = 0x10 + (sector * 512 / CHUNK) as u8;
+        byte == pre || (sector == 2 * CHUNK / 512 + 1 && byte == 0x33)
+    };
+    let e1 = e.clone();
+    let origin_writer = thread::spawn(move || {
+        for c in 0..CHUNKS {
+            // An origin read fault fails the copy, never the origin write.
+            e1.write(D0, (c * CHUNK) as u64 + 512, &[0x99; 512]).unwrap();
+        }
+    });
+    let e2 = e.clone();
+    let image_writer = thread::spawn(move || {
+        let r = e2.image_write(D0, (2 * CHUNK + 512) as u64, &[0x33; 512]);
+        assert!(r.is_ok() || matches!(r.unwrap_err().errno, Errno::EIO | Errno::ENODEV));
+    });
+    let e3 = e.clone();
+    let image_reader = thread::spawn(move || {
+        for c in 0..CHUNKS {
+            let mut buf = vec![0u8; CHUNK];
+            match e3.image_read(D0, (c * CHUNK) as u64, &mut buf) {
+                Ok(()) => {
+                    for (i, sector) in buf.chunks(512).enumerate() {
+                        let s = c * CHUNK / 512 + i;
+                        assert!(
+                            sector.iter().all(|b| expected(s, *b) && *b == sector[0]),
+                            "image sector {s} holds {:#x}: neither the content at take nor an \
+                             image write",
+                            sector[0]
+                        );
+                    }
+                }
+                Err(err) => assert!(matches!(err.errno, Errno::EIO | Errno::ENODEV), "{err}"),
+            }
+        }
+    });
+    origin_writer.join().unwrap();
+    image_writer.join().unwrap();
+    let destroyer = {
+        let e = e.clone();
+        thread::spawn(move || e.snapshot_destroy(id).unwrap())
+    };
+    let mut buf = vec![0u8; CHUNK];
+    match e.image_read(D0, 0, &mut buf) {
+        Ok(()) => assert!(buf.iter().all(|b| *b == 0x10), "image chunk 0 after the race"),
+        Err(err) => assert!(matches!(err.errno, Errno::EIO | Errno::ENODEV), "{err}"),
+    }
+    image_reader.join().unwrap();
+    destroyer.join().unwrap();
+    origin_plan.clear();
+    let mut origin = vec![0u8; CHUNKS * CHUNK];
+    e.read(D0, 0, &mut origin).unwrap();
+    for c in 0..CHUNKS {
+        let at = c * CHUNK + 512;
+        assert!(origin[at..at + 512].iter().all(|b| *b == 0x99), "origin keeps every write");
+    }
+    assert_only_trackers_left(&e, 1);
 }

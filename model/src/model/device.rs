@@ -54,6 +54,17 @@ impl Model {
         Ok(())
     }
 
+    /// Unregister a disk (its block device goes away): EBUSY while its tracker is in a snapshot
+    /// (taken or not); its tracker, if any, goes with it. ENODEV if not registered.
+    pub fn remove_disk(&mut self, dev: DeviceId) -> Result<()> {
+        self.disk(dev)?;
+        if self.snapshots.iter().any(|s| s.members.iter().any(|m| m.dev == dev)) {
+            bail!(EBUSY, "the device is in a snapshot: destroy it first");
+        }
+        self.disks.remove(&dev);
+        Ok(())
+    }
+
     /// Read the origin.
     pub fn read(&mut self, dev: DeviceId, offset_bytes: u64, len_bytes: u64) -> Result<Vec<u8>> {
         check_io_range(offset_bytes, len_bytes, self.disk(dev)?.capacity_bytes())?;
