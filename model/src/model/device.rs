@@ -145,6 +145,23 @@ mod tests {
     use super::super::test_support::*;
 
     #[test]
+    fn remove_disk_refuses_members_and_forgets_the_disk() {
+        let mut m = model();
+        assert_eq!(errno(m.remove_disk(D1)), Errno::ENODEV);
+        m.add_disk(D1, 64 * KIB, 8).unwrap();
+        m.attach(D1).unwrap();
+        let id = m.snapshot_create(StorageMode::Ranges, 0).unwrap();
+        m.snapshot_add(id, D1).unwrap();
+        assert_eq!(errno(m.remove_disk(D1)), Errno::EBUSY, "a member stays");
+        m.snapshot_destroy(id).unwrap();
+        m.remove_disk(D1).unwrap();
+        assert_eq!(errno(m.attach(D1)), Errno::ENODEV);
+        assert_eq!(errno(m.cbt_info(D1)), Errno::ENODEV, "the tracker went with it");
+        m.add_disk(D1, 64 * KIB, 8).unwrap();
+        assert_eq!(errno(m.cbt_info(D1)), Errno::ENOENT, "a new disk has no tracker");
+    }
+
+    #[test]
     fn add_disk_errors() {
         let mut m = model();
         assert_eq!(errno(m.add_disk(D1, 513, 8)), Errno::EINVAL);
