@@ -9,6 +9,7 @@
 //! can fail exactly the k-th I/O on both sides. [`Harness::last`] keeps the result of the last
 //! operation for the simulation's own invariants and trace.
 
+pub mod concurrent;
 pub mod sim;
 
 use std::sync::Mutex;
@@ -382,14 +383,14 @@ pub struct Harness {
     /// The specification.
     pub model: Model,
     /// The implementation.
-    pub engine: Engine,
-    disks: Vec<DeviceId>,
+    pub engine: StdArc<Engine>,
+    pub(crate) disks: Vec<DeviceId>,
     disk_plans: Vec<Arc<FaultPlan>>,
-    storage_plan: Arc<FaultPlan>,
+    pub(crate) storage_plan: Arc<FaultPlan>,
     append_backends: Vec<Dev>,
     /// The origins' memory, under the fault and log layers: read without counting an I/O.
     origin_mem: Vec<Dev>,
-    io_log: StdArc<IoLog>,
+    pub(crate) io_log: StdArc<IoLog>,
     /// The result of the last [`Harness::apply`].
     pub last: Outcome,
     /// Every id created so far (destroyed ones stay: they must then be unknown to both).
@@ -414,7 +415,7 @@ impl Harness {
     pub fn new(params: Params, disks: &[DiskSetup], seed: u64) -> Harness {
         let mut model = Model::new(params, seed).expect("valid params");
         let config = EngineConfig { params, id_seed: Some(seed), clock: Clock::manual(true) };
-        let engine = Engine::new(config).expect("valid params");
+        let engine = StdArc::new(Engine::new(config).expect("valid params"));
         let io_log = StdArc::new(IoLog::default());
         let mut disk_plans = Vec::new();
         let mut origin_mem = Vec::new();
@@ -512,6 +513,14 @@ impl Harness {
         self.disk_plans.iter().chain([&self.storage_plan]).map(|p| p.pending()).sum()
     }
 
+    /// Withdraw every armed fault on both sides.
+    pub fn clear_faults(&mut self) {
+        self.model.clear_faults();
+        for plan in self.disk_plans.iter().chain([&self.storage_plan]) {
+            plan.clear();
+        }
+    }
+
     /// Fail, on both sides, the I/O that `rec` describes in a rerun of the same operations:
     /// the engine's plan pins `fault` to `rec.plan_index`; the model lets `ordinal` earlier I/Os
     /// of the same target and kind in the same operation pass (`set_len` → a growth fault).
@@ -529,7 +538,7 @@ impl Harness {
         }
     }
 
-    fn snap(&self, i: usize) -> SnapshotId {
+    pub(crate) fn snap(&self, i: usize) -> SnapshotId {
         if self.snapshots.is_empty() || i >= self.snapshots.len() * 2 {
             // An id nobody created.
             return Uuid([0xee; 16]);
@@ -561,13 +570,24 @@ impl Harness {
         }
     }
 
-    fn storage_spec(
+    /// The model's storage mode and initial sectors for `kind`.
+    pub(crate) fn model_storage(kind: StorageKind) -> (StorageMode, u64) {
+        match kind {
+            StorageKind::Ranges => (StorageMode::Ranges, 0),
+            StorageKind::File { initial_sectors, limit_sectors, growable } => {
+                (StorageMode::File { limit_sectors, growable }, initial_sectors)
+            }
+        }
+    }
+
+    /// The engine's storage for `kind`: a memory file under the storage fault plan and the log.
+    pub(crate) fn engine_storage(
         kind: StorageKind,
         plan: &Arc<FaultPlan>,
         log: &StdArc<IoLog>,
-    ) -> (StorageMode, u64, StorageSpec) {
+    ) -> StorageSpec {
         match kind {
-            StorageKind::Ranges => (StorageMode::Ranges, 0, StorageSpec::Ranges),
+            StorageKind::Ranges => StorageSpec::Ranges,
             StorageKind::File { initial_sectors, limit_sectors, growable } => {
                 let len = initial_sectors * SECTOR_SIZE_BYTES;
                 let mem: Dev = if growable {
@@ -575,9 +595,8 @@ impl Harness {
                 } else {
                     StdArc::new(MemDev::new(len))
                 };
-                let dev = Self::logged(mem, plan, IoTarget::Storage, log);
-                let mode = StorageMode::File { limit_sectors, growable };
-                (mode, initial_sectors, StorageSpec::File { backend: dev, limit_sectors })
+                let backend = Self::logged(mem, plan, IoTarget::Storage, log);
+                StorageSpec::File { backend, limit_sectors }
             }
         }
     }
@@ -617,8 +636,8 @@ impl Harness {
                 self.same(&what, &m, &e)
             }
             Op::Create { storage } => {
-                let (mode, initial, spec) =
-                    Self::storage_spec(storage, &self.storage_plan, &self.io_log);
+                let (mode, initial) = Self::model_storage(storage);
+                let spec = Self::engine_storage(storage, &self.storage_plan, &self.io_log);
                 let m = self.model.snapshot_create(mode, initial);
                 let e = self.engine.snapshot_create(spec);
                 if let Ok(id) = &m {

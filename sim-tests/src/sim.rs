@@ -307,6 +307,16 @@ impl Checker {
         self.h.model.snapshot_collect()
     }
 
+    /// A snapshot created outside [`Checker::step`] (a concurrent round) and appended to
+    /// `h.snapshots`: known to the generator from now on. The oracle's bookkeeping is not
+    /// updated (rounds are checked against the model instead).
+    pub fn adopt_created(&mut self, id: SnapshotId) {
+        let index = self.h.snapshots.iter().rposition(|s| *s == id);
+        let index = index.expect("adopted ids are in the harness's list");
+        self.snap_index.insert(id, index);
+        self.members.entry(id).or_default();
+    }
+
     /// Index (for [`Op`]s) of an alive id.
     pub fn index_of(&self, id: SnapshotId) -> usize {
         self.snap_index[&id]
@@ -969,15 +979,124 @@ impl Sim {
     }
 
     fn run_inner(&mut self) -> Result<(), String> {
-        let disks = self.disks.clone();
-        self.c.trace(format!("seed {} disks {disks:?}", self.config.seed));
-        self.setup();
-        for _ in 0..self.config.steps {
+        self.run_steps(self.config.steps)?;
+        self.c.finish()
+    }
+
+    /// The lifecycle prefix (on the first call) and then `steps` generated steps, each applied
+    /// to both sides and checked by the oracle; no end-of-run drain.
+    pub fn run_steps(&mut self, steps: u64) -> Result<(), String> {
+        if self.c.h.ops_applied == 0 {
+            let disks = self.disks.clone();
+            self.c.trace(format!("seed {} disks {disks:?}", self.config.seed));
+            self.setup();
+        }
+        for _ in 0..steps {
             let op = self.next_op();
             self.c.step(&op)?;
             self.after(&op)?;
         }
-        self.c.finish()
+        Ok(())
+    }
+
+    /// A round's focus: a disk (preferring members of healthy snapshots) and an 8-sector window.
+    pub fn round_focus(&mut self) -> (usize, u64) {
+        let disk = self.pick_disk();
+        let windows = self.c.disk_sectors(disk).div_ceil(8);
+        (disk, 8 * self.rng.below(windows))
+    }
+
+    /// One operation for a concurrent round (`crate::concurrent`): drawn like any step, except
+    /// what configures rather than operates (faults, parameters, the clock) and storage appends
+    /// (whose ownership bookkeeping needs each result before the next op). Waits do not block.
+    ///
+    /// Data and change-map requests are cut to one 2 KiB-aligned piece (the smallest CBT block;
+    /// chunks are at least 4 KiB): like a block device, the engine makes no promise that two
+    /// overlapping requests in flight at once see each other whole (a multi-chunk write may be
+    /// half visible to a concurrent read, a cbtmap read may see one racing mark and not an
+    /// earlier one), only that each block or chunk is — which is what the model can then check.
+    ///
+    /// Races need a shared target: three data requests in four go to the round's `focus` (a disk
+    /// and an 8-sector window, inside one chunk), where copy-on-write, image reads and writes
+    /// and change tracking of one chunk meet.
+    pub fn concurrent_op(&mut self, focus: (usize, u64)) -> Op {
+        const PIECE_SECTORS: u64 = 4;
+        let piece = |sector: u64, sectors: u64| {
+            let start = sector - sector % PIECE_SECTORS;
+            let end = (start + PIECE_SECTORS).min(sector + sectors);
+            (sector, end.saturating_sub(sector).min(sectors))
+        };
+        loop {
+            let mut op = self.random_op();
+            if self.rng.chance(75) {
+                let cap = self.c.disk_sectors(focus.0);
+                let sector = (focus.1 + PIECE_SECTORS * self.rng.below(2)).min(cap - 1);
+                let sectors = self.rng.range(1, PIECE_SECTORS).min(cap - sector);
+                match &mut op {
+                    Op::Write { disk, sector: s, sectors: n, .. }
+                    | Op::Discard { disk, sector: s, sectors: n }
+                    | Op::WriteZeroes { disk, sector: s, sectors: n }
+                    | Op::Read { disk, sector: s, sectors: n }
+                    | Op::ImageRead { disk, sector: s, sectors: n }
+                    | Op::ImageWrite { disk, sector: s, sectors: n, .. } => {
+                        (*disk, *s, *n) = (focus.0, sector, sectors);
+                    }
+                    _ => {}
+                }
+            }
+            let op = match op {
+                Op::Write { disk, sector, sectors, seed } => {
+                    let (sector, sectors) = piece(sector, sectors);
+                    Op::Write { disk, sector, sectors, seed }
+                }
+                Op::Discard { disk, sector, sectors } => {
+                    let (sector, sectors) = piece(sector, sectors);
+                    Op::Discard { disk, sector, sectors }
+                }
+                Op::WriteZeroes { disk, sector, sectors } => {
+                    let (sector, sectors) = piece(sector, sectors);
+                    Op::WriteZeroes { disk, sector, sectors }
+                }
+                Op::Read { disk, sector, sectors } => {
+                    let (sector, sectors) = piece(sector, sectors);
+                    Op::Read { disk, sector, sectors }
+                }
+                Op::ImageRead { disk, sector, sectors } => {
+                    let (sector, sectors) = piece(sector, sectors);
+                    Op::ImageRead { disk, sector, sectors }
+                }
+                Op::ImageWrite { disk, sector, sectors, seed } => {
+                    let (sector, sectors) = piece(sector, sectors);
+                    Op::ImageWrite { disk, sector, sectors, seed }
+                }
+                Op::CbtMap { disk, offset, length } => {
+                    Op::CbtMap { disk, offset, length: length.min(1) }
+                }
+                Op::CbtDirty { disk, ranges } => {
+                    let ranges = ranges
+                        .into_iter()
+                        .take(1)
+                        .map(|r| {
+                            let (offset, count) = piece(r.offset, r.count);
+                            SectorRange::new(offset, count)
+                        })
+                        .collect();
+                    Op::CbtDirty { disk, ranges }
+                }
+                op => op,
+            };
+            match op {
+                Op::Fault { .. }
+                | Op::TornFault { .. }
+                | Op::FailGrowth { .. }
+                | Op::SetStorageMinimum { .. }
+                | Op::SetShifts { .. }
+                | Op::AdvanceClock { .. }
+                | Op::Append { .. } => continue,
+                Op::WaitEvent { snap, .. } => return Op::WaitEvent { snap, timeout_ms: 0 },
+                op => return op,
+            }
+        }
     }
 
     /// The lifecycle prefix: every disk attached, one or two snapshots over them, taken.

@@ -103,6 +103,13 @@ impl Model {
             + self.counted.len()
     }
 
+    /// Withdraw every armed fault (mirrors `FaultPlan::clear` on every plan).
+    pub fn clear_faults(&mut self) {
+        self.faults.clear();
+        self.growth_faults.clear();
+        self.counted.clear();
+    }
+
     /// Make the next growth of a File storage (at create or after an allocation, any snapshot)
     /// fail with `errno`. Mirrors the engine's `FaultPlan::fail_set_len` on the storage plan.
     pub fn fail_next_growth(&mut self, errno: crate::Errno) {

@@ -81,6 +81,7 @@ fn sector_bytes(start_sector: u64, end_sector: u64) -> Range<usize> {
 }
 
 /// The whole blksnap state, sequential.
+#[derive(Clone)]
 pub struct Model {
     params: Params,
     ids: IdGen,
