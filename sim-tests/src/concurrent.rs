@@ -110,7 +110,7 @@ impl EngineSide {
         if let Op::Create { storage } = r.op {
             let spec = Harness::engine_storage(storage, &self.storage_plan, &self.io_log);
             let created = self.engine.snapshot_create(spec);
-            return (observe(created.clone()), created.ok());
+            return (observe(created), created.ok());
         }
         (self.apply_other(r), None)
     }
