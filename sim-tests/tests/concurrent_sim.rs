@@ -13,7 +13,7 @@ fn config(seed: u64) -> ConcurrentConfig {
         prefix_steps: 150,
         rounds: 12,
         threads: 2 + (seed % 2) as usize,
-        ops_per_thread: 2 + (seed % 3 == 0) as usize,
+        ops_per_thread: 2 + usize::from(seed.is_multiple_of(3)),
     }
 }
 
