@@ -10,7 +10,7 @@
 //!
 //! Run: `RUSTFLAGS="--cfg blksnap_shuttle" CARGO_TARGET_DIR=target/shuttle cargo test --release
 //! -p blksnap-engine --test shuttle_pairs`. `BLKSNAP_SHUTTLE_PAIR_ITERATIONS` sets the schedules
-//! per strategy and pair (default 40: 2 phases x 105 pairs x 80 schedules = 16,800).
+//! per strategy and pair (default 40: 2 phases x 210 pairs x 80 schedules = 33,600).
 #![cfg(blksnap_shuttle)]
 
 use blksnap_engine::io::{Dev, MemDev};
@@ -46,9 +46,15 @@ enum PairOp {
     CbtMap0,
     WaitEvent,
     Info0,
+    CbtExport0,
+    CbtDirty0,
+    Discard0,
+    Read0,
+    Collect,
+    AddDisk2,
 }
 
-const OPS: [PairOp; 14] = [
+const OPS: [PairOp; 20] = [
     PairOp::Attach1,
     PairOp::Detach1,
     PairOp::RemoveDisk1,
@@ -63,7 +69,16 @@ const OPS: [PairOp; 14] = [
     PairOp::CbtMap0,
     PairOp::WaitEvent,
     PairOp::Info0,
+    PairOp::CbtExport0,
+    PairOp::CbtDirty0,
+    PairOp::Discard0,
+    PairOp::Read0,
+    PairOp::Collect,
+    PairOp::AddDisk2,
 ];
+
+/// A disk that `AddDisk2` registers.
+const D2: DeviceId = DeviceId::new(7, 2);
 
 /// A result as compared: the value's Debug form, or the errno (messages may differ).
 fn show<T: std::fmt::Debug>(r: Result<T>) -> String {
@@ -161,6 +176,17 @@ fn run_engine(e: &Engine, s: SnapshotId, backend: &Dev, op: PairOp) -> String {
         }
         PairOp::WaitEvent => show(e.wait_event(s, 0).map(|ev| ev.kind)),
         PairOp::Info0 => show(e.snapshot_info(D0)),
+        PairOp::CbtExport0 => show(
+            e.cbt_export(D0).map(|c| (c.write_map, c.read_map, c.active, c.previous, c.generation)),
+        ),
+        PairOp::CbtDirty0 => show(e.cbt_dirty(D0, &[SectorRange::new(8, 8)])),
+        PairOp::Discard0 => show(e.discard(D0, CHUNK, 1024)),
+        PairOp::Read0 => {
+            let mut buf = vec![0u8; D0_BYTES as usize];
+            bytes(e.read(D0, 0, &mut buf).map(|()| buf))
+        }
+        PairOp::Collect => show(Ok(e.snapshot_collect())),
+        PairOp::AddDisk2 => show(e.add_disk(D2, StdArc::new(MemDev::new(D1_BYTES)), 1)),
     }
 }
 
@@ -188,13 +214,19 @@ fn run_model(m: &mut Model, s: SnapshotId, op: PairOp) -> String {
         }
         PairOp::WaitEvent => show(m.wait_event(s, 0).map(|ev| ev.kind)),
         PairOp::Info0 => show(m.snapshot_info(D0)),
+        PairOp::CbtExport0 => show(m.cbt_export(D0)),
+        PairOp::CbtDirty0 => show(m.cbt_dirty(D0, &[SectorRange::new(8, 8)])),
+        PairOp::Discard0 => show(m.discard(D0, CHUNK, 1024)),
+        PairOp::Read0 => bytes(m.read(D0, 0, D0_BYTES)),
+        PairOp::Collect => show(Ok(m.snapshot_collect())),
+        PairOp::AddDisk2 => show(m.add_disk(D2, D1_BYTES, 1)),
     }
 }
 
 /// Everything observable afterwards, on the engine (the snapshots `ids` of both sides match).
 fn engine_state(e: &Engine, ids: &[SnapshotId]) -> Vec<String> {
     let mut out = Vec::new();
-    for (d, len) in [(D0, D0_BYTES), (D1, D1_BYTES)] {
+    for (d, len) in [(D0, D0_BYTES), (D1, D1_BYTES), (D2, D1_BYTES)] {
         out.push(show(e.cbt_info(d)));
         let count = e.cbt_info(d).map(|i| i.block_count).unwrap_or(0);
         let mut map = Vec::new();
@@ -213,7 +245,7 @@ fn engine_state(e: &Engine, ids: &[SnapshotId]) -> Vec<String> {
 
 fn model_state(m: &mut Model, ids: &[SnapshotId]) -> Vec<String> {
     let mut out = Vec::new();
-    for (d, len) in [(D0, D0_BYTES), (D1, D1_BYTES)] {
+    for (d, len) in [(D0, D0_BYTES), (D1, D1_BYTES), (D2, D1_BYTES)] {
         out.push(show(m.cbt_info(d)));
         let count = m.cbt_info(d).map(|i| i.block_count).unwrap_or(0);
         out.push(bytes(m.cbt_map(d, 0, count)));

@@ -127,6 +127,13 @@ impl Model {
         })
     }
 
+    /// The whole change map as a daemon persists it: (write map, read map, `active`,
+    /// `previous`, generation). The engine's `cbt_export` returns the same values.
+    pub fn cbt_export(&self, dev: DeviceId) -> Result<(Vec<u8>, Vec<u8>, u8, u8, Uuid)> {
+        let t = self.tracker(dev)?;
+        Ok((t.write_map.clone(), t.read_map.clone(), t.active, t.previous, t.generation))
+    }
+
     /// ctl cbtmap.
     pub fn cbt_map(&self, dev: DeviceId, offset: u32, length: u32) -> Result<Vec<u8>> {
         let t = self.tracker(dev)?;
