@@ -53,6 +53,46 @@ pub unsafe fn ioctl(inst: &Instance, dev: &Device, request: u32, arg: UserAddr) 
     }
 }
 
+/// Runs one filter request on a block device this engine does not track: a snapshot image, or
+/// any other block device. As the kernel on a device with no filter: DETACH and CTL → ENOENT;
+/// ATTACH of another filter name → ENOENT (none registered). ATTACH of "blksnap" →
+/// EOPNOTSUPP, where the kernel would attach a tracker: this engine tracks only the devices it
+/// serves (docs/SEMANTICS.md). Argument faults are EFAULT first, as on a tracked device.
+///
+/// # Safety
+/// As for [`ioctl`].
+pub unsafe fn ioctl_unfiltered(inst: &Instance, request: u32, arg: UserAddr) -> R<c_int> {
+    // SAFETY: (every arm) the caller's contract on `arg`, forwarded.
+    unsafe {
+        let attach_name = match (inst.profile, request) {
+            (Profile::V3, v3::BLKFILTER_ATTACH) => {
+                user::read::<v3::blkfilter_name>(arg, Errno::EFAULT)?.name
+            }
+            (Profile::Newest, newest::BLKFILTER_ATTACH) => {
+                user::read::<newest::blkfilter_attach>(arg, Errno::EFAULT)?.name
+            }
+            (Profile::V3, v3::BLKFILTER_DETACH) => {
+                user::read::<v3::blkfilter_name>(arg, Errno::EFAULT)?;
+                return Err(Errno::ENOENT);
+            }
+            (Profile::Newest, newest::BLKFILTER_DETACH) => {
+                user::read::<newest::blkfilter_detach>(arg, Errno::EFAULT)?;
+                return Err(Errno::ENOENT);
+            }
+            (Profile::V3, v3::BLKFILTER_CTL) | (Profile::Newest, newest::BLKFILTER_CTL) => {
+                user::read::<blkfilter_ctl>(arg, Errno::EFAULT)?;
+                return Err(Errno::ENOENT);
+            }
+            _ => return Err(Errno::ENOTTY),
+        };
+        if is_blksnap(&attach_name) {
+            Err(Errno::EOPNOTSUPP)
+        } else {
+            Err(Errno::ENOENT)
+        }
+    }
+}
+
 fn attach(inst: &Instance, dev: &Device, name: &[u8; 32]) -> R<c_int> {
     if !is_blksnap(name) {
         return Err(Errno::ENOENT); // no filter registered with that name

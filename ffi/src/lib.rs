@@ -176,12 +176,44 @@ pub unsafe extern "C" fn blksnap_ctl_ioctl(
     })
 }
 
-fn filter_on(inst: &Instance, device: Option<Device>, request: c_ulong, arg: *mut c_void) -> c_int {
-    let Some(device) = device else {
-        return negative(Errno::ENOTTY); // not a block device this engine serves
-    };
-    // SAFETY: the caller of the entry point guarantees the ioctl contract on `arg`.
-    ret(unsafe { filter::ioctl(inst, &device, request as u32, UserAddr::from_ptr(arg)) })
+/// What a filter request is aimed at.
+enum FilterTarget {
+    /// A device this engine serves (and may track).
+    Served(Device),
+    /// A block device it does not track: one of its snapshot images, or another block device.
+    Untracked,
+    /// Not a block device (a regular file, a character device, nothing): ENOTTY, as the kernel.
+    NotABlockDevice,
+}
+
+/// The target named by a path: a served device (by its path, number or backing), an image of
+/// this engine, another block device, or none.
+fn filter_target_of_path(inst: &Instance, path: &[u8]) -> FilterTarget {
+    if let Some(device) = inst.device_by_path(path) {
+        return FilterTarget::Served(device);
+    }
+    let is_block = std::fs::metadata(std::ffi::OsStr::from_bytes(path))
+        .is_ok_and(|m| m.file_type().is_block_device());
+    if inst.device_by_image(path).is_some() || is_block {
+        FilterTarget::Untracked
+    } else {
+        FilterTarget::NotABlockDevice
+    }
+}
+
+fn filter_on(inst: &Instance, target: FilterTarget, request: c_ulong, arg: *mut c_void) -> c_int {
+    let arg = UserAddr::from_ptr(arg);
+    match target {
+        // SAFETY: the caller of the entry point guarantees the ioctl contract on `arg`.
+        FilterTarget::Served(device) => {
+            ret(unsafe { filter::ioctl(inst, &device, request as u32, arg) })
+        }
+        // SAFETY: as above.
+        FilterTarget::Untracked => {
+            ret(unsafe { filter::ioctl_unfiltered(inst, request as u32, arg) })
+        }
+        FilterTarget::NotABlockDevice => negative(Errno::ENOTTY),
+    }
 }
 
 /// A block-filter request (`BLKFILTER_ATTACH`, `BLKFILTER_DETACH`, `BLKFILTER_CTL` of the
@@ -202,15 +234,16 @@ pub unsafe extern "C" fn blksnap_filter_ioctl(
     with_instance(handle, |inst| {
         // SAFETY: contract: a string or NULL.
         match unsafe { path_arg(device_path) } {
-            Ok(path) => filter_on(inst, inst.device_by_path(&path), request, arg),
+            Ok(path) => filter_on(inst, filter_target_of_path(inst, &path), request, arg),
             Err(errno) => negative(errno),
         }
     })
 }
 
-/// The served device an open file descriptor refers to: a real block device with a served
-/// number, or a path (`/proc/self/fd/N`) that names a served device or its backing file.
-fn device_of_fd(inst: &Instance, fd: c_int) -> Result<Option<Device>, c_int> {
+/// What an open file descriptor refers to: a real block device with a served number, or a
+/// path (`/proc/self/fd/N`) that names a served device, its backing file or an image; else
+/// another block device or none.
+fn filter_target_of_fd(inst: &Instance, fd: c_int) -> Result<FilterTarget, c_int> {
     if fd < 0 {
         return Err(-EBADF);
     }
@@ -222,11 +255,16 @@ fn device_of_fd(inst: &Instance, fd: c_int) -> Result<Option<Device>, c_int> {
         let major = ((rdev >> 8) & 0xfff) | ((rdev >> 32) & !0xfff);
         let minor = (rdev & 0xff) | ((rdev >> 12) & !0xff);
         if let Some(d) = inst.device_by_id(DeviceId::new(major as u32, minor as u32)) {
-            return Ok(Some(d));
+            return Ok(FilterTarget::Served(d));
         }
     }
     let target = std::fs::read_link(&link).map_err(|_| -EBADF)?;
-    Ok(inst.device_by_path(target.as_os_str().as_bytes()))
+    Ok(match filter_target_of_path(inst, target.as_os_str().as_bytes()) {
+        FilterTarget::NotABlockDevice if meta.file_type().is_block_device() => {
+            FilterTarget::Untracked
+        }
+        found => found,
+    })
 }
 
 /// As [`blksnap_filter_ioctl`], the device named by an open file descriptor (of the device
@@ -241,8 +279,8 @@ pub unsafe extern "C" fn blksnap_filter_ioctl_fd(
     request: c_ulong,
     arg: *mut c_void,
 ) -> c_int {
-    with_instance(handle, |inst| match device_of_fd(inst, fd) {
-        Ok(device) => filter_on(inst, device, request, arg),
+    with_instance(handle, |inst| match filter_target_of_fd(inst, fd) {
+        Ok(target) => filter_on(inst, target, request, arg),
         Err(negative_errno) => negative_errno,
     })
 }

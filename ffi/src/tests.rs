@@ -21,6 +21,7 @@ const EFAULT: c_int = -14;
 const ENODEV: c_int = -19;
 const EINVAL: c_int = -22;
 const ENOTTY: c_int = -25;
+const EOPNOTSUPP: c_int = -95;
 const ENODATA: c_int = -61;
 const EALREADY: c_int = -114;
 
@@ -358,13 +359,76 @@ fn filter_requests_validate_names_optlen_and_opt() {
     }
 }
 
+/// Filter requests on a block device with no filter — one of the engine's snapshot images, or
+/// any other block device of the host — return what the kernel returns (ENOENT), not ENOTTY;
+/// attaching "blksnap" there is EOPNOTSUPP (the engine tracks only what it serves).
+#[test]
+fn filter_requests_on_untracked_block_devices_give_the_kernels_errnos() {
+    let other_block_device = std::fs::read_dir("/dev").ok().and_then(|entries| {
+        entries.flatten().map(|e| e.path()).find(|p| {
+            use std::os::unix::fs::FileTypeExt;
+            std::fs::metadata(p).is_ok_and(|m| m.file_type().is_block_device())
+        })
+    });
+    for profile in [BLKSNAP_PROFILE_V3, BLKSNAP_PROFILE_NEWEST] {
+        let f = fixture(profile);
+        let (attach_code, detach_code, ctl_code, image) = if profile == BLKSNAP_PROFILE_V3 {
+            (v3::BLKFILTER_ATTACH, v3::BLKFILTER_DETACH, v3::BLKFILTER_CTL, "blksnap-image_7:0")
+        } else {
+            (
+                newest::BLKFILTER_ATTACH,
+                newest::BLKFILTER_DETACH,
+                newest::BLKFILTER_CTL,
+                "blksnap-7-0",
+            )
+        };
+        let mut targets = vec![CString::new(format!("/dev/{image}")).unwrap()];
+        targets
+            .extend(other_block_device.iter().map(|p| CString::new(p.to_str().unwrap()).unwrap()));
+        for path in &targets {
+            let call = |code: u32, arg: *mut c_void| {
+                // SAFETY: a C string; `arg` NULL or a live struct of the request's size (a
+                // 48-byte ctl struct is large enough for every filter request).
+                unsafe { blksnap_filter_ioctl(f.handle, path.as_ptr(), code as c_ulong, arg) }
+            };
+            let mut blksnap = ctl_struct(ctl_cmd::CBTINFO, null_mut(), 0);
+            let mut other = ctl_struct(ctl_cmd::CBTINFO, null_mut(), 0);
+            other.name = name32(b"another");
+            let (b, o): (*mut c_void, *mut c_void) = (
+                (&mut blksnap as *mut uapi::blkfilter_ctl).cast(),
+                (&mut other as *mut uapi::blkfilter_ctl).cast(),
+            );
+            assert_eq!(call(detach_code, b), ENOENT, "{path:?}: detach with no filter");
+            assert_eq!(call(ctl_code, b), ENOENT, "{path:?}: ctl with no filter");
+            assert_eq!(call(ctl_code, o), ENOENT, "{path:?}: ctl of another filter name");
+            assert_eq!(call(attach_code, o), ENOENT, "{path:?}: no filter of that name");
+            assert_eq!(call(attach_code, b), EOPNOTSUPP, "{path:?}: an untracked device");
+            assert_eq!(call(ctl_code, null_mut()), EFAULT, "{path:?}: the argument first");
+        }
+        // Not a block device at all: ENOTTY, as the kernel on a regular file.
+        let file = CString::new(f.storage.to_str().unwrap()).unwrap();
+        let mut n = ctl_struct(ctl_cmd::CBTINFO, null_mut(), 0);
+        // SAFETY: valid pointers.
+        let rc = unsafe {
+            blksnap_filter_ioctl(
+                f.handle,
+                file.as_ptr(),
+                detach_code as c_ulong,
+                (&mut n as *mut uapi::blkfilter_ctl).cast(),
+            )
+        };
+        assert_eq!(rc, ENOTTY);
+        close(f.handle);
+    }
+}
+
 #[test]
 fn device_names_paths_and_fds() {
     let f = fixture(BLKSNAP_PROFILE_V3);
     let mut n = v3::blkfilter_name { name: name32(b"blksnap") };
     let arg: *mut c_void = (&mut n as *mut v3::blkfilter_name).cast();
     let code = v3::BLKFILTER_ATTACH as c_ulong;
-    let unknown = c"/dev/sda";
+    let unknown = c"/nonexistent/blksnap-test-device";
     // SAFETY: valid pointers or NULL.
     unsafe {
         assert_eq!(blksnap_filter_ioctl(f.handle, null(), code, arg), EFAULT);

@@ -393,6 +393,12 @@ static int client(void)
 	CHECK(ioctl(img0, BLKGETSIZE64, &size) == 0 && size == DISK0_BYTES);
 	CHECK(ioctl(img1, BLKGETSIZE64, &size) == 0 && size == DISK1_BYTES);
 	CHECK(fstat(img0, &st) == 0 && S_ISBLK(st.st_mode));
+	/* An image is a block device with no filter: the kernel's errnos, not ENOTTY. */
+	struct blksnap_cbtinfo image_cbt;
+	CHECK_ERR(ctl(img1, CTL_CBTINFO, &image_cbt, sizeof image_cbt), ENOENT);
+	CHECK_ERR(filter_detach(img1), ENOENT);
+	CHECK_ERR(ioctl(img1, BLKFILTER_ATTACH, &other), ENOENT);
+	CHECK_ERR(filter_attach(img1), EOPNOTSUPP); /* the engine tracks only what it serves */
 
 	/* Write the devices; the images keep the content at take. */
 	unsigned char *fresh = aligned_alloc_or_die(65536);

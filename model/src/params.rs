@@ -95,33 +95,84 @@ impl Params {
         Ok(p)
     }
 
-    /// The parameters' names, as the kernel module's (`modinfo blksnap`).
-    pub const NAMES: [&'static str; 7] = [
+    /// The parameters' names, as the kernel module's (`modinfo blksnap`), of both generations.
+    /// Units are the kernel's: shifts are log2 bytes, `diff_storage_minimum` is in sectors,
+    /// `chunk_maximum_count` (v3) a count.
+    pub const NAMES: [&'static str; 10] = [
         "tracking_block_minimum_shift",
         "tracking_block_maximum_count",
         "tracking_block_maximum_shift",
         "chunk_minimum_shift",
+        "chunk_maximum_count",
         "chunk_maximum_count_shift",
         "chunk_maximum_shift",
-        "diff_storage_minimum_sectors",
+        "chunk_maximum_in_queue",
+        "free_diff_buffer_pool_size",
+        "diff_storage_minimum",
     ];
 
-    /// Sets parameter `name` (one of [`Params::NAMES`]) to `value`: EINVAL for an unknown name or
-    /// a shift that does not fit. Whole-set checks are [`Params::sanitized`]'s.
+    /// Names accepted for compatibility with this project's earlier releases, and what they mean.
+    pub const ALIASES: [(&'static str, &'static str); 1] =
+        [("diff_storage_minimum_sectors", "diff_storage_minimum")];
+
+    /// Kernel parameters accepted with no effect here, and why (the docs' table says the same).
+    pub const NO_EFFECT: [(&'static str, &'static str); 2] = [
+        (
+            "chunk_maximum_in_queue",
+            "copy-on-write is synchronous: no store queue to kick, no image-I/O queue to bound",
+        ),
+        ("free_diff_buffer_pool_size", "chunk buffers are not pooled"),
+    ];
+
+    /// Sets parameter `name` (one of [`Params::NAMES`] or [`Params::ALIASES`]) to `value` in
+    /// the kernel's unit: EINVAL for an unknown name, a shift that does not fit or a zero
+    /// `chunk_maximum_count`. `chunk_maximum_count` (v3's limit, a count) becomes the largest
+    /// `chunk_maximum_count_shift` whose power of two does not exceed it (at most the count,
+    /// never more). Whole-set checks are [`Params::sanitized`]'s.
     pub fn set(&mut self, name: &str, value: u64) -> Result<()> {
         let shift = |v: u64| {
             u32::try_from(v).map_err(|_| Error::new(Errno::EINVAL, "shift parameter too large"))
         };
+        let name = Self::ALIASES.iter().find(|(alias, _)| *alias == name).map_or(name, |a| a.1);
         match name {
             "tracking_block_minimum_shift" => self.tracking_block_minimum_shift = shift(value)?,
             "tracking_block_maximum_count" => self.tracking_block_maximum_count = value,
             "tracking_block_maximum_shift" => self.tracking_block_maximum_shift = shift(value)?,
             "chunk_minimum_shift" => self.chunk_minimum_shift = shift(value)?,
+            "chunk_maximum_count" => {
+                if value == 0 {
+                    return Err(Error::new(
+                        Errno::EINVAL,
+                        "chunk_maximum_count must be at least 1",
+                    ));
+                }
+                self.chunk_maximum_count_shift = value.ilog2();
+            }
             "chunk_maximum_count_shift" => self.chunk_maximum_count_shift = shift(value)?,
             "chunk_maximum_shift" => self.chunk_maximum_shift = shift(value)?,
-            "diff_storage_minimum_sectors" => self.diff_storage_minimum_sectors = value,
+            "diff_storage_minimum" => self.diff_storage_minimum_sectors = value,
+            _ if Self::NO_EFFECT.iter().any(|(n, _)| *n == name) => {}
             _ => return Err(Error::new(Errno::EINVAL, "unknown parameter")),
         }
+        Ok(())
+    }
+
+    /// Applies a `modprobe`-style list (`name=value` items separated by white space, as in
+    /// `modprobe blksnap diff_storage_minimum=4096 chunk_minimum_shift=16`), in order; values
+    /// decimal or `0x` hexadecimal. EINVAL names the first bad item; nothing is applied then.
+    pub fn apply_list(&mut self, list: &str) -> core::result::Result<(), (Error, String)> {
+        let mut next = *self;
+        for item in list.split_whitespace() {
+            let bad = |detail| (Error::new(Errno::EINVAL, detail), item.to_string());
+            let (name, value) = item.split_once('=').ok_or_else(|| bad("not name=value"))?;
+            let value = match value.strip_prefix("0x").or_else(|| value.strip_prefix("0X")) {
+                Some(hex) => u64::from_str_radix(hex, 16),
+                None => value.parse(),
+            }
+            .map_err(|_| bad("the value is not a number"))?;
+            next.set(name, value).map_err(|e| (e, item.to_string()))?;
+        }
+        *self = next;
         Ok(())
     }
 
@@ -134,6 +185,43 @@ impl Params {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kernel_names_aliases_and_no_effect_parameters() {
+        let mut p = Params::default();
+        p.set("diff_storage_minimum", 4096).unwrap();
+        assert_eq!(p.diff_storage_minimum_sectors, 4096, "the kernel's name, in sectors");
+        p.set("diff_storage_minimum_sectors", 8192).unwrap();
+        assert_eq!(p.diff_storage_minimum_sectors, 8192, "the old name is an alias");
+        p.set("chunk_maximum_count", 2_097_152).unwrap();
+        assert_eq!(p.chunk_maximum_count_shift, 21, "v3's count as a power of two");
+        p.set("chunk_maximum_count", 3_000_000).unwrap();
+        assert_eq!(p.chunk_maximum_count_shift, 21, "rounded down: never above the count");
+        assert_eq!(p.set("chunk_maximum_count", 0).unwrap_err().errno, Errno::EINVAL);
+        let before = p;
+        p.set("chunk_maximum_in_queue", 256).unwrap();
+        p.set("free_diff_buffer_pool_size", 128).unwrap();
+        assert_eq!(p, before, "accepted, no effect");
+        assert_eq!(p.set("no_such_parameter", 1).unwrap_err().errno, Errno::EINVAL);
+        for name in Params::NAMES {
+            assert!(Params::default().set(name, 16).is_ok(), "{name} is accepted");
+        }
+    }
+
+    #[test]
+    fn modprobe_lists_apply_whole_or_not_at_all() {
+        let mut p = Params::default();
+        p.apply_list("  diff_storage_minimum=4096\tchunk_minimum_shift=0x10 ").unwrap();
+        assert_eq!((p.diff_storage_minimum_sectors, p.chunk_minimum_shift), (4096, 16));
+        let before = p;
+        let (e, item) = p.apply_list("chunk_minimum_shift=12 bogus=1").unwrap_err();
+        assert_eq!((e.errno, item.as_str()), (Errno::EINVAL, "bogus=1"));
+        assert_eq!(p, before, "nothing applied");
+        assert_eq!(p.apply_list("chunk_minimum_shift").unwrap_err().1, "chunk_minimum_shift");
+        assert_eq!(p.apply_list("chunk_minimum_shift=x").unwrap_err().1, "chunk_minimum_shift=x");
+        p.apply_list("").unwrap();
+        assert_eq!(p, before);
+    }
 
     #[test]
     fn defaults_survive_sanitising() {

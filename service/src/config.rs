@@ -261,7 +261,7 @@ mod tests {
         assert!(Config::parse("[[device]]\nbacking = \"rel.img\"").is_err());
         assert_eq!(Config::parse("").unwrap(), Config::default());
         let e = Config::parse("[params]\nno_such_param = 1").unwrap_err();
-        assert!(e.contains("no_such_param") && e.contains("diff_storage_minimum_sectors"), "{e}");
+        assert!(e.contains("no_such_param") && e.contains("diff_storage_minimum"), "{e}");
         assert!(Config::parse("[params]\nchunk_minimum_shift = 99").is_err());
         assert!(Config::parse("[params]\nchunk_minimum_shift = 99999999999").is_err());
     }

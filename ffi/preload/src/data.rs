@@ -338,7 +338,9 @@ pub unsafe fn ioctl(obj: &Object, request: c_ulong, arg: *mut c_void) -> Res<c_i
                     filter::ioctl(&inst, &device, request, UserAddr::from_ptr(arg))
                         .map_err(|e| e.code())
                 }
-                _ => Err(libc::ENOTTY),
+                // An image is a block device with no filter: the kernel's errnos (ENOENT).
+                _ => filter::ioctl_unfiltered(&inst, request, UserAddr::from_ptr(arg))
+                    .map_err(|e| e.code()),
             },
         }
     }

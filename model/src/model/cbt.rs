@@ -27,6 +27,9 @@ pub(super) struct Tracker {
     pub(super) generation: Uuid,
 }
 
+/// A tracker's whole change map: (write map, read map, `active`, `previous`, generation).
+pub type CbtExport = (Vec<u8>, Vec<u8>, u8, u8, Uuid);
+
 impl Tracker {
     pub(super) fn new(layout: CbtLayout, capacity_bytes: u64, generation: Uuid) -> Tracker {
         let len = to_usize(layout.block_count);
@@ -127,9 +130,9 @@ impl Model {
         })
     }
 
-    /// The whole change map as a daemon persists it: (write map, read map, `active`,
-    /// `previous`, generation). The engine's `cbt_export` returns the same values.
-    pub fn cbt_export(&self, dev: DeviceId) -> Result<(Vec<u8>, Vec<u8>, u8, u8, Uuid)> {
+    /// The whole change map as a daemon persists it. The engine's `cbt_export` returns the same
+    /// values.
+    pub fn cbt_export(&self, dev: DeviceId) -> Result<CbtExport> {
         let t = self.tracker(dev)?;
         Ok((t.write_map.clone(), t.read_map.clone(), t.active, t.previous, t.generation))
     }
