@@ -203,14 +203,15 @@ fn filter_target_of_path(inst: &Instance, path: &[u8]) -> FilterTarget {
 
 fn filter_on(inst: &Instance, target: FilterTarget, request: c_ulong, arg: *mut c_void) -> c_int {
     let arg = UserAddr::from_ptr(arg);
+    let request = request as u32;
     match target {
-        // SAFETY: the caller of the entry point guarantees the ioctl contract on `arg`.
         FilterTarget::Served(device) => {
-            ret(unsafe { filter::ioctl(inst, &device, request as u32, arg) })
+            // SAFETY: the caller of the entry point guarantees the ioctl contract on `arg`.
+            ret(unsafe { filter::ioctl(inst, &device, request, arg) })
         }
-        // SAFETY: as above.
         FilterTarget::Untracked => {
-            ret(unsafe { filter::ioctl_unfiltered(inst, request as u32, arg) })
+            // SAFETY: as above.
+            ret(unsafe { filter::ioctl_unfiltered(inst, request, arg) })
         }
         FilterTarget::NotABlockDevice => negative(Errno::ENOTTY),
     }
