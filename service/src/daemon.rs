@@ -10,6 +10,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
 
 use blksnap_engine::io::{BlockDev, Dev, FileDev};
 
@@ -20,6 +21,7 @@ use blksnap_proto::{
 };
 
 use crate::config::Config;
+use crate::freeze;
 use crate::state::{Identity, MapEntry, MapRole, SavedCbt, StateDir};
 
 /// What one served device needs on its data path.
@@ -567,8 +569,24 @@ impl Daemon {
 
     fn take(&self, id: SnapshotId) -> Result<(), Error> {
         let mut st = self.state();
-        self.engine.snapshot_take(id)?;
         let members = st.snapshots.get(&id).map(|r| r.members.clone()).unwrap_or_default();
+        // As the kernel module: freeze what is mounted on the origins, switch, thaw — before
+        // the image devices start (that can take a while and needs no frozen filesystem).
+        // `frozen` thaws when dropped, so an engine error or a panic thaws too.
+        let frozen = if self.config.freeze {
+            let mounts = freeze::mounts_of(&members);
+            let timeout = Duration::from_secs(u64::from(self.config.freeze_timeout_secs));
+            freeze::freeze_all(&mounts, timeout)?
+        } else {
+            freeze::Frozen::default()
+        };
+        let taken = self.engine.snapshot_take(id);
+        let held = frozen.count();
+        drop(frozen);
+        taken?;
+        if held > 0 {
+            eprintln!("blksnapd: snapshot {id}: taken with {held} filesystem(s) frozen");
+        }
         let mut first_err = None;
         for origin in members {
             let Some(o) = st.origins.get(&origin) else { continue };
