@@ -153,6 +153,62 @@ struct Origin {
     backing_path: PathBuf,
     /// Canonical backing path (the device's identity in the state directory).
     canonical: String,
+    /// What the backing is, whatever the path (its claim in [`State::claims`]).
+    key: BackingKey,
+}
+
+/// What a backing is, independent of the path used to name it: a block device by its number,
+/// a regular file by device and inode — a second path, a symlink or a hard link to a served
+/// backing is the same backing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum BackingKey {
+    /// A block device (`st_rdev`).
+    Block(u64),
+    /// A regular file (`st_dev`, `st_ino`).
+    File(u64, u64),
+}
+
+impl BackingKey {
+    /// The key of an open backing (from `fstat`, so it names what was opened, not what the
+    /// path names now). EINVAL for anything but a regular file or a block device.
+    pub fn of(meta: &std::fs::Metadata) -> Result<BackingKey, Error> {
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        if meta.file_type().is_block_device() {
+            Ok(BackingKey::Block(meta.rdev()))
+        } else if meta.is_file() {
+            Ok(BackingKey::File(meta.dev(), meta.ino()))
+        } else {
+            Err(Error::new(Errno::EINVAL, "a backing must be a regular file or a block device"))
+        }
+    }
+}
+
+/// Opens a backing for serving: read-write; a block device also exclusively (`O_EXCL`, the
+/// kernel's block-device claim): while it is served nobody can mount it or open it
+/// exclusively (EBUSY), and it cannot be served while something holds it so (EBUSY).
+/// Returns the open file and its key (from `fstat` of the descriptor).
+pub fn open_backing(path: &Path) -> Result<(std::fs::File, BackingKey), Error> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let os = |e: std::io::Error, detail: &'static str| {
+        Error::new(e.raw_os_error().and_then(Errno::from_code).unwrap_or(Errno::EIO), detail)
+    };
+    let meta = std::fs::metadata(path).map_err(|e| os(e, "cannot stat the backing"))?;
+    BackingKey::of(&meta)?;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.read(true).write(true);
+    if meta.file_type().is_block_device() {
+        // O_EXCL without O_CREAT on a block device: an exclusive open (bdev claim).
+        opts.custom_flags(libc::O_EXCL);
+    }
+    let file = opts.open(path).map_err(|e| match e.raw_os_error() {
+        Some(libc::EBUSY) => Error::new(
+            Errno::EBUSY,
+            "the backing block device is in use (mounted, or opened exclusively by another)",
+        ),
+        _ => os(e, "cannot open the backing"),
+    })?;
+    let key = BackingKey::of(&file.metadata().map_err(|e| os(e, "cannot stat the backing"))?)?;
+    Ok((file, key))
 }
 
 struct Image {
@@ -171,6 +227,10 @@ struct State {
     origins: BTreeMap<DeviceId, Origin>,
     snapshots: HashMap<SnapshotId, SnapRec>,
     images: BTreeMap<DeviceId, Image>,
+    /// Every backing served or being brought up: a claim is taken (under this lock) before
+    /// the backing is opened and served, and released if that fails, so that two racing adds
+    /// of one backing — by any path — have exactly one winner.
+    claims: std::collections::HashSet<BackingKey>,
     /// v3 storage files by (st_dev, st_ino), opened once: the engine recognises ranges of one
     /// file appended twice (to one or two live snapshots) only when they share the handle.
     storage_files: HashMap<(u64, u64), Dev>,
@@ -194,6 +254,28 @@ pub struct OriginStart {
     pub cbt: Option<blksnap_engine::cbt::CbtState>,
     /// Recover this frontend device of the previous run instead of adding a new one.
     pub recover: Option<u32>,
+}
+
+/// A backing claimed for an add in progress; released when dropped unless kept (the add
+/// succeeded and the origin now holds the claim).
+struct Claim<'a> {
+    daemon: &'a Daemon,
+    key: Option<BackingKey>,
+}
+
+impl Claim<'_> {
+    /// The add succeeded: the claim stays until the origin is removed.
+    fn keep(mut self) {
+        self.key = None;
+    }
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        if let Some(key) = self.key.take() {
+            self.daemon.state().claims.remove(&key);
+        }
+    }
 }
 
 impl Daemon {
@@ -264,15 +346,25 @@ impl Daemon {
         self.add_origin_with(backing, OriginStart { attach, ..OriginStart::default() })
     }
 
-    /// Serves `backing` as a tracked device, as `how` says; returns its id.
+    /// Serves `backing` as a tracked device, as `how` says; returns its id. All or nothing:
+    /// EALREADY if this backing (by any path) is served or being added, EBUSY if a block device
+    /// backing is in use elsewhere; on any failure nothing stays claimed or served.
     pub fn add_origin_with(&self, backing: &Path, how: OriginStart) -> Result<DeviceId, Error> {
         let canonical = std::fs::canonicalize(backing)
             .map_or_else(|_| backing.display().to_string(), |p| p.display().to_string());
-        if self.state().origins.values().any(|o| o.canonical == canonical) {
-            return Err(Error::new(Errno::EALREADY, "this backing is already served"));
+        // Claim the backing by what it is before opening it: a duplicate is EALREADY (not the
+        // EBUSY of our own O_EXCL open), and the check and the claim are one step.
+        let meta = std::fs::metadata(backing).map_err(|e| {
+            let errno = e.raw_os_error().and_then(Errno::from_code).unwrap_or(Errno::EIO);
+            Error::new(errno, "cannot stat the backing")
+        })?;
+        let key = BackingKey::of(&meta)?;
+        let claim = self.claim(key)?;
+        let (file, opened) = open_backing(backing)?;
+        if opened != key {
+            return Err(Error::new(Errno::EAGAIN, "the backing path changed while being added"));
         }
-        let file = FileDev::open(backing, true)?;
-        let dev: Dev = Arc::new(file);
+        let dev: Dev = Arc::new(FileDev::from_file(file)?);
         let target = Arc::new(Target {
             engine: self.engine.clone(),
             origin: RwLock::new(None),
@@ -285,18 +377,24 @@ impl Daemon {
         let OriginStart { attach, cbt, recover } = how;
         let started = Box::new(move |id: DeviceId| {
             engine.add_disk(id, dev, 1)?;
-            match &cbt {
-                Some(state) => {
-                    if let Err(e) = engine.attach_with_cbt(id, state) {
+            let tracked = match &cbt {
+                Some(state) => match engine.attach_with_cbt(id, state) {
+                    Ok(()) => Ok(()),
+                    Err(e) => {
                         eprintln!(
                             "blksnapd: {id}: saved CBT refused by the engine ({e:?}): tracking \
                              starts a new generation"
                         );
-                        engine.attach(id)?;
+                        engine.attach(id)
                     }
-                }
-                None if attach => engine.attach(id)?,
-                None => {}
+                },
+                None if attach => engine.attach(id),
+                None => Ok(()),
+            };
+            if let Err(e) = tracked {
+                // The device will not be served: leave no engine disk behind.
+                let _ = engine.remove_disk(id);
+                return Err(e);
             }
             *t.origin.write().unwrap_or_else(|p| p.into_inner()) = Some(id);
             Ok(())
@@ -308,10 +406,34 @@ impl Daemon {
         };
         let id = served.dev();
         let mut st = self.state();
-        st.origins
-            .insert(id, Origin { served, target, backing_path: backing.to_path_buf(), canonical });
+        claim.keep();
+        st.origins.insert(
+            id,
+            Origin { served, target, backing_path: backing.to_path_buf(), canonical, key },
+        );
         self.save_map(&st);
         Ok(id)
+    }
+
+    /// Claims `key` for an add in progress: EALREADY if it is served or being added.
+    fn claim(&self, key: BackingKey) -> Result<Claim<'_>, Error> {
+        let mut st = self.state();
+        if let BackingKey::Block(rdev) = key {
+            let dev = DeviceId::new(libc::major(rdev), libc::minor(rdev));
+            if st.origins.contains_key(&dev) || st.images.values().any(|i| i.served.dev() == dev) {
+                return Err(Error::new(
+                    Errno::EINVAL,
+                    "the backing is a device this daemon serves",
+                ));
+            }
+        }
+        if !st.claims.insert(key) {
+            return Err(Error::new(
+                Errno::EALREADY,
+                "this backing is already served (the same device or file, by any path)",
+            ));
+        }
+        Ok(Claim { daemon: self, key: Some(key) })
     }
 
     /// Serves every configured device. With a state directory: after a clean stop, each
@@ -561,6 +683,7 @@ impl Daemon {
         }
         self.engine.remove_disk(dev)?;
         let o = st.origins.remove(&dev).expect("checked");
+        st.claims.remove(&o.key);
         self.save_map(&st);
         drop(st);
         o.served.stop();
@@ -664,7 +787,11 @@ impl Daemon {
                 eprintln!("blksnapd: destroy {id} at shutdown: {e:?}");
             }
         }
-        let origins = std::mem::take(&mut self.state().origins);
+        let origins = {
+            let mut st = self.state();
+            st.claims.clear();
+            std::mem::take(&mut st.origins)
+        };
         let persist = self.persist().take();
         for (id, o) in origins {
             o.served.stop();

@@ -262,3 +262,48 @@ fn libblksnap_client_mode_finds_devices_served_after_it_opened() {
     // A number the daemon does not serve stays unknown (one re-read, no error).
     assert!(inst.device_by_id(DeviceId::new(4000, 1)).is_none());
 }
+
+#[test]
+fn a_backing_is_one_origin_by_any_path_and_racing_adds_have_one_winner() {
+    let f = fixture(0);
+    let backing = f.dir.join("one.img");
+    std::fs::File::create(&backing).unwrap().set_len(4 << 20).unwrap();
+    let id = f.daemon.add_origin(&backing, true).unwrap();
+    // a hard link, a symlink and a second spelling of the path are the same backing
+    let hard = f.dir.join("hard.img");
+    std::fs::hard_link(&backing, &hard).unwrap();
+    let soft = f.dir.join("soft.img");
+    std::os::unix::fs::symlink(&backing, &soft).unwrap();
+    let dotted = f.dir.join(".").join("one.img");
+    for other in [&hard, &soft, &dotted] {
+        let e = f.daemon.add_origin(other, true).unwrap_err();
+        assert_eq!(e.errno, blksnap_model::Errno::EALREADY, "{}", other.display());
+    }
+    // not a file or a block device
+    let e = f.daemon.add_origin(&f.dir, true).unwrap_err();
+    assert_eq!(e.errno, blksnap_model::Errno::EINVAL);
+    // removed: the claim is released, any path may add it again
+    f.daemon.remove_origin(id).unwrap();
+    let id = f.daemon.add_origin(&hard, false).unwrap();
+    f.daemon.remove_origin(id).unwrap();
+    // racing adds of one backing by different paths: exactly one wins, every loser EALREADY
+    for round in 0..20 {
+        let paths = [backing.clone(), hard.clone(), soft.clone(), dotted.clone()];
+        let results: Vec<_> = std::thread::scope(|s| {
+            let handles: Vec<_> =
+                paths.iter().map(|p| s.spawn(|| f.daemon.add_origin(p, true))).collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let won: Vec<_> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
+        assert_eq!(won.len(), 1, "round {round}: {results:?}");
+        for r in &results {
+            if let Err(e) = r {
+                assert_eq!(e.errno, blksnap_model::Errno::EALREADY, "round {round}");
+            }
+        }
+        assert_eq!(f.daemon.list().len(), 1);
+        f.daemon.remove_origin(*won[0]).unwrap();
+    }
+    assert!(f.daemon.list().is_empty());
+    assert_eq!(f.daemon.engine().live().trackers, 0);
+}

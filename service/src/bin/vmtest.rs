@@ -36,6 +36,8 @@ macro_rules! ensure {
 
 // Scenarios in their own files under vmtest/ (declared after `ensure!`, which they use; a
 // binary crate root resolves `mod` beside itself, hence the paths).
+#[path = "vmtest/exclusive_claim.rs"]
+mod exclusive_claim;
 #[path = "vmtest/take_freezes.rs"]
 mod take_freezes;
 
@@ -111,6 +113,11 @@ const SCENARIOS: &[Scenario] = &[
         name: "take-freezes",
         about: "ext4 files written just before the take, no sync, no manual freeze: all in the image",
         run: take_freezes::take_freezes,
+    },
+    Scenario {
+        name: "exclusive-claim",
+        about: "a served block device cannot be mounted directly; a file by any path is one origin",
+        run: exclusive_claim::exclusive_claim,
     },
     Scenario {
         name: "recovery",
@@ -1474,7 +1481,7 @@ fn sizes_for(name: &str) -> Vec<u64> {
         "two-devices" => vec![16 * MIB, 16 * MIB],
         "cbt" => vec![64 * MIB],
         "daemon-process" | "restart" | "recovery" | "c-clients" | "cli-backup"
-        | "preload-daemon" | "stretch" | "take-freezes" => vec![],
+        | "preload-daemon" | "stretch" | "take-freezes" | "exclusive-claim" => vec![],
         _ => vec![64 * MIB],
     }
 }
