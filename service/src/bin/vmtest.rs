@@ -38,6 +38,8 @@ macro_rules! ensure {
 // binary crate root resolves `mod` beside itself, hence the paths).
 #[path = "vmtest/exclusive_claim.rs"]
 mod exclusive_claim;
+#[path = "vmtest/offline_write.rs"]
+mod offline_write;
 #[path = "vmtest/take_freezes.rs"]
 mod take_freezes;
 
@@ -118,6 +120,11 @@ const SCENARIOS: &[Scenario] = &[
         name: "exclusive-claim",
         about: "a served block device cannot be mounted directly; a file by any path is one origin",
         run: exclusive_claim::exclusive_claim,
+    },
+    Scenario {
+        name: "offline-write",
+        about: "a backing written while blksnapd is down gets a new CBT generation; a clean gap does not",
+        run: offline_write::offline_write,
     },
     Scenario {
         name: "recovery",
