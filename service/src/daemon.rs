@@ -113,6 +113,15 @@ pub trait Frontend: Send + Sync {
 #[derive(Default)]
 pub struct NullFrontend {
     next: Mutex<u32>,
+    /// While set, serving an image fails with ENOMEM (tests of the take's rollback).
+    fail_images: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl NullFrontend {
+    /// A null frontend whose image devices fail to start while `fail` is set.
+    pub fn failing_images(fail: Arc<std::sync::atomic::AtomicBool>) -> NullFrontend {
+        NullFrontend { next: Mutex::new(0), fail_images: fail }
+    }
 }
 
 struct NullServed(DeviceId);
@@ -135,6 +144,9 @@ impl Frontend for NullFrontend {
         started: Box<dyn FnOnce(DeviceId) -> Result<(), Error> + Send>,
     ) -> Result<Box<dyn Served>, Error> {
         let dev = match target.image_of {
+            Some(_) if self.fail_images.load(std::sync::atomic::Ordering::SeqCst) => {
+                return Err(Error::new(Errno::ENOMEM, "image devices fail (test setting)"));
+            }
             Some(origin) => DeviceId::new(241, origin.minor),
             None => {
                 let mut n = self.next.lock().expect("poisoned");
@@ -674,19 +686,31 @@ impl Daemon {
         })
     }
 
-    /// Stops serving the origin `dev` (EBUSY while it is in a snapshot, ENODEV if not served):
-    /// its tracker is dropped (no CBT is saved for it) and its block device removed.
+    /// Stops serving the origin `dev`: ENODEV if not served; EBUSY — checked before anything
+    /// is changed — while it is in a snapshot, or while its block device is mounted or held
+    /// exclusively (a filesystem, device-mapper, an `O_EXCL` opener; plain opens cannot be seen
+    /// and are not refused). Its tracker is dropped (no CBT is saved for it), its block device
+    /// stopped before the engine disk is removed (no I/O can meet a missing disk), and its
+    /// backing released.
     pub fn remove_origin(&self, dev: DeviceId) -> Result<(), Error> {
         let mut st = self.state();
-        if !st.origins.contains_key(&dev) {
+        let Some(o) = st.origins.get(&dev) else {
             return Err(Error::new(Errno::ENODEV, "not a served origin"));
+        };
+        if st.snapshots.values().any(|r| r.members.contains(&dev)) {
+            return Err(Error::new(Errno::EBUSY, "the device is in a snapshot"));
         }
-        self.engine.remove_disk(dev)?;
+        // Held until the device is gone, so nothing can mount it in between.
+        let _probe = exclusive_probe(&o.served.path())?;
         let o = st.origins.remove(&dev).expect("checked");
+        // Under the lock (a request naming `dev` must not reach the engine in between); the
+        // device is unmounted and unclaimed, so stopping it is quick.
+        o.served.stop();
+        if let Err(e) = self.engine.remove_disk(dev) {
+            eprintln!("blksnapd: {dev}: removing the engine disk: {e:?}");
+        }
         st.claims.remove(&o.key);
         self.save_map(&st);
-        drop(st);
-        o.served.stop();
         Ok(())
     }
 
@@ -710,8 +734,14 @@ impl Daemon {
         if held > 0 {
             eprintln!("blksnapd: snapshot {id}: taken with {held} filesystem(s) frozen");
         }
-        let mut first_err = None;
-        for origin in members {
+        // One image device per member; if one cannot be served, the take is rolled back: the
+        // images started so far are removed and the snapshot destroyed (the engine cannot
+        // un-take), so no half-taken snapshot remains. The kernel likewise releases the
+        // trackers' snapshot state when an image cannot be created.
+        let mut started = Vec::new();
+        let mut failed = None;
+        for origin in &members {
+            let origin = *origin;
             let Some(o) = st.origins.get(&origin) else { continue };
             let target = Arc::new(Target {
                 engine: self.engine.clone(),
@@ -727,15 +757,36 @@ impl Daemon {
                 Ok(served) => {
                     let links = self.make_links(origin, &served.path());
                     st.images.insert(origin, Image { served, links });
-                    self.save_map(&st);
+                    started.push(origin);
                 }
                 Err(err) => {
                     eprintln!("blksnapd: image of {origin}: cannot start its device: {err:?}");
-                    first_err.get_or_insert(err);
+                    failed = Some(err);
+                    break;
                 }
             }
         }
-        first_err.map_or(Ok(()), Err)
+        let Some(err) = failed else {
+            self.save_map(&st);
+            return Ok(());
+        };
+        // Engine first, as in destroy: image I/O fails from here on.
+        if let Err(e) = self.engine.snapshot_destroy(id) {
+            eprintln!("blksnapd: snapshot {id}: rollback of the take: destroy: {e:?}");
+        }
+        st.snapshots.remove(&id);
+        set_storages(&st, &members, &[]);
+        let images: Vec<Image> = started.iter().filter_map(|o| st.images.remove(o)).collect();
+        self.save_map(&st);
+        drop(st);
+        for img in images {
+            for l in &img.links {
+                let _ = std::fs::remove_file(l);
+            }
+            img.served.stop();
+        }
+        eprintln!("blksnapd: snapshot {id}: take rolled back (snapshot destroyed): {err:?}");
+        Err(err)
     }
 
     fn make_links(&self, origin: DeviceId, target: &str) -> Vec<PathBuf> {
@@ -823,6 +874,23 @@ impl Daemon {
             if let Err(e) = sd.close_clean() {
                 eprintln!("blksnapd: state directory: {e}");
             }
+        }
+    }
+}
+
+/// An exclusive open of a served device's node: EBUSY while it is mounted or held exclusively
+/// (the kernel refuses the open then); `None` when the node does not exist (the null frontend).
+fn exclusive_probe(node: &str) -> Result<Option<std::fs::File>, Error> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::OpenOptions::new().read(true).custom_flags(libc::O_EXCL).open(node) {
+        Ok(f) => Ok(Some(f)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+            Err(Error::new(Errno::EBUSY, "the device is mounted or held exclusively"))
+        }
+        Err(e) => {
+            eprintln!("blksnapd: {node}: exclusive open to check for users: {e}");
+            Err(Error::new(Errno::EBUSY, "cannot check whether the device is in use"))
         }
     }
 }

@@ -307,3 +307,54 @@ fn a_backing_is_one_origin_by_any_path_and_racing_adds_have_one_winner() {
     assert!(f.daemon.list().is_empty());
     assert_eq!(f.daemon.engine().live().trackers, 0);
 }
+
+#[test]
+fn a_take_whose_image_cannot_be_served_is_rolled_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let socket = dir.join("control");
+    let cfg = Config { socket: socket.clone(), link_dir: dir.to_path_buf(), ..Config::default() };
+    let engine = Arc::new(Engine::new(EngineConfig::default()).unwrap());
+    let fail = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let frontend = NullFrontend::failing_images(fail.clone());
+    let daemon = Arc::new(Daemon::new(engine, Box::new(frontend), cfg));
+    let server = ControlServer::bind(&socket, None).unwrap();
+    let d = daemon.clone();
+    std::thread::spawn(move || server.serve(d));
+    let backing = dir.join("b.img");
+    std::fs::File::create(&backing).unwrap().set_len(8 << 20).unwrap();
+    let dev: Dev = daemon.add_origin(&backing, true).unwrap().into();
+    let storage = dir.join("diff.img");
+    std::fs::File::create(&storage).unwrap().set_len(8 << 20).unwrap();
+    let mut c = Client::connect(&socket).unwrap();
+    let create = |c: &mut Client| {
+        let Reply::Created(id) = c
+            .req(Request::SnapshotCreate {
+                storage: Storage::File {
+                    path: storage.display().to_string(),
+                    limit_sectors: (8 << 20) / 512,
+                },
+            })
+            .unwrap()
+        else {
+            panic!()
+        };
+        c.req(Request::SnapshotAdd { id, dev }).unwrap();
+        id
+    };
+    let id = create(&mut c);
+    let e = c.call(Request::SnapshotTake { id }).unwrap().unwrap_err();
+    assert_eq!(e.errno, 12, "ENOMEM, the image's error");
+    // nothing half-taken: the snapshot is gone, the device is in no snapshot, no image
+    let Reply::Snapshots(ids) = c.req(Request::SnapshotCollect).unwrap() else { panic!() };
+    assert!(ids.is_empty(), "{ids:?}");
+    let Reply::Devices(list) = c.req(Request::ListDevices).unwrap() else { panic!() };
+    assert_eq!(list.len(), 1, "only the origin: {list:?}");
+    assert_eq!(daemon.engine().live().snapshots, 0);
+    // the device can be in a new snapshot, which takes once images can be served
+    fail.store(false, std::sync::atomic::Ordering::SeqCst);
+    let id = create(&mut c);
+    c.req(Request::SnapshotTake { id }).unwrap();
+    c.req(Request::SnapshotDestroy { id }).unwrap();
+    daemon.remove_origin(dev.into()).unwrap();
+}

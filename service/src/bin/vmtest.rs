@@ -40,8 +40,12 @@ macro_rules! ensure {
 mod exclusive_claim;
 #[path = "vmtest/offline_write.rs"]
 mod offline_write;
+#[path = "vmtest/remove_busy.rs"]
+mod remove_busy;
 #[path = "vmtest/take_freezes.rs"]
 mod take_freezes;
+#[path = "vmtest/take_rollback.rs"]
+mod take_rollback;
 
 struct Scenario {
     name: &'static str,
@@ -125,6 +129,16 @@ const SCENARIOS: &[Scenario] = &[
         name: "offline-write",
         about: "a backing written while blksnapd is down gets a new CBT generation; a clean gap does not",
         run: offline_write::offline_write,
+    },
+    Scenario {
+        name: "take-rollback",
+        about: "a take whose image device cannot be served leaves no half-taken snapshot",
+        run: take_rollback::take_rollback,
+    },
+    Scenario {
+        name: "remove-busy",
+        about: "RemoveDevice of a mounted or exclusively held origin: EBUSY, nothing changed",
+        run: remove_busy::remove_busy,
     },
     Scenario {
         name: "recovery",
@@ -1486,6 +1500,7 @@ fn bench(env: &Env) -> R {
 fn sizes_for(name: &str) -> Vec<u64> {
     match name {
         "two-devices" => vec![16 * MIB, 16 * MIB],
+        "remove-busy" => vec![32 * MIB, 16 * MIB],
         "cbt" => vec![64 * MIB],
         "daemon-process" | "restart" | "recovery" | "c-clients" | "cli-backup"
         | "preload-daemon" | "stretch" | "take-freezes" | "exclusive-claim" => vec![],
