@@ -15,9 +15,10 @@ use std::time::Duration;
 use blksnap_engine::io::{BlockDev, Dev, FileDev};
 
 use blksnap_engine::{Engine, StorageSpec};
+use blksnap_model::limits::EVENT_QUEUE_CAPACITY;
 use blksnap_model::{DeviceId, Errno, Error, SectorRange, SnapshotId};
 use blksnap_proto::{
-    CbtInfoW, DeviceEntry, Reply, Request, Role, Storage, WireError, PROTOCOL_VERSION,
+    CbtInfoW, DeviceEntry, EventW, Reply, Request, Role, Storage, WireError, PROTOCOL_VERSION,
 };
 
 use crate::config::Config;
@@ -255,7 +256,16 @@ pub struct Daemon {
     config: Config,
     state: Mutex<State>,
     persist: Mutex<Option<StateDir>>,
+    /// Events taken from a snapshot's queue for a client that hung up before it got them, by
+    /// snapshot: the next WaitEvent of that snapshot gets them first (older than anything
+    /// still queued in the engine, so the order is kept). Cleared when the snapshot goes.
+    /// Bounded like the engine's queue ([`EVENT_QUEUE_CAPACITY`]).
+    undelivered: Mutex<HashMap<SnapshotId, std::collections::VecDeque<EventW>>>,
 }
+
+/// How long one slice of a WaitEvent waits in the engine before the daemon looks at its
+/// client again (hung up?) and at the events kept for other waiters.
+const WAIT_SLICE_MS: u32 = 100;
 
 /// How [`Daemon::add_origin_with`] brings a device up.
 #[derive(Default)]
@@ -299,6 +309,7 @@ impl Daemon {
             config,
             state: Mutex::new(State::default()),
             persist: Mutex::new(None),
+            undelivered: Mutex::new(HashMap::new()),
         }
     }
 
@@ -575,13 +586,69 @@ impl Daemon {
 
     /// Carries out one request of the current protocol version.
     pub fn handle(&self, req: Request) -> Result<Reply, WireError> {
-        req.validate().map_err(|e| WireError::from_error(&e))?;
-        self.dispatch(req).map_err(|e| WireError::from_error(&e))
+        self.handle_for(req, &|| false)
     }
 
-    fn dispatch(&self, req: Request) -> Result<Reply, Error> {
+    /// As [`Daemon::handle`], for a client that `gone` says has hung up: a WaitEvent stops
+    /// waiting (within [`WAIT_SLICE_MS`]) once it has, so it takes no event nobody will read.
+    pub fn handle_for(&self, req: Request, gone: &dyn Fn() -> bool) -> Result<Reply, WireError> {
+        req.validate().map_err(|e| WireError::from_error(&e))?;
+        self.dispatch(req, gone).map_err(|e| WireError::from_error(&e))
+    }
+
+    /// An event a WaitEvent took for a client that then could not be given it (hung up): kept
+    /// for the next waiter of the snapshot, before anything still queued.
+    pub fn requeue_event(&self, id: SnapshotId, event: EventW) {
+        if !self.engine.snapshot_collect().contains(&id) {
+            return; // destroyed meanwhile: its events went with it
+        }
+        let mut kept = self.undelivered.lock().unwrap_or_else(|p| p.into_inner());
+        let q = kept.entry(id).or_default();
+        if q.len() < EVENT_QUEUE_CAPACITY {
+            q.push_front(event);
+        }
+    }
+
+    /// WaitEvent: the events kept for this snapshot first, then the engine's queue, in slices
+    /// so that a hung-up client is noticed and kept events reach a waiter already waiting.
+    fn wait_event(
+        &self,
+        id: SnapshotId,
+        timeout_ms: u32,
+        gone: &dyn Fn() -> bool,
+    ) -> Result<Reply, Error> {
+        let deadline = std::time::Instant::now() + Duration::from_millis(u64::from(timeout_ms));
+        loop {
+            let kept = {
+                let mut kept = self.undelivered.lock().unwrap_or_else(|p| p.into_inner());
+                let ev = kept.get_mut(&id).and_then(|q| q.pop_front());
+                kept.retain(|_, q| !q.is_empty());
+                ev
+            };
+            if let Some(ev) = kept {
+                return Ok(Reply::Event(ev));
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let left_ms = u32::try_from(left.as_millis()).unwrap_or(u32::MAX);
+            let slice = left_ms.min(WAIT_SLICE_MS);
+            match self.engine.wait_event(id, slice) {
+                Ok(ev) => return Ok(Reply::Event(ev.into())),
+                Err(e) if e.errno == Errno::ENOENT && left_ms > slice && !gone() => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn forget_events(&self, id: SnapshotId) {
+        self.undelivered.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+    }
+
+    fn dispatch(&self, req: Request, gone: &dyn Fn() -> bool) -> Result<Reply, Error> {
         let e = &self.engine;
         Ok(match req {
+            Request::WaitEvent { id, timeout_ms } => {
+                self.wait_event(id.into(), timeout_ms, gone)?
+            }
             Request::Version => Reply::Version {
                 protocol: PROTOCOL_VERSION,
                 daemon: format!("blksnapd {}", env!("CARGO_PKG_VERSION")),
@@ -593,7 +660,6 @@ impl Daemon {
             | Request::CbtMap { .. }
             | Request::CbtDirty { .. }
             | Request::SnapshotCollect
-            | Request::WaitEvent { .. }
             | Request::StorageStats { .. }) => engine_reply(e, req)?,
             Request::SnapshotCreate { storage } => {
                 let (spec, backends) = match storage {
@@ -775,6 +841,7 @@ impl Daemon {
             eprintln!("blksnapd: snapshot {id}: rollback of the take: destroy: {e:?}");
         }
         st.snapshots.remove(&id);
+        self.forget_events(id);
         set_storages(&st, &members, &[]);
         let images: Vec<Image> = started.iter().filter_map(|o| st.images.remove(o)).collect();
         self.save_map(&st);
@@ -810,6 +877,7 @@ impl Daemon {
         // The engine first: from here on image I/O fails (ENODEV → EIO to the block layer),
         // so removing a mounted image's device below cannot wait on our own I/O.
         self.engine.snapshot_destroy(id)?;
+        self.forget_events(id);
         let rec = st.snapshots.remove(&id).unwrap_or_default();
         set_storages(&st, &rec.members, &[]);
         let mut images = Vec::new();

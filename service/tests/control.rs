@@ -358,3 +358,83 @@ fn a_take_whose_image_cannot_be_served_is_rolled_back() {
     c.req(Request::SnapshotDestroy { id }).unwrap();
     daemon.remove_origin(dev.into()).unwrap();
 }
+
+/// A WaitEvent whose client hangs up takes no event: the event goes to the next waiter. (Before,
+/// the hung-up client's request thread took it and the write of the reply failed: lost.)
+#[test]
+fn events_are_not_lost_to_a_client_that_hung_up() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let socket = dir.join("control");
+    let cfg = Config { socket: socket.clone(), link_dir: dir.to_path_buf(), ..Config::default() };
+    let mut params = blksnap_model::Params::default();
+    params.set("diff_storage_minimum_sectors", 1024).unwrap();
+    let config = EngineConfig::new(params, None, blksnap_engine::clock::Clock::monotonic());
+    let engine = Arc::new(Engine::new(config).unwrap());
+    let daemon = Arc::new(Daemon::new(engine, Box::new(NullFrontend::default()), cfg));
+    let server = ControlServer::bind(&socket, None).unwrap();
+    let d = daemon.clone();
+    std::thread::spawn(move || server.serve(d));
+    let backing = dir.join("b.img");
+    std::fs::File::create(&backing).unwrap().set_len(8 << 20).unwrap();
+    let dev: Dev = daemon.add_origin(&backing, true).unwrap().into();
+    let storage = dir.join("ranges.img");
+    std::fs::File::create(&storage).unwrap().set_len(1 << 20).unwrap();
+    let mut c = Client::connect(&socket).unwrap();
+    let Reply::Created(id) = c.req(Request::SnapshotCreate { storage: Storage::Ranges }).unwrap()
+    else {
+        panic!()
+    };
+    // the create's low-space request
+    let Reply::Event(_) = c.req(Request::WaitEvent { id, timeout_ms: 0 }).unwrap() else {
+        panic!()
+    };
+    c.req(Request::SnapshotAppend {
+        id,
+        path: storage.display().to_string(),
+        ranges: vec![Range { offset: 0, count: 1024 }],
+    })
+    .unwrap();
+    c.req(Request::SnapshotAdd { id, dev }).unwrap();
+    c.req(Request::SnapshotTake { id }).unwrap();
+    // A waits long, and hangs up before anything happens
+    let mut a = UnixStream::connect(&socket).unwrap();
+    a.write_all(
+        &encode(&RequestFrame {
+            version: PROTOCOL_VERSION,
+            request: Request::WaitEvent { id, timeout_ms: 20_000 },
+        })
+        .unwrap(),
+    )
+    .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    drop(a);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    // the first copy-on-write fills half the 1024 sectors: a low-space event
+    daemon.engine().write(dev.into(), 0, &[7u8; 4096]).unwrap();
+    let t = std::time::Instant::now();
+    let r = c.req(Request::WaitEvent { id, timeout_ms: 3000 });
+    assert!(
+        matches!(
+            r,
+            Ok(Reply::Event(blksnap_proto::EventW { kind: EventKindW::LowFreeSpace { .. }, .. }))
+        ),
+        "{r:?} after {:?}",
+        t.elapsed()
+    );
+    // an event kept for a hung-up client reaches a waiter that is already waiting
+    let ev =
+        blksnap_proto::EventW { time_ns: 1, kind: EventKindW::NoSpace { requested_sectors: 9 } };
+    let d = daemon.clone();
+    let keeper = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        d.requeue_event(id.into(), ev);
+    });
+    let r = c.req(Request::WaitEvent { id, timeout_ms: 5000 }).unwrap();
+    keeper.join().unwrap();
+    assert_eq!(r, Reply::Event(ev));
+    c.req(Request::SnapshotDestroy { id }).unwrap();
+    daemon.requeue_event(id.into(), ev); // destroyed: nothing kept
+    let e = c.call(Request::WaitEvent { id, timeout_ms: 0 }).unwrap().unwrap_err();
+    assert_eq!(e.errno, 3, "ESRCH: nothing kept for a destroyed snapshot");
+}
