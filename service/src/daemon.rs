@@ -39,6 +39,9 @@ pub struct Target {
     pub storages: Mutex<Vec<Dev>>,
     /// `Some(origin)` for an image device.
     pub image_of: Option<DeviceId>,
+    /// Set when serving a request panicked: the device's state can no longer be trusted, so
+    /// every later request fails with EIO (the panicking one too) instead of hanging.
+    pub failed: std::sync::atomic::AtomicBool,
 }
 
 impl Target {
@@ -227,6 +230,8 @@ pub fn open_backing(path: &Path) -> Result<(std::fs::File, BackingKey), Error> {
 struct Image {
     served: Box<dyn Served>,
     links: Vec<PathBuf>,
+    /// Its data path's view (the storage list it flushes follows appends).
+    target: Arc<Target>,
 }
 
 #[derive(Default)]
@@ -394,6 +399,7 @@ impl Daemon {
             backing: dev.clone(),
             storages: Mutex::new(Vec::new()),
             image_of: None,
+            failed: Default::default(),
         });
         let engine = self.engine.clone();
         let t = target.clone();
@@ -817,12 +823,13 @@ impl Daemon {
                     o.target.storages.lock().map(|s| s.clone()).unwrap_or_default(),
                 ),
                 image_of: Some(origin),
+                failed: Default::default(),
             });
             let name = format!("blksnap-image-{}-{}", origin.major, origin.minor);
-            match self.frontend.serve(&name, target, Box::new(|_| Ok(()))) {
+            match self.frontend.serve(&name, target.clone(), Box::new(|_| Ok(()))) {
                 Ok(served) => {
                     let links = self.make_links(origin, &served.path());
-                    st.images.insert(origin, Image { served, links });
+                    st.images.insert(origin, Image { served, links, target });
                     started.push(origin);
                 }
                 Err(err) => {
@@ -963,10 +970,13 @@ fn exclusive_probe(node: &str) -> Result<Option<std::fs::File>, Error> {
     }
 }
 
+/// Sets the storage list flushed on flush/FUA by the members' origin and image devices (storage
+/// appended after the take must be flushed by the images' flushes too).
 fn set_storages(st: &State, members: &[DeviceId], storages: &[Dev]) {
     for m in members {
-        if let Some(o) = st.origins.get(m) {
-            if let Ok(mut s) = o.target.storages.lock() {
+        let targets = [st.origins.get(m).map(|o| &o.target), st.images.get(m).map(|i| &i.target)];
+        for t in targets.into_iter().flatten() {
+            if let Ok(mut s) = t.storages.lock() {
                 *s = storages.to_vec();
             }
         }
