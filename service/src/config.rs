@@ -9,6 +9,7 @@
 //! queue_depth = 64
 //! io_buf_bytes = 524288
 //! state_dir = "/var/lib/blksnap"  # CBT kept across clean restarts; crash marker; device map
+//! keep_devices = false              # a clean stop leaves the devices to the next daemon
 //! freeze = true                     # TAKE freezes the filesystems mounted on the origins
 //! freeze_timeout_secs = 30          # a freeze not done by then fails the take (EAGAIN)
 //!
@@ -89,6 +90,10 @@ pub struct Config {
     /// State directory (`crate::state`): saved CBT, the running marker, the device map.
     #[serde(default = "default_state_dir")]
     pub state_dir: PathBuf,
+    /// A clean stop leaves the origin devices (and what is mounted on them) to the next daemon,
+    /// which takes them over with the saved CBT; otherwise a clean stop removes them.
+    #[serde(default)]
+    pub keep_devices: bool,
     /// TAKE freezes the filesystems mounted on the snapshot's origins (`crate::freeze`).
     #[serde(default = "yes")]
     pub freeze: bool,
@@ -139,6 +144,7 @@ impl Default for Config {
             queue_depth: default_depth(),
             io_buf_bytes: default_io_buf(),
             state_dir: default_state_dir(),
+            keep_devices: false,
             freeze: true,
             freeze_timeout_secs: default_freeze_timeout(),
             params: BTreeMap::new(),

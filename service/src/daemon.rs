@@ -474,11 +474,18 @@ impl Daemon {
             Some(sd) => (sd.unclean(), sd.load_map()),
             None => (false, Vec::new()),
         };
+        if !unclean && !map.is_empty() {
+            eprintln!(
+                "blksnapd: the previous run stopped cleanly and left its devices: taking them over"
+            );
+        }
         if unclean {
             eprintln!(
                 "blksnapd: the previous run did not stop cleanly: every tracker starts a new \
                  CBT generation; recovering its devices"
             );
+        }
+        if !map.is_empty() {
             for e in &map {
                 if e.role == MapRole::Image {
                     self.frontend.remove_stale(e.handle);
@@ -488,7 +495,7 @@ impl Daemon {
         let mut ids = Vec::new();
         let mut recovered = Vec::new();
         for d in &self.config.devices {
-            let how = self.start_plan(&d.backing, d.attach, unclean, &map);
+            let how = self.start_plan(&d.backing, d.attach, &map);
             if let Some(h) = how.recover {
                 recovered.push(h);
             }
@@ -508,13 +515,7 @@ impl Daemon {
 
     /// How the configured device `backing` comes up (see [`Daemon::add_configured`]); logs
     /// the decision.
-    fn start_plan(
-        &self,
-        backing: &Path,
-        attach: bool,
-        unclean: bool,
-        map: &[MapEntry],
-    ) -> OriginStart {
+    fn start_plan(&self, backing: &Path, attach: bool, map: &[MapEntry]) -> OriginStart {
         let mut how = OriginStart { attach, ..OriginStart::default() };
         let persist = self.persist();
         let Some(sd) = persist.as_ref() else { return how };
@@ -527,7 +528,8 @@ impl Daemon {
                 return how;
             }
         };
-        if unclean {
+        // A device the previous run left (crash, or a clean stop with `keep_devices`).
+        if !map.is_empty() {
             let handle = map.iter().find_map(|e| match &e.role {
                 MapRole::Origin(b) if *b == identity.backing => Some(e.handle),
                 _ => None,
@@ -904,9 +906,19 @@ impl Daemon {
         Ok(())
     }
 
-    /// Clean stop: destroys every snapshot (removing images), then stops every origin device.
-    /// With a state directory, each origin's tracker is saved once its device is stopped (no
-    /// write can reach it any more) and its backing flushed; the marker goes last.
+    /// Clean stop: destroys every snapshot (removing images), then stops every origin device —
+    /// or, with `keep_devices` and a state directory, leaves each origin device to the next
+    /// daemon (see below). With a state directory, each origin's tracker is saved once no write
+    /// can reach its backing any more and the backing is flushed; the marker goes last.
+    ///
+    /// Keeping a device: the data path's lock ([`Target::origin`]) is taken for writing and
+    /// never released — requests in flight finish first (they hold it for reading), later ones
+    /// wait in their queue thread — so the saved CBT has every write that reached the backing.
+    /// The device is not stopped: when the process exits the kernel quiesces it (ublk user
+    /// recovery), keeps `/dev/ublkbN` and what is mounted on it, and reissues the waiting and
+    /// new requests to the next daemon, which takes the device over with the saved CBT (same
+    /// generation; the device map in the state directory says which device was which). The
+    /// caller must exit the process right after.
     pub fn shutdown(&self) {
         for id in self.engine.snapshot_collect() {
             if let Err(e) = self.destroy(id) {
@@ -919,37 +931,55 @@ impl Daemon {
             std::mem::take(&mut st.origins)
         };
         let persist = self.persist().take();
+        let keep = self.config.keep_devices && persist.is_some();
+        let mut kept = 0;
         for (id, o) in origins {
-            o.served.stop();
-            let Some(sd) = persist.as_ref() else { continue };
-            let Ok(cbt) = self.engine.cbt_export(id) else { continue }; // no tracker
-            let saved = o
-                .target
-                .backing
-                .flush()
-                .map_err(|e| format!("flush: {e:?}"))
-                .and_then(|()| {
-                    Identity::of(&o.backing_path, o.target.capacity_bytes())
-                        .map_err(|e| e.to_string())
-                })
-                .and_then(|identity| sd.save_cbt(&SavedCbt::new(identity, cbt)));
-            match saved {
-                Ok(path) => eprintln!(
-                    "blksnapd: {}: CBT saved to {}",
+            if keep && o.served.handle().is_some() {
+                let gate = o.target.origin.write().unwrap_or_else(|p| p.into_inner());
+                std::mem::forget(gate);
+                if let Some(sd) = persist.as_ref() {
+                    save_tracker(&self.engine, sd, id, &o.target, &o.backing_path);
+                }
+                eprintln!(
+                    "blksnapd: {}: {} left for the next daemon",
                     o.backing_path.display(),
-                    path.display()
-                ),
-                Err(e) => eprintln!(
-                    "blksnapd: {}: CBT not saved ({e}): the next start begins a new generation",
-                    o.backing_path.display()
-                ),
+                    o.served.path()
+                );
+                // No drop: dropping the served device would stop it.
+                std::mem::forget(o);
+                kept += 1;
+            } else {
+                let Origin { served, target, backing_path, .. } = o;
+                served.stop();
+                if let Some(sd) = persist.as_ref() {
+                    save_tracker(&self.engine, sd, id, &target, &backing_path);
+                }
             }
         }
         if let Some(sd) = persist {
-            if let Err(e) = sd.close_clean() {
+            let closed = if kept > 0 { sd.close_keeping_devices() } else { sd.close_clean() };
+            if let Err(e) = closed {
                 eprintln!("blksnapd: state directory: {e}");
             }
         }
+    }
+}
+
+/// Saves the tracker of `id` (if it has one) after flushing its backing; logs the outcome.
+fn save_tracker(engine: &Engine, sd: &StateDir, id: DeviceId, target: &Target, backing: &Path) {
+    let Ok(cbt) = engine.cbt_export(id) else { return }; // no tracker
+    let saved = target
+        .backing
+        .flush()
+        .map_err(|e| format!("flush: {e:?}"))
+        .and_then(|()| Identity::of(backing, target.capacity_bytes()).map_err(|e| e.to_string()))
+        .and_then(|identity| sd.save_cbt(&SavedCbt::new(identity, cbt)));
+    match saved {
+        Ok(path) => eprintln!("blksnapd: {}: CBT saved to {}", backing.display(), path.display()),
+        Err(e) => eprintln!(
+            "blksnapd: {}: CBT not saved ({e}): the next start begins a new generation",
+            backing.display()
+        ),
     }
 }
 

@@ -9,8 +9,9 @@
 //!   plus the device's identity and write witness ([`Identity`]: the restore rule). A file is
 //!   consumed (removed) when it is loaded, so it is used at most once.
 //! * `devices` — the ublk devices this daemon runs (origins by backing, images), rewritten on
-//!   every change, for user recovery after an unclean stop (the origins are recovered, stale
-//!   image devices deleted); stamped with the boot id, ignored after a reboot.
+//!   every change, for user recovery after an unclean stop or a clean stop that kept the devices
+//!   (`keep_devices`): the origins are taken over, stale image devices deleted; stamped with the
+//!   boot id, ignored after a reboot. Removed by a clean stop that removes the devices.
 //!
 //! Every file is written to a temporary name, fsynced, renamed over the old one, and the
 //! directory fsynced. State files are `MAGIC`, a format version, the postcard payload and a
@@ -426,6 +427,13 @@ impl StateDir {
     pub fn save_map(&self, map: &[MapEntry]) -> Result<(), String> {
         let bytes = encode(&(boot_id(), map.to_vec()))?;
         write_atomic(&self.dir.join(DEVICES), &bytes).map_err(|e| format!("device map: {e}"))
+    }
+
+    /// Clean stop that leaves its origin devices to the next daemon: the device map stays (the
+    /// next start takes those devices over), the marker is removed (last).
+    pub fn close_keeping_devices(self) -> std::io::Result<()> {
+        std::fs::remove_file(self.dir.join(MARKER))?;
+        fsync_dir(&self.dir)
     }
 
     /// Clean stop: removes the device map and then the marker (last).

@@ -42,6 +42,8 @@ mod exclusive_claim;
 mod offline_write;
 #[path = "vmtest/remove_busy.rs"]
 mod remove_busy;
+#[path = "vmtest/restart_mounted.rs"]
+mod restart_mounted;
 #[path = "vmtest/take_freezes.rs"]
 mod take_freezes;
 #[path = "vmtest/take_rollback.rs"]
@@ -139,6 +141,11 @@ const SCENARIOS: &[Scenario] = &[
         name: "remove-busy",
         about: "RemoveDevice of a mounted or exclusively held origin: EBUSY, nothing changed",
         run: remove_busy::remove_busy,
+    },
+    Scenario {
+        name: "restart-mounted",
+        about: "blksnapd --keep-devices restarted under a mounted, written ext4: mount, data, CBT kept",
+        run: restart_mounted::restart_mounted,
     },
     Scenario {
         name: "recovery",

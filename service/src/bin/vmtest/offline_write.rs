@@ -17,7 +17,7 @@ fn write_some(node: &str, at: u64) -> R {
 }
 
 /// A take and a destroy, so the saved state has a non-trivial number and maps.
-fn take_destroy(env: &Env, d: &DaemonProc, dev: Dev) -> R {
+pub(crate) fn take_destroy(env: &Env, d: &DaemonProc, dev: Dev) -> R {
     let mut c = d.client()?;
     let storage = env.path("diff.img");
     sparse_file(&storage, 8 * MIB)?;
