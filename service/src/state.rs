@@ -506,6 +506,21 @@ mod tests {
     }
 
     #[test]
+    fn a_stop_that_keeps_devices_keeps_the_map_and_is_clean() {
+        let dir = tempfile::tempdir().unwrap();
+        let sd = StateDir::open(dir.path()).unwrap();
+        let map = vec![MapEntry { handle: 1, role: MapRole::Origin("/x".into()) }];
+        sd.save_map(&map).unwrap();
+        sd.close_keeping_devices().unwrap();
+        let sd = StateDir::open(dir.path()).unwrap();
+        assert!(!sd.unclean(), "a kept-devices stop is clean");
+        assert_eq!(sd.load_map(), map, "the next start finds the devices to take over");
+        sd.close_clean().unwrap();
+        let sd = StateDir::open(dir.path()).unwrap();
+        assert!(sd.load_map().is_empty(), "an ordinary clean stop removes the map");
+    }
+
+    #[test]
     fn crc_matches_zlib() {
         assert_eq!(crc32(b"123456789"), 0xcbf4_3926);
         assert_eq!(crc32(b""), 0);

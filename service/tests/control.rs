@@ -438,3 +438,50 @@ fn events_are_not_lost_to_a_client_that_hung_up() {
     let e = c.call(Request::WaitEvent { id, timeout_ms: 0 }).unwrap().unwrap_err();
     assert_eq!(e.errno, 3, "ESRCH: nothing kept for a destroyed snapshot");
 }
+
+/// The restore rule for a file backing, on any host (null front end): a clean restart keeps the
+/// generation; a write while the daemon is down, even with the mtime set back, starts a new one
+/// (ctime); a clean restart after that keeps the new one.
+#[test]
+fn a_file_written_while_the_daemon_is_down_gets_a_new_generation() {
+    use blksnap_service::config::DeviceConfig;
+    use blksnap_service::StateDir;
+    use std::os::unix::fs::FileExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let backing = dir.join("disk.img");
+    std::fs::File::create(&backing).unwrap().set_len(8 << 20).unwrap();
+    let cfg = Config {
+        socket: dir.join("control"),
+        link_dir: dir.to_path_buf(),
+        state_dir: dir.join("state"),
+        devices: vec![DeviceConfig { backing: backing.clone(), attach: true }],
+        ..Config::default()
+    };
+    // one daemon's life: start (restoring what it can), optionally write, clean stop; returns
+    // the generation it ran with
+    let life = |write: bool| {
+        let engine = Arc::new(Engine::new(EngineConfig::default()).unwrap());
+        let sd = StateDir::open(&cfg.state_dir).unwrap();
+        let d = Daemon::with_state(engine, Box::new(NullFrontend::default()), cfg.clone(), sd);
+        let ids = d.add_configured().unwrap();
+        if write {
+            d.engine().write(ids[0], 1 << 20, &[5u8; 4096]).unwrap();
+        }
+        let generation = d.engine().cbt_info(ids[0]).unwrap().generation_id;
+        d.shutdown();
+        generation
+    };
+    let g1 = life(true);
+    assert_eq!(life(false), g1, "a clean restart keeps the generation");
+    // written behind the daemon's back, mtime set back to what it was
+    let f = std::fs::OpenOptions::new().write(true).open(&backing).unwrap();
+    let mtime = f.metadata().unwrap().modified().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    f.write_all_at(b"offline", 4 << 20).unwrap();
+    f.set_modified(mtime).unwrap();
+    drop(f);
+    let g2 = life(false);
+    assert_ne!(g2, g1, "an offline write with the mtime set back kept the generation");
+    assert_eq!(life(false), g2, "a clean restart after it keeps the new generation");
+}
