@@ -789,11 +789,12 @@ impl Daemon {
     }
 
     fn take(&self, id: SnapshotId) -> Result<(), Error> {
-        let mut st = self.state();
-        let members = st.snapshots.get(&id).map(|r| r.members.clone()).unwrap_or_default();
+        let members = self.state().snapshots.get(&id).map(|r| r.members.clone());
+        let members = members.unwrap_or_default();
         // As the kernel module: freeze what is mounted on the origins, switch, thaw — before
         // the image devices start (that can take a while and needs no frozen filesystem).
-        // `frozen` thaws when dropped, so an engine error or a panic thaws too.
+        // `frozen` thaws when dropped, so an engine error or a panic thaws too. The freeze
+        // (up to `freeze_timeout_secs`) runs without the daemon's lock: other requests go on.
         let frozen = if self.config.freeze {
             let mounts = freeze::mounts_of(&members);
             let timeout = Duration::from_secs(u64::from(self.config.freeze_timeout_secs));
@@ -801,6 +802,10 @@ impl Daemon {
         } else {
             freeze::Frozen::default()
         };
+        let mut st = self.state();
+        // The members as they are now (a SnapshotAdd racing with the take may have added one,
+        // which then is taken unfrozen, as if added just before the take).
+        let members = st.snapshots.get(&id).map(|r| r.members.clone()).unwrap_or_default();
         let taken = self.engine.snapshot_take(id);
         let held = frozen.count();
         drop(frozen);
