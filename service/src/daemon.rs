@@ -607,10 +607,13 @@ impl Daemon {
     /// An event a WaitEvent took for a client that then could not be given it (hung up): kept
     /// for the next waiter of the snapshot, before anything still queued.
     pub fn requeue_event(&self, id: SnapshotId, event: EventW) {
+        // The check and the insertion under one lock: a destroy forgets the kept events (under
+        // this lock) after the engine destroyed the snapshot, so either it removes this one or
+        // this check sees the snapshot gone.
+        let mut kept = self.undelivered.lock().unwrap_or_else(|p| p.into_inner());
         if !self.engine.snapshot_collect().contains(&id) {
             return; // destroyed meanwhile: its events went with it
         }
-        let mut kept = self.undelivered.lock().unwrap_or_else(|p| p.into_inner());
         let q = kept.entry(id).or_default();
         if q.len() < EVENT_QUEUE_CAPACITY {
             q.push_front(event);
