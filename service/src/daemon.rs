@@ -805,7 +805,7 @@ impl Daemon {
         } else {
             freeze::Frozen::default()
         };
-        let mut st = self.state();
+        let st = self.state();
         // The members as they are now (a SnapshotAdd racing with the take may have added one,
         // which then is taken unfrozen, as if added just before the take).
         let members = st.snapshots.get(&id).map(|r| r.members.clone()).unwrap_or_default();
@@ -816,32 +816,36 @@ impl Daemon {
         if held > 0 {
             eprintln!("blksnapd: snapshot {id}: taken with {held} filesystem(s) frozen");
         }
-        // One image device per member; if one cannot be served, the take is rolled back: the
-        // images started so far are removed and the snapshot destroyed (the engine cannot
-        // un-take), so no half-taken snapshot remains. The kernel likewise releases the
-        // trackers' snapshot state when an image cannot be created.
+        // One image device per member, started without the daemon's lock (up to 60 s each);
+        // if one cannot be served, the take is rolled back: the images started so far are
+        // removed and the snapshot destroyed (the engine cannot un-take), so no half-taken
+        // snapshot remains. The kernel likewise releases the trackers' snapshot state when an
+        // image cannot be created. A destroy while the images start wins: they are removed.
+        let targets: Vec<(DeviceId, Arc<Target>)> = members
+            .iter()
+            .filter_map(|origin| {
+                let o = st.origins.get(origin)?;
+                let storages = o.target.storages.lock().map(|s| s.clone()).unwrap_or_default();
+                Some((
+                    *origin,
+                    Arc::new(Target {
+                        engine: self.engine.clone(),
+                        origin: RwLock::new(Some(*origin)),
+                        backing: o.target.backing.clone(),
+                        storages: Mutex::new(storages),
+                        image_of: Some(*origin),
+                        failed: Default::default(),
+                    }),
+                ))
+            })
+            .collect();
+        drop(st);
         let mut started = Vec::new();
         let mut failed = None;
-        for origin in &members {
-            let origin = *origin;
-            let Some(o) = st.origins.get(&origin) else { continue };
-            let target = Arc::new(Target {
-                engine: self.engine.clone(),
-                origin: RwLock::new(Some(origin)),
-                backing: o.target.backing.clone(),
-                storages: Mutex::new(
-                    o.target.storages.lock().map(|s| s.clone()).unwrap_or_default(),
-                ),
-                image_of: Some(origin),
-                failed: Default::default(),
-            });
+        for (origin, target) in targets {
             let name = format!("blksnap-image-{}-{}", origin.major, origin.minor);
             match self.frontend.serve(&name, target.clone(), Box::new(|_| Ok(()))) {
-                Ok(served) => {
-                    let links = self.make_links(origin, &served.path());
-                    st.images.insert(origin, Image { served, links, target });
-                    started.push(origin);
-                }
+                Ok(served) => started.push((origin, served, target)),
                 Err(err) => {
                     eprintln!("blksnapd: image of {origin}: cannot start its device: {err:?}");
                     failed = Some(err);
@@ -849,25 +853,35 @@ impl Daemon {
                 }
             }
         }
-        let Some(err) = failed else {
+        let mut st = self.state();
+        let alive = st.snapshots.contains_key(&id);
+        if failed.is_none() && alive {
+            for (origin, served, target) in started {
+                let links = self.make_links(origin, &served.path());
+                st.images.insert(origin, Image { served, links, target });
+            }
+            // Storage appended while the images started: their flush lists follow.
+            if let Some(rec) = st.snapshots.get(&id) {
+                set_storages(&st, &rec.members, &rec.storages);
+            }
             self.save_map(&st);
             return Ok(());
-        };
-        // Engine first, as in destroy: image I/O fails from here on.
-        if let Err(e) = self.engine.snapshot_destroy(id) {
-            eprintln!("blksnapd: snapshot {id}: rollback of the take: destroy: {e:?}");
         }
-        st.snapshots.remove(&id);
-        self.forget_events(id);
-        set_storages(&st, &members, &[]);
-        let images: Vec<Image> = started.iter().filter_map(|o| st.images.remove(o)).collect();
-        self.save_map(&st);
-        drop(st);
-        for img in images {
-            for l in &img.links {
-                let _ = std::fs::remove_file(l);
+        let err = failed
+            .unwrap_or(Error::new(Errno::ESRCH, "the snapshot was destroyed during the take"));
+        if alive {
+            // Engine first, as in destroy: image I/O fails from here on.
+            if let Err(e) = self.engine.snapshot_destroy(id) {
+                eprintln!("blksnapd: snapshot {id}: rollback of the take: destroy: {e:?}");
             }
-            img.served.stop();
+            st.snapshots.remove(&id);
+            self.forget_events(id);
+            set_storages(&st, &members, &[]);
+            self.save_map(&st);
+        }
+        drop(st);
+        for (_, served, _) in started {
+            served.stop();
         }
         eprintln!("blksnapd: snapshot {id}: take rolled back (snapshot destroyed): {err:?}");
         Err(err)
