@@ -9,6 +9,9 @@
 //! queue_depth = 64
 //! io_buf_bytes = 524288
 //! state_dir = "/var/lib/blksnap"  # CBT kept across clean restarts; crash marker; device map
+//! keep_devices = false              # a clean stop leaves the devices to the next daemon
+//! freeze = true                     # TAKE freezes the filesystems mounted on the origins
+//! freeze_timeout_secs = 30          # a freeze not done by then fails the take (EAGAIN)
 //!
 //! [params]                          # the module parameters (`modinfo blksnap`), optional
 //! diff_storage_minimum_sectors = 2097152   # storage step: v3 low-space request, newest growth
@@ -87,6 +90,16 @@ pub struct Config {
     /// State directory (`crate::state`): saved CBT, the running marker, the device map.
     #[serde(default = "default_state_dir")]
     pub state_dir: PathBuf,
+    /// A clean stop leaves the origin devices (and what is mounted on them) to the next daemon,
+    /// which takes them over with the saved CBT; otherwise a clean stop removes them.
+    #[serde(default)]
+    pub keep_devices: bool,
+    /// TAKE freezes the filesystems mounted on the snapshot's origins (`crate::freeze`).
+    #[serde(default = "yes")]
+    pub freeze: bool,
+    /// How long one filesystem's freeze may take before the take is refused.
+    #[serde(default = "default_freeze_timeout")]
+    pub freeze_timeout_secs: u32,
     /// Engine parameters by their module names (`Params::NAMES`); the rest keep the defaults.
     #[serde(default)]
     pub params: BTreeMap<String, u64>,
@@ -110,6 +123,9 @@ fn default_links() -> Vec<LinkStyle> {
 fn default_state_dir() -> PathBuf {
     PathBuf::from("/var/lib/blksnap")
 }
+fn default_freeze_timeout() -> u32 {
+    30
+}
 fn default_depth() -> u16 {
     64
 }
@@ -128,6 +144,9 @@ impl Default for Config {
             queue_depth: default_depth(),
             io_buf_bytes: default_io_buf(),
             state_dir: default_state_dir(),
+            keep_devices: false,
+            freeze: true,
+            freeze_timeout_secs: default_freeze_timeout(),
             params: BTreeMap::new(),
             devices: Vec::new(),
         }
@@ -159,6 +178,9 @@ impl Config {
         }
         if self.queues == Some(0) || self.queues.is_some_and(|q| q > 64) {
             return Err("queues must be 1..=64".into());
+        }
+        if !(1..=3600).contains(&self.freeze_timeout_secs) {
+            return Err("freeze_timeout_secs must be 1..=3600".into());
         }
         if !(1..=4096).contains(&self.queue_depth) {
             return Err("queue_depth must be 1..=4096".into());
@@ -258,6 +280,9 @@ mod tests {
         assert!(Config::parse("unknown = 1").is_err());
         assert!(Config::parse("queues = 0").is_err());
         assert!(Config::parse("io_buf_bytes = 1000").is_err());
+        assert!(Config::parse("freeze_timeout_secs = 0").is_err());
+        assert!(!Config::parse("freeze = false").unwrap().freeze);
+        assert!(Config::default().freeze, "freezing is on by default");
         assert!(Config::parse("[[device]]\nbacking = \"rel.img\"").is_err());
         assert_eq!(Config::parse("").unwrap(), Config::default());
         let e = Config::parse("[params]\nno_such_param = 1").unwrap_err();

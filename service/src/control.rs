@@ -114,6 +114,14 @@ impl ControlServer {
     }
 }
 
+/// Whether the peer of `stream` has hung up (or the socket failed), without blocking.
+fn peer_gone(stream: &UnixStream) -> bool {
+    let mut pfd = libc::pollfd { fd: stream.as_raw_fd(), events: libc::POLLRDHUP, revents: 0 };
+    // SAFETY: one valid pollfd for the call's duration; the fd is owned by `stream`; timeout 0.
+    let rc = unsafe { libc::poll(&mut pfd, 1, 0) };
+    rc < 0 || pfd.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0
+}
+
 fn respond(stream: &mut UnixStream, result: Result<Reply, WireError>) -> io::Result<()> {
     write_frame(stream, &ResponseFrame { version: PROTOCOL_VERSION, result })
 }
@@ -158,7 +166,21 @@ pub fn serve_connection(mut stream: UnixStream, daemon: &Daemon, group: Option<u
             let _ = respond(&mut stream, Err(WireError::new(Errno::EINVAL, msg)));
             return;
         }
-        let result = daemon.handle(frame.request);
+        let waited = match frame.request {
+            blksnap_proto::Request::WaitEvent { id, .. } => Some(id),
+            _ => None,
+        };
+        let result = daemon.handle_for(frame.request, &|| peer_gone(&stream));
+        if let (Some(id), Ok(Reply::Event(event))) = (waited, &result) {
+            // An event taken for a client that hung up meanwhile is kept for the next waiter
+            // (a restarted `stretch_snapshot` must still see the low-space event).
+            let event = *event;
+            if peer_gone(&stream) || respond(&mut stream, result).is_err() {
+                daemon.requeue_event(id.into(), event);
+                return;
+            }
+            continue;
+        }
         if respond(&mut stream, result).is_err() {
             return;
         }

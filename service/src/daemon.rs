@@ -10,16 +10,19 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
 
 use blksnap_engine::io::{BlockDev, Dev, FileDev};
 
 use blksnap_engine::{Engine, StorageSpec};
+use blksnap_model::limits::EVENT_QUEUE_CAPACITY;
 use blksnap_model::{DeviceId, Errno, Error, SectorRange, SnapshotId};
 use blksnap_proto::{
-    CbtInfoW, DeviceEntry, Reply, Request, Role, Storage, WireError, PROTOCOL_VERSION,
+    CbtInfoW, DeviceEntry, EventW, Reply, Request, Role, Storage, WireError, PROTOCOL_VERSION,
 };
 
 use crate::config::Config;
+use crate::freeze;
 use crate::state::{Identity, MapEntry, MapRole, SavedCbt, StateDir};
 
 /// What one served device needs on its data path.
@@ -36,6 +39,9 @@ pub struct Target {
     pub storages: Mutex<Vec<Dev>>,
     /// `Some(origin)` for an image device.
     pub image_of: Option<DeviceId>,
+    /// Set when serving a request panicked: the device's state can no longer be trusted, so
+    /// every later request fails with EIO (the panicking one too) instead of hanging.
+    pub failed: std::sync::atomic::AtomicBool,
 }
 
 impl Target {
@@ -111,6 +117,15 @@ pub trait Frontend: Send + Sync {
 #[derive(Default)]
 pub struct NullFrontend {
     next: Mutex<u32>,
+    /// While set, serving an image fails with ENOMEM (tests of the take's rollback).
+    fail_images: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl NullFrontend {
+    /// A null frontend whose image devices fail to start while `fail` is set.
+    pub fn failing_images(fail: Arc<std::sync::atomic::AtomicBool>) -> NullFrontend {
+        NullFrontend { next: Mutex::new(0), fail_images: fail }
+    }
 }
 
 struct NullServed(DeviceId);
@@ -133,6 +148,9 @@ impl Frontend for NullFrontend {
         started: Box<dyn FnOnce(DeviceId) -> Result<(), Error> + Send>,
     ) -> Result<Box<dyn Served>, Error> {
         let dev = match target.image_of {
+            Some(_) if self.fail_images.load(std::sync::atomic::Ordering::SeqCst) => {
+                return Err(Error::new(Errno::ENOMEM, "image devices fail (test setting)"));
+            }
             Some(origin) => DeviceId::new(241, origin.minor),
             None => {
                 let mut n = self.next.lock().expect("poisoned");
@@ -151,11 +169,69 @@ struct Origin {
     backing_path: PathBuf,
     /// Canonical backing path (the device's identity in the state directory).
     canonical: String,
+    /// What the backing is, whatever the path (its claim in [`State::claims`]).
+    key: BackingKey,
+}
+
+/// What a backing is, independent of the path used to name it: a block device by its number,
+/// a regular file by device and inode — a second path, a symlink or a hard link to a served
+/// backing is the same backing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum BackingKey {
+    /// A block device (`st_rdev`).
+    Block(u64),
+    /// A regular file (`st_dev`, `st_ino`).
+    File(u64, u64),
+}
+
+impl BackingKey {
+    /// The key of an open backing (from `fstat`, so it names what was opened, not what the
+    /// path names now). EINVAL for anything but a regular file or a block device.
+    pub fn of(meta: &std::fs::Metadata) -> Result<BackingKey, Error> {
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        if meta.file_type().is_block_device() {
+            Ok(BackingKey::Block(meta.rdev()))
+        } else if meta.is_file() {
+            Ok(BackingKey::File(meta.dev(), meta.ino()))
+        } else {
+            Err(Error::new(Errno::EINVAL, "a backing must be a regular file or a block device"))
+        }
+    }
+}
+
+/// Opens a backing for serving: read-write; a block device also exclusively (`O_EXCL`, the
+/// kernel's block-device claim): while it is served nobody can mount it or open it
+/// exclusively (EBUSY), and it cannot be served while something holds it so (EBUSY).
+/// Returns the open file and its key (from `fstat` of the descriptor).
+pub fn open_backing(path: &Path) -> Result<(std::fs::File, BackingKey), Error> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let os = |e: std::io::Error, detail: &'static str| {
+        Error::new(e.raw_os_error().and_then(Errno::from_code).unwrap_or(Errno::EIO), detail)
+    };
+    let meta = std::fs::metadata(path).map_err(|e| os(e, "cannot stat the backing"))?;
+    BackingKey::of(&meta)?;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.read(true).write(true);
+    if meta.file_type().is_block_device() {
+        // O_EXCL without O_CREAT on a block device: an exclusive open (bdev claim).
+        opts.custom_flags(libc::O_EXCL);
+    }
+    let file = opts.open(path).map_err(|e| match e.raw_os_error() {
+        Some(libc::EBUSY) => Error::new(
+            Errno::EBUSY,
+            "the backing block device is in use (mounted, or opened exclusively by another)",
+        ),
+        _ => os(e, "cannot open the backing"),
+    })?;
+    let key = BackingKey::of(&file.metadata().map_err(|e| os(e, "cannot stat the backing"))?)?;
+    Ok((file, key))
 }
 
 struct Image {
     served: Box<dyn Served>,
     links: Vec<PathBuf>,
+    /// Its data path's view (the storage list it flushes follows appends).
+    target: Arc<Target>,
 }
 
 #[derive(Default)]
@@ -169,6 +245,10 @@ struct State {
     origins: BTreeMap<DeviceId, Origin>,
     snapshots: HashMap<SnapshotId, SnapRec>,
     images: BTreeMap<DeviceId, Image>,
+    /// Every backing served or being brought up: a claim is taken (under this lock) before
+    /// the backing is opened and served, and released if that fails, so that two racing adds
+    /// of one backing — by any path — have exactly one winner.
+    claims: std::collections::HashSet<BackingKey>,
     /// v3 storage files by (st_dev, st_ino), opened once: the engine recognises ranges of one
     /// file appended twice (to one or two live snapshots) only when they share the handle.
     storage_files: HashMap<(u64, u64), Dev>,
@@ -181,7 +261,16 @@ pub struct Daemon {
     config: Config,
     state: Mutex<State>,
     persist: Mutex<Option<StateDir>>,
+    /// Events taken from a snapshot's queue for a client that hung up before it got them, by
+    /// snapshot: the next WaitEvent of that snapshot gets them first (older than anything
+    /// still queued in the engine, so the order is kept). Cleared when the snapshot goes.
+    /// Bounded like the engine's queue ([`EVENT_QUEUE_CAPACITY`]).
+    undelivered: Mutex<HashMap<SnapshotId, std::collections::VecDeque<EventW>>>,
 }
+
+/// How long one slice of a WaitEvent waits in the engine before the daemon looks at its
+/// client again (hung up?) and at the events kept for other waiters.
+const WAIT_SLICE_MS: u32 = 100;
 
 /// How [`Daemon::add_origin_with`] brings a device up.
 #[derive(Default)]
@@ -194,6 +283,28 @@ pub struct OriginStart {
     pub recover: Option<u32>,
 }
 
+/// A backing claimed for an add in progress; released when dropped unless kept (the add
+/// succeeded and the origin now holds the claim).
+struct Claim<'a> {
+    daemon: &'a Daemon,
+    key: Option<BackingKey>,
+}
+
+impl Claim<'_> {
+    /// The add succeeded: the claim stays until the origin is removed.
+    fn keep(mut self) {
+        self.key = None;
+    }
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        if let Some(key) = self.key.take() {
+            self.daemon.state().claims.remove(&key);
+        }
+    }
+}
+
 impl Daemon {
     /// A daemon with no devices yet.
     pub fn new(engine: Arc<Engine>, frontend: Box<dyn Frontend>, config: Config) -> Daemon {
@@ -203,6 +314,7 @@ impl Daemon {
             config,
             state: Mutex::new(State::default()),
             persist: Mutex::new(None),
+            undelivered: Mutex::new(HashMap::new()),
         }
     }
 
@@ -262,39 +374,56 @@ impl Daemon {
         self.add_origin_with(backing, OriginStart { attach, ..OriginStart::default() })
     }
 
-    /// Serves `backing` as a tracked device, as `how` says; returns its id.
+    /// Serves `backing` as a tracked device, as `how` says; returns its id. All or nothing:
+    /// EALREADY if this backing (by any path) is served or being added, EBUSY if a block device
+    /// backing is in use elsewhere; on any failure nothing stays claimed or served.
     pub fn add_origin_with(&self, backing: &Path, how: OriginStart) -> Result<DeviceId, Error> {
         let canonical = std::fs::canonicalize(backing)
             .map_or_else(|_| backing.display().to_string(), |p| p.display().to_string());
-        if self.state().origins.values().any(|o| o.canonical == canonical) {
-            return Err(Error::new(Errno::EALREADY, "this backing is already served"));
+        // Claim the backing by what it is before opening it: a duplicate is EALREADY (not the
+        // EBUSY of our own O_EXCL open), and the check and the claim are one step.
+        let meta = std::fs::metadata(backing).map_err(|e| {
+            let errno = e.raw_os_error().and_then(Errno::from_code).unwrap_or(Errno::EIO);
+            Error::new(errno, "cannot stat the backing")
+        })?;
+        let key = BackingKey::of(&meta)?;
+        let claim = self.claim(key)?;
+        let (file, opened) = open_backing(backing)?;
+        if opened != key {
+            return Err(Error::new(Errno::EAGAIN, "the backing path changed while being added"));
         }
-        let file = FileDev::open(backing, true)?;
-        let dev: Dev = Arc::new(file);
+        let dev: Dev = Arc::new(FileDev::from_file(file)?);
         let target = Arc::new(Target {
             engine: self.engine.clone(),
             origin: RwLock::new(None),
             backing: dev.clone(),
             storages: Mutex::new(Vec::new()),
             image_of: None,
+            failed: Default::default(),
         });
         let engine = self.engine.clone();
         let t = target.clone();
         let OriginStart { attach, cbt, recover } = how;
         let started = Box::new(move |id: DeviceId| {
             engine.add_disk(id, dev, 1)?;
-            match &cbt {
-                Some(state) => {
-                    if let Err(e) = engine.attach_with_cbt(id, state) {
+            let tracked = match &cbt {
+                Some(state) => match engine.attach_with_cbt(id, state) {
+                    Ok(()) => Ok(()),
+                    Err(e) => {
                         eprintln!(
                             "blksnapd: {id}: saved CBT refused by the engine ({e:?}): tracking \
                              starts a new generation"
                         );
-                        engine.attach(id)?;
+                        engine.attach(id)
                     }
-                }
-                None if attach => engine.attach(id)?,
-                None => {}
+                },
+                None if attach => engine.attach(id),
+                None => Ok(()),
+            };
+            if let Err(e) = tracked {
+                // The device will not be served: leave no engine disk behind.
+                let _ = engine.remove_disk(id);
+                return Err(e);
             }
             *t.origin.write().unwrap_or_else(|p| p.into_inner()) = Some(id);
             Ok(())
@@ -306,10 +435,34 @@ impl Daemon {
         };
         let id = served.dev();
         let mut st = self.state();
-        st.origins
-            .insert(id, Origin { served, target, backing_path: backing.to_path_buf(), canonical });
+        claim.keep();
+        st.origins.insert(
+            id,
+            Origin { served, target, backing_path: backing.to_path_buf(), canonical, key },
+        );
         self.save_map(&st);
         Ok(id)
+    }
+
+    /// Claims `key` for an add in progress: EALREADY if it is served or being added.
+    fn claim(&self, key: BackingKey) -> Result<Claim<'_>, Error> {
+        let mut st = self.state();
+        if let BackingKey::Block(rdev) = key {
+            let dev = DeviceId::new(libc::major(rdev), libc::minor(rdev));
+            if st.origins.contains_key(&dev) || st.images.values().any(|i| i.served.dev() == dev) {
+                return Err(Error::new(
+                    Errno::EINVAL,
+                    "the backing is a device this daemon serves",
+                ));
+            }
+        }
+        if !st.claims.insert(key) {
+            return Err(Error::new(
+                Errno::EALREADY,
+                "this backing is already served (the same device or file, by any path)",
+            ));
+        }
+        Ok(Claim { daemon: self, key: Some(key) })
     }
 
     /// Serves every configured device. With a state directory: after a clean stop, each
@@ -321,11 +474,18 @@ impl Daemon {
             Some(sd) => (sd.unclean(), sd.load_map()),
             None => (false, Vec::new()),
         };
+        if !unclean && !map.is_empty() {
+            eprintln!(
+                "blksnapd: the previous run stopped cleanly and left its devices: taking them over"
+            );
+        }
         if unclean {
             eprintln!(
                 "blksnapd: the previous run did not stop cleanly: every tracker starts a new \
                  CBT generation; recovering its devices"
             );
+        }
+        if !map.is_empty() {
             for e in &map {
                 if e.role == MapRole::Image {
                     self.frontend.remove_stale(e.handle);
@@ -335,7 +495,7 @@ impl Daemon {
         let mut ids = Vec::new();
         let mut recovered = Vec::new();
         for d in &self.config.devices {
-            let how = self.start_plan(&d.backing, d.attach, unclean, &map);
+            let how = self.start_plan(&d.backing, d.attach, &map);
             if let Some(h) = how.recover {
                 recovered.push(h);
             }
@@ -355,13 +515,7 @@ impl Daemon {
 
     /// How the configured device `backing` comes up (see [`Daemon::add_configured`]); logs
     /// the decision.
-    fn start_plan(
-        &self,
-        backing: &Path,
-        attach: bool,
-        unclean: bool,
-        map: &[MapEntry],
-    ) -> OriginStart {
+    fn start_plan(&self, backing: &Path, attach: bool, map: &[MapEntry]) -> OriginStart {
         let mut how = OriginStart { attach, ..OriginStart::default() };
         let persist = self.persist();
         let Some(sd) = persist.as_ref() else { return how };
@@ -374,7 +528,8 @@ impl Daemon {
                 return how;
             }
         };
-        if unclean {
+        // A device the previous run left (crash, or a clean stop with `keep_devices`).
+        if !map.is_empty() {
             let handle = map.iter().find_map(|e| match &e.role {
                 MapRole::Origin(b) if *b == identity.backing => Some(e.handle),
                 _ => None,
@@ -439,13 +594,72 @@ impl Daemon {
 
     /// Carries out one request of the current protocol version.
     pub fn handle(&self, req: Request) -> Result<Reply, WireError> {
-        req.validate().map_err(|e| WireError::from_error(&e))?;
-        self.dispatch(req).map_err(|e| WireError::from_error(&e))
+        self.handle_for(req, &|| false)
     }
 
-    fn dispatch(&self, req: Request) -> Result<Reply, Error> {
+    /// As [`Daemon::handle`], for a client that `gone` says has hung up: a WaitEvent stops
+    /// waiting (within [`WAIT_SLICE_MS`]) once it has, so it takes no event nobody will read.
+    pub fn handle_for(&self, req: Request, gone: &dyn Fn() -> bool) -> Result<Reply, WireError> {
+        req.validate().map_err(|e| WireError::from_error(&e))?;
+        self.dispatch(req, gone).map_err(|e| WireError::from_error(&e))
+    }
+
+    /// An event a WaitEvent took for a client that then could not be given it (hung up): kept
+    /// for the next waiter of the snapshot, before anything still queued.
+    pub fn requeue_event(&self, id: SnapshotId, event: EventW) {
+        // The check and the insertion under one lock: a destroy forgets the kept events (under
+        // this lock) after the engine destroyed the snapshot, so either it removes this one or
+        // this check sees the snapshot gone.
+        let mut kept = self.undelivered.lock().unwrap_or_else(|p| p.into_inner());
+        if !self.engine.snapshot_collect().contains(&id) {
+            return; // destroyed meanwhile: its events went with it
+        }
+        let q = kept.entry(id).or_default();
+        if q.len() < EVENT_QUEUE_CAPACITY {
+            q.push_front(event);
+        }
+    }
+
+    /// WaitEvent: the events kept for this snapshot first, then the engine's queue, in slices
+    /// so that a hung-up client is noticed and kept events reach a waiter already waiting.
+    fn wait_event(
+        &self,
+        id: SnapshotId,
+        timeout_ms: u32,
+        gone: &dyn Fn() -> bool,
+    ) -> Result<Reply, Error> {
+        let deadline = std::time::Instant::now() + Duration::from_millis(u64::from(timeout_ms));
+        loop {
+            let kept = {
+                let mut kept = self.undelivered.lock().unwrap_or_else(|p| p.into_inner());
+                let ev = kept.get_mut(&id).and_then(|q| q.pop_front());
+                kept.retain(|_, q| !q.is_empty());
+                ev
+            };
+            if let Some(ev) = kept {
+                return Ok(Reply::Event(ev));
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let left_ms = u32::try_from(left.as_millis()).unwrap_or(u32::MAX);
+            let slice = left_ms.min(WAIT_SLICE_MS);
+            match self.engine.wait_event(id, slice) {
+                Ok(ev) => return Ok(Reply::Event(ev.into())),
+                Err(e) if e.errno == Errno::ENOENT && left_ms > slice && !gone() => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn forget_events(&self, id: SnapshotId) {
+        self.undelivered.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+    }
+
+    fn dispatch(&self, req: Request, gone: &dyn Fn() -> bool) -> Result<Reply, Error> {
         let e = &self.engine;
         Ok(match req {
+            Request::WaitEvent { id, timeout_ms } => {
+                self.wait_event(id.into(), timeout_ms, gone)?
+            }
             Request::Version => Reply::Version {
                 protocol: PROTOCOL_VERSION,
                 daemon: format!("blksnapd {}", env!("CARGO_PKG_VERSION")),
@@ -457,7 +671,6 @@ impl Daemon {
             | Request::CbtMap { .. }
             | Request::CbtDirty { .. }
             | Request::SnapshotCollect
-            | Request::WaitEvent { .. }
             | Request::StorageStats { .. }) => engine_reply(e, req)?,
             Request::SnapshotCreate { storage } => {
                 let (spec, backends) = match storage {
@@ -550,51 +763,128 @@ impl Daemon {
         })
     }
 
-    /// Stops serving the origin `dev` (EBUSY while it is in a snapshot, ENODEV if not served):
-    /// its tracker is dropped (no CBT is saved for it) and its block device removed.
+    /// Stops serving the origin `dev`: ENODEV if not served; EBUSY — checked before anything
+    /// is changed — while it is in a snapshot, or while its block device is mounted or held
+    /// exclusively (a filesystem, device-mapper, an `O_EXCL` opener; plain opens cannot be seen
+    /// and are not refused). Its tracker is dropped (no CBT is saved for it), its block device
+    /// stopped before the engine disk is removed (no I/O can meet a missing disk), and its
+    /// backing released.
     pub fn remove_origin(&self, dev: DeviceId) -> Result<(), Error> {
         let mut st = self.state();
-        if !st.origins.contains_key(&dev) {
+        let Some(o) = st.origins.get(&dev) else {
             return Err(Error::new(Errno::ENODEV, "not a served origin"));
+        };
+        if st.snapshots.values().any(|r| r.members.contains(&dev)) {
+            return Err(Error::new(Errno::EBUSY, "the device is in a snapshot"));
         }
-        self.engine.remove_disk(dev)?;
+        // Held until the device is gone, so nothing can mount it in between.
+        let _probe = exclusive_probe(&o.served.path())?;
         let o = st.origins.remove(&dev).expect("checked");
-        self.save_map(&st);
-        drop(st);
+        // Under the lock (a request naming `dev` must not reach the engine in between); the
+        // device is unmounted and unclaimed, so stopping it is quick.
         o.served.stop();
+        if let Err(e) = self.engine.remove_disk(dev) {
+            eprintln!("blksnapd: {dev}: removing the engine disk: {e:?}");
+        }
+        st.claims.remove(&o.key);
+        self.save_map(&st);
         Ok(())
     }
 
     fn take(&self, id: SnapshotId) -> Result<(), Error> {
-        let mut st = self.state();
-        self.engine.snapshot_take(id)?;
+        let members = self.state().snapshots.get(&id).map(|r| r.members.clone());
+        let members = members.unwrap_or_default();
+        // As the kernel module: freeze what is mounted on the origins, switch, thaw — before
+        // the image devices start (that can take a while and needs no frozen filesystem).
+        // `frozen` thaws when dropped, so an engine error or a panic thaws too. The freeze
+        // (up to `freeze_timeout_secs`) runs without the daemon's lock: other requests go on.
+        let frozen = if self.config.freeze {
+            let mounts = freeze::mounts_of(&members);
+            let timeout = Duration::from_secs(u64::from(self.config.freeze_timeout_secs));
+            freeze::freeze_all(&mounts, timeout)?
+        } else {
+            freeze::Frozen::default()
+        };
+        let st = self.state();
+        // The members as they are now (a SnapshotAdd racing with the take may have added one,
+        // which then is taken unfrozen, as if added just before the take).
         let members = st.snapshots.get(&id).map(|r| r.members.clone()).unwrap_or_default();
-        let mut first_err = None;
-        for origin in members {
-            let Some(o) = st.origins.get(&origin) else { continue };
-            let target = Arc::new(Target {
-                engine: self.engine.clone(),
-                origin: RwLock::new(Some(origin)),
-                backing: o.target.backing.clone(),
-                storages: Mutex::new(
-                    o.target.storages.lock().map(|s| s.clone()).unwrap_or_default(),
-                ),
-                image_of: Some(origin),
-            });
+        let taken = self.engine.snapshot_take(id);
+        let held = frozen.count();
+        drop(frozen);
+        taken?;
+        if held > 0 {
+            eprintln!("blksnapd: snapshot {id}: taken with {held} filesystem(s) frozen");
+        }
+        // One image device per member, started without the daemon's lock (up to 60 s each);
+        // if one cannot be served, the take is rolled back: the images started so far are
+        // removed and the snapshot destroyed (the engine cannot un-take), so no half-taken
+        // snapshot remains. The kernel likewise releases the trackers' snapshot state when an
+        // image cannot be created. A destroy while the images start wins: they are removed.
+        let targets: Vec<(DeviceId, Arc<Target>)> = members
+            .iter()
+            .filter_map(|origin| {
+                let o = st.origins.get(origin)?;
+                let storages = o.target.storages.lock().map(|s| s.clone()).unwrap_or_default();
+                Some((
+                    *origin,
+                    Arc::new(Target {
+                        engine: self.engine.clone(),
+                        origin: RwLock::new(Some(*origin)),
+                        backing: o.target.backing.clone(),
+                        storages: Mutex::new(storages),
+                        image_of: Some(*origin),
+                        failed: Default::default(),
+                    }),
+                ))
+            })
+            .collect();
+        drop(st);
+        let mut started = Vec::new();
+        let mut failed = None;
+        for (origin, target) in targets {
             let name = format!("blksnap-image-{}-{}", origin.major, origin.minor);
-            match self.frontend.serve(&name, target, Box::new(|_| Ok(()))) {
-                Ok(served) => {
-                    let links = self.make_links(origin, &served.path());
-                    st.images.insert(origin, Image { served, links });
-                    self.save_map(&st);
-                }
+            match self.frontend.serve(&name, target.clone(), Box::new(|_| Ok(()))) {
+                Ok(served) => started.push((origin, served, target)),
                 Err(err) => {
                     eprintln!("blksnapd: image of {origin}: cannot start its device: {err:?}");
-                    first_err.get_or_insert(err);
+                    failed = Some(err);
+                    break;
                 }
             }
         }
-        first_err.map_or(Ok(()), Err)
+        let mut st = self.state();
+        let alive = st.snapshots.contains_key(&id);
+        if failed.is_none() && alive {
+            for (origin, served, target) in started {
+                let links = self.make_links(origin, &served.path());
+                st.images.insert(origin, Image { served, links, target });
+            }
+            // Storage appended while the images started: their flush lists follow.
+            if let Some(rec) = st.snapshots.get(&id) {
+                set_storages(&st, &rec.members, &rec.storages);
+            }
+            self.save_map(&st);
+            return Ok(());
+        }
+        let err = failed
+            .unwrap_or(Error::new(Errno::ESRCH, "the snapshot was destroyed during the take"));
+        if alive {
+            // Engine first, as in destroy: image I/O fails from here on.
+            if let Err(e) = self.engine.snapshot_destroy(id) {
+                eprintln!("blksnapd: snapshot {id}: rollback of the take: destroy: {e:?}");
+            }
+            st.snapshots.remove(&id);
+            self.forget_events(id);
+            set_storages(&st, &members, &[]);
+            self.save_map(&st);
+        }
+        drop(st);
+        for (_, served, _) in started {
+            served.stop();
+        }
+        eprintln!("blksnapd: snapshot {id}: take rolled back (snapshot destroyed): {err:?}");
+        Err(err)
     }
 
     fn make_links(&self, origin: DeviceId, target: &str) -> Vec<PathBuf> {
@@ -618,6 +908,7 @@ impl Daemon {
         // The engine first: from here on image I/O fails (ENODEV → EIO to the block layer),
         // so removing a mounted image's device below cannot wait on our own I/O.
         self.engine.snapshot_destroy(id)?;
+        self.forget_events(id);
         let rec = st.snapshots.remove(&id).unwrap_or_default();
         set_storages(&st, &rec.members, &[]);
         let mut images = Vec::new();
@@ -637,55 +928,107 @@ impl Daemon {
         Ok(())
     }
 
-    /// Clean stop: destroys every snapshot (removing images), then stops every origin device.
-    /// With a state directory, each origin's tracker is saved once its device is stopped (no
-    /// write can reach it any more) and its backing flushed; the marker goes last.
+    /// Clean stop: destroys every snapshot (removing images), then stops every origin device —
+    /// or, with `keep_devices` and a state directory, leaves each origin device to the next
+    /// daemon (see below). With a state directory, each origin's tracker is saved once no write
+    /// can reach its backing any more and the backing is flushed; the marker goes last.
+    ///
+    /// Keeping a device: the data path's lock ([`Target::origin`]) is taken for writing and
+    /// never released — requests in flight finish first (they hold it for reading), later ones
+    /// wait in their queue thread — so the saved CBT has every write that reached the backing.
+    /// The device is not stopped: when the process exits the kernel quiesces it (ublk user
+    /// recovery), keeps `/dev/ublkbN` and what is mounted on it, and reissues the waiting and
+    /// new requests to the next daemon, which takes the device over with the saved CBT (same
+    /// generation; the device map in the state directory says which device was which). The
+    /// caller must exit the process right after.
     pub fn shutdown(&self) {
         for id in self.engine.snapshot_collect() {
             if let Err(e) = self.destroy(id) {
                 eprintln!("blksnapd: destroy {id} at shutdown: {e:?}");
             }
         }
-        let origins = std::mem::take(&mut self.state().origins);
+        let origins = {
+            let mut st = self.state();
+            st.claims.clear();
+            std::mem::take(&mut st.origins)
+        };
         let persist = self.persist().take();
+        let keep = self.config.keep_devices && persist.is_some();
+        let mut kept = 0;
         for (id, o) in origins {
-            o.served.stop();
-            let Some(sd) = persist.as_ref() else { continue };
-            let Ok(cbt) = self.engine.cbt_export(id) else { continue }; // no tracker
-            let saved = o
-                .target
-                .backing
-                .flush()
-                .map_err(|e| format!("flush: {e:?}"))
-                .and_then(|()| {
-                    Identity::of(&o.backing_path, o.target.capacity_bytes())
-                        .map_err(|e| e.to_string())
-                })
-                .and_then(|identity| sd.save_cbt(&SavedCbt::new(identity, cbt)));
-            match saved {
-                Ok(path) => eprintln!(
-                    "blksnapd: {}: CBT saved to {}",
+            if keep && o.served.handle().is_some() {
+                let gate = o.target.origin.write().unwrap_or_else(|p| p.into_inner());
+                std::mem::forget(gate);
+                if let Some(sd) = persist.as_ref() {
+                    save_tracker(&self.engine, sd, id, &o.target, &o.backing_path);
+                }
+                eprintln!(
+                    "blksnapd: {}: {} left for the next daemon",
                     o.backing_path.display(),
-                    path.display()
-                ),
-                Err(e) => eprintln!(
-                    "blksnapd: {}: CBT not saved ({e}): the next start begins a new generation",
-                    o.backing_path.display()
-                ),
+                    o.served.path()
+                );
+                // No drop: dropping the served device would stop it.
+                std::mem::forget(o);
+                kept += 1;
+            } else {
+                let Origin { served, target, backing_path, .. } = o;
+                served.stop();
+                if let Some(sd) = persist.as_ref() {
+                    save_tracker(&self.engine, sd, id, &target, &backing_path);
+                }
             }
         }
         if let Some(sd) = persist {
-            if let Err(e) = sd.close_clean() {
+            let closed = if kept > 0 { sd.close_keeping_devices() } else { sd.close_clean() };
+            if let Err(e) = closed {
                 eprintln!("blksnapd: state directory: {e}");
             }
         }
     }
 }
 
+/// Saves the tracker of `id` (if it has one) after flushing its backing; logs the outcome.
+fn save_tracker(engine: &Engine, sd: &StateDir, id: DeviceId, target: &Target, backing: &Path) {
+    let Ok(cbt) = engine.cbt_export(id) else { return }; // no tracker
+    let saved = target
+        .backing
+        .flush()
+        .map_err(|e| format!("flush: {e:?}"))
+        .and_then(|()| Identity::of(backing, target.capacity_bytes()).map_err(|e| e.to_string()))
+        .and_then(|identity| sd.save_cbt(&SavedCbt::new(identity, cbt)));
+    match saved {
+        Ok(path) => eprintln!("blksnapd: {}: CBT saved to {}", backing.display(), path.display()),
+        Err(e) => eprintln!(
+            "blksnapd: {}: CBT not saved ({e}): the next start begins a new generation",
+            backing.display()
+        ),
+    }
+}
+
+/// An exclusive open of a served device's node: EBUSY while it is mounted or held exclusively
+/// (the kernel refuses the open then); `None` when the node does not exist (the null frontend).
+fn exclusive_probe(node: &str) -> Result<Option<std::fs::File>, Error> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::OpenOptions::new().read(true).custom_flags(libc::O_EXCL).open(node) {
+        Ok(f) => Ok(Some(f)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+            Err(Error::new(Errno::EBUSY, "the device is mounted or held exclusively"))
+        }
+        Err(e) => {
+            eprintln!("blksnapd: {node}: exclusive open to check for users: {e}");
+            Err(Error::new(Errno::EBUSY, "cannot check whether the device is in use"))
+        }
+    }
+}
+
+/// Sets the storage list flushed on flush/FUA by the members' origin and image devices (storage
+/// appended after the take must be flushed by the images' flushes too).
 fn set_storages(st: &State, members: &[DeviceId], storages: &[Dev]) {
     for m in members {
-        if let Some(o) = st.origins.get(m) {
-            if let Ok(mut s) = o.target.storages.lock() {
+        let targets = [st.origins.get(m).map(|o| &o.target), st.images.get(m).map(|i| &i.target)];
+        for t in targets.into_iter().flatten() {
+            if let Ok(mut s) = t.storages.lock() {
                 *s = storages.to_vec();
             }
         }

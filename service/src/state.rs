@@ -6,11 +6,12 @@
 //!   generation, so no backup client can take a stale map for a complete one.
 //! * `cbt-<hash>.state` — one per tracked device, written at a clean stop after the device's
 //!   ublk device was stopped (no write can reach it any more): the tracker's whole [`CbtState`]
-//!   plus the device's identity (backing path, capacity, file identity and mtime). A file is
+//!   plus the device's identity and write witness ([`Identity`]: the restore rule). A file is
 //!   consumed (removed) when it is loaded, so it is used at most once.
 //! * `devices` — the ublk devices this daemon runs (origins by backing, images), rewritten on
-//!   every change, for user recovery after an unclean stop (the origins are recovered, stale
-//!   image devices deleted); stamped with the boot id, ignored after a reboot.
+//!   every change, for user recovery after an unclean stop or a clean stop that kept the devices
+//!   (`keep_devices`): the origins are taken over, stale image devices deleted; stamped with the
+//!   boot id, ignored after a reboot. Removed by a clean stop that removes the devices.
 //!
 //! Every file is written to a temporary name, fsynced, renamed over the old one, and the
 //! directory fsynced. State files are `MAGIC`, a format version, the postcard payload and a
@@ -31,7 +32,7 @@ pub const MARKER: &str = "running";
 pub const DEVICES: &str = "devices";
 const MAGIC: &[u8; 8] = b"BLKSNAPS";
 /// Format version of the state files (bump on any payload change).
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 const HEADER: usize = 12;
 
 /// CRC-32 (IEEE 802.3, reflected, as zlib's `crc32`).
@@ -46,7 +47,23 @@ pub fn crc32(data: &[u8]) -> u32 {
     !crc
 }
 
-/// What identifies the device a CBT was saved for.
+/// What identifies the device a CBT was saved for, and what witnesses that nothing wrote to
+/// it while no daemon served it.
+///
+/// The rule (README "Restarts"): a saved map is restored only when the daemon can show that no
+/// write reached the backing between its final flush at the clean stop and the restart;
+/// otherwise the tracker starts a new generation (the client then takes a full backup: honest,
+/// never silent).
+/// * a regular file: same device and inode, same size, same mtime **and ctime** (ns). Any
+///   write (`write`, `mmap`, truncate, `fallocate`) moves both; mtime can be set back by
+///   anyone with `touch -d`, ctime cannot (only by changing the clock).
+/// * a block device: the kernel's own write counters of the device ([`Witness`]) — write and
+///   discard I/Os and sectors from `/sys/dev/block/MAJ:MIN/stat`, also those of the whole disk
+///   when it is a partition (a write to the disk may land in the partition) — with the disk's
+///   `diskseq` (a loop device re-attached to another file gets a new one) and the boot id (the
+///   counters restart at boot). Restored only in the same boot with every counter unchanged
+///   since the final flush. After a reboot, or where the counters are unavailable (I/O
+///   statistics turned off: `queue/iostats` 0), a block device always starts a new generation.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct Identity {
     /// Canonical backing path.
@@ -55,9 +72,81 @@ pub struct Identity {
     pub capacity_bytes: u64,
     /// `st_dev`, `st_ino` of a regular backing file; `st_rdev`, 0 of a block device.
     pub file_id: (u64, u64),
-    /// mtime (ns) of a regular backing file after its last write through the daemon (a file
-    /// changed behind the daemon's back would have writes the CBT never saw); 0 for devices.
+    /// mtime (ns) of a regular backing file after its last write through the daemon; 0 for
+    /// devices.
     pub mtime_ns: i128,
+    /// ctime (ns) of a regular backing file after its last write through the daemon; 0 for
+    /// devices.
+    pub ctime_ns: i128,
+    /// The write witness of a block device (None for files, and for a device without
+    /// usable counters — which then never has its map restored).
+    pub witness: Option<Witness>,
+}
+
+/// The kernel's evidence of writes to a block device (see [`Identity`]).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Witness {
+    /// `/proc/sys/kernel/random/boot_id`.
+    pub boot_id: String,
+    /// The whole disk's `diskseq` (0 on kernels without it).
+    pub diskseq: u64,
+    /// Write I/Os, write sectors, discard I/Os, discard sectors of the device, then of its
+    /// whole disk if it is a partition.
+    pub counters: Vec<u64>,
+}
+
+impl Witness {
+    /// The witness of the block device `rdev` now; `Err` says why there is none.
+    pub fn read(rdev: u64) -> Result<Witness, String> {
+        let sys =
+            PathBuf::from(format!("/sys/dev/block/{}:{}", libc::major(rdev), libc::minor(rdev)));
+        let sys = std::fs::canonicalize(&sys).map_err(|e| format!("{}: {e}", sys.display()))?;
+        let whole = if sys.join("partition").exists() {
+            sys.parent().map(Path::to_path_buf).ok_or("partition without a disk")?
+        } else {
+            sys.clone()
+        };
+        let iostats = std::fs::read_to_string(whole.join("queue/iostats")).unwrap_or_default();
+        if iostats.trim() != "1" {
+            return Err("the device keeps no I/O statistics (queue/iostats is not 1)".into());
+        }
+        wait_idle(&sys);
+        let mut counters = stat_counters(&sys)?;
+        if whole != sys {
+            counters.extend(stat_counters(&whole)?);
+        }
+        let diskseq = std::fs::read_to_string(whole.join("diskseq"))
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+            .unwrap_or(0);
+        Ok(Witness { boot_id: boot_id(), diskseq, counters })
+    }
+}
+
+/// Waits (up to 1 s) until the device has no request in flight: the block layer counts a
+/// request in `stat` after its completion has woken the waiter, so a counter read right after
+/// a flush could miss the last request (and make the next start refuse the map needlessly).
+fn wait_idle(sys: &Path) {
+    for _ in 0..100 {
+        let t = std::fs::read_to_string(sys.join("inflight")).unwrap_or_default();
+        if t.split_whitespace().all(|n| n == "0") {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(20));
+}
+
+/// Write I/Os, write sectors, discard I/Os, discard sectors from a sysfs `stat` file
+/// (Documentation/block/stat.rst: fields 5, 7, 12, 14; discards since Linux 4.18).
+fn stat_counters(sys: &Path) -> Result<Vec<u64>, String> {
+    let path = sys.join("stat");
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let f: Vec<u64> = text.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+    if f.len() < 15 {
+        return Err(format!("{}: {} fields, no discard counters", path.display(), f.len()));
+    }
+    Ok(vec![f[4], f[6], f[11], f[13]])
 }
 
 impl Identity {
@@ -65,18 +154,34 @@ impl Identity {
     pub fn of(backing: &Path, capacity_bytes: u64) -> std::io::Result<Identity> {
         let canonical = std::fs::canonicalize(backing)?;
         let meta = std::fs::metadata(&canonical)?;
-        let (file_id, mtime_ns) = if meta.file_type().is_block_device() {
-            ((meta.rdev(), 0), 0)
+        let ns = |s: i64, n: i64| i128::from(s) * 1_000_000_000 + i128::from(n);
+        let (file_id, mtime_ns, ctime_ns, witness) = if meta.file_type().is_block_device() {
+            let witness = Witness::read(meta.rdev())
+                .map_err(|why| {
+                    eprintln!("blksnapd: {}: no write witness: {why}", canonical.display())
+                })
+                .ok();
+            ((meta.rdev(), 0), 0, 0, witness)
         } else {
             (
                 (meta.dev(), meta.ino()),
-                i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+                ns(meta.mtime(), meta.mtime_nsec()),
+                ns(meta.ctime(), meta.ctime_nsec()),
+                None,
             )
         };
-        Ok(Identity { backing: canonical.display().to_string(), capacity_bytes, file_id, mtime_ns })
+        Ok(Identity {
+            backing: canonical.display().to_string(),
+            capacity_bytes,
+            file_id,
+            mtime_ns,
+            ctime_ns,
+            witness,
+        })
     }
 
-    /// Why `self` (saved) is not `now`, if it is not.
+    /// Why `self` (saved at the clean stop) does not show that the backing is unwritten since
+    /// then (`now`), if it does not.
     pub fn mismatch(&self, now: &Identity) -> Option<String> {
         if self.backing != now.backing {
             Some(format!("saved for {}, not {}", self.backing, now.backing))
@@ -87,8 +192,27 @@ impl Identity {
             ))
         } else if self.file_id != now.file_id {
             Some("the backing is another file than when saved (device/inode differ)".into())
-        } else if self.mtime_ns != now.mtime_ns {
-            Some("the backing file was modified while the daemon was stopped".into())
+        } else if self.mtime_ns != now.mtime_ns || self.ctime_ns != now.ctime_ns {
+            Some("the backing file was modified while the daemon was stopped (mtime/ctime)".into())
+        } else if self.file_id.1 == 0 {
+            // A block device: only its write witness can show it was not written.
+            match (&self.witness, &now.witness) {
+                (Some(then), Some(now)) if then.boot_id != now.boot_id => Some(
+                    "the system was rebooted since the stop: a block device's write counters \
+                     cannot show it was not written"
+                        .into(),
+                ),
+                (Some(then), Some(now)) if then.diskseq != now.diskseq => {
+                    Some("the block device was replaced (diskseq changed)".into())
+                }
+                (Some(then), Some(now)) if then.counters != now.counters => Some(
+                    "the block device was written while the daemon was stopped (its write \
+                     counters moved)"
+                        .into(),
+                ),
+                (Some(_), Some(_)) => None,
+                _ => Some("no write witness for this block device".into()),
+            }
         } else {
             None
         }
@@ -215,7 +339,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 }
 
 /// This boot's id (`/proc/sys/kernel/random/boot_id`; empty when unavailable).
-fn boot_id() -> String {
+pub fn boot_id() -> String {
     std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
         .map(|s| s.trim().to_string())
         .unwrap_or_default()
@@ -305,6 +429,13 @@ impl StateDir {
         write_atomic(&self.dir.join(DEVICES), &bytes).map_err(|e| format!("device map: {e}"))
     }
 
+    /// Clean stop that leaves its origin devices to the next daemon: the device map stays (the
+    /// next start takes those devices over), the marker is removed (last).
+    pub fn close_keeping_devices(self) -> std::io::Result<()> {
+        std::fs::remove_file(self.dir.join(MARKER))?;
+        fsync_dir(&self.dir)
+    }
+
     /// Clean stop: removes the device map and then the marker (last).
     pub fn close_clean(self) -> std::io::Result<()> {
         let _ = std::fs::remove_file(self.dir.join(DEVICES));
@@ -324,6 +455,8 @@ mod tests {
                 capacity_bytes: 1 << 20,
                 file_id: (1, 2),
                 mtime_ns: 3,
+                ctime_ns: 4,
+                witness: None,
             },
             block_shift: 16,
             capacity_sectors: 2048,
@@ -333,6 +466,58 @@ mod tests {
             previous: 1,
             generation: [9; 16],
         }
+    }
+
+    #[test]
+    fn the_restore_rule() {
+        let file = saved("/f").identity;
+        assert_eq!(file.mismatch(&file), None);
+        let mut touched = file.clone();
+        touched.ctime_ns += 1; // written, then mtime set back
+        assert!(file.mismatch(&touched).unwrap().contains("modified"));
+        let w = Witness { boot_id: "b".into(), diskseq: 7, counters: vec![1, 8, 0, 0] };
+        let dev = Identity {
+            backing: "/dev/x".into(),
+            capacity_bytes: 1 << 20,
+            file_id: (0x0801, 0),
+            mtime_ns: 0,
+            ctime_ns: 0,
+            witness: Some(w.clone()),
+        };
+        assert_eq!(dev.mismatch(&dev), None, "same boot, same disk, counters unchanged");
+        let with = |f: &dyn Fn(&mut Witness)| {
+            let mut now = dev.clone();
+            f(now.witness.as_mut().unwrap());
+            dev.mismatch(&now)
+        };
+        assert!(with(&|w| w.counters[1] += 8).unwrap().contains("written"));
+        assert!(with(&|w| w.counters[2] += 1).unwrap().contains("written"), "a discard");
+        assert!(with(&|w| w.boot_id = "c".into()).unwrap().contains("rebooted"));
+        assert!(with(&|w| w.diskseq += 1).unwrap().contains("replaced"));
+        let mut blind = dev.clone();
+        blind.witness = None;
+        assert!(dev.mismatch(&blind).unwrap().contains("no write witness"));
+        assert!(blind.mismatch(&dev).unwrap().contains("no write witness"));
+        let sys = tempfile::tempdir().unwrap();
+        std::fs::write(sys.path().join("stat"), "1 2 3 4 5 6 7 8 9 10 11 12 13 14 15\n").unwrap();
+        assert_eq!(stat_counters(sys.path()).unwrap(), vec![5, 7, 12, 14]);
+        std::fs::write(sys.path().join("stat"), "1 2 3 4 5 6 7 8 9 10 11\n").unwrap();
+        assert!(stat_counters(sys.path()).is_err(), "no discard counters: no witness");
+    }
+
+    #[test]
+    fn a_stop_that_keeps_devices_keeps_the_map_and_is_clean() {
+        let dir = tempfile::tempdir().unwrap();
+        let sd = StateDir::open(dir.path()).unwrap();
+        let map = vec![MapEntry { handle: 1, role: MapRole::Origin("/x".into()) }];
+        sd.save_map(&map).unwrap();
+        sd.close_keeping_devices().unwrap();
+        let sd = StateDir::open(dir.path()).unwrap();
+        assert!(!sd.unclean(), "a kept-devices stop is clean");
+        assert_eq!(sd.load_map(), map, "the next start finds the devices to take over");
+        sd.close_clean().unwrap();
+        let sd = StateDir::open(dir.path()).unwrap();
+        assert!(sd.load_map().is_empty(), "an ordinary clean stop removes the map");
     }
 
     #[test]
@@ -354,11 +539,12 @@ mod tests {
             assert!(decode::<SavedCbt>(&bytes[..i]).is_err(), "truncated at {i}");
         }
         let mut other_version = bytes.clone();
-        other_version[8] = 2;
+        // version 1: the format before ctime and the block-device witness
+        other_version[8] = 1;
         let crc = crc32(&other_version[..bytes.len() - 4]);
         let n = other_version.len();
         other_version[n - 4..].copy_from_slice(&crc.to_le_bytes());
-        assert!(decode::<SavedCbt>(&other_version).unwrap_err().contains("version 2"));
+        assert!(decode::<SavedCbt>(&other_version).unwrap_err().contains("version 1"));
     }
 
     #[test]

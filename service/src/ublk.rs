@@ -8,7 +8,8 @@
 //!   any range check.
 //!
 //! Errors complete the request with the engine's negative errno; an image whose snapshot is gone
-//! (ENODEV) or corrupted completes with EIO.
+//! (ENODEV) or corrupted completes with EIO. A panic while serving a request is caught: that
+//! request completes with EIO and the device is marked failed (EIO from then on).
 //!
 //! A device's thread runs libublk's `run_target`; stopping is `STOP_DEV` from the control side
 //! (the kernel removes the disk even while it is open or mounted, aborts the queues, and the
@@ -83,6 +84,27 @@ fn handle(t: &Target, iod: &sys::ublksrv_io_desc, buf: &mut [u8]) -> i32 {
     }
 }
 
+/// [`handle`], with a panic contained: a panicking request completes with EIO and marks the
+/// device failed (every later request EIO too), instead of killing the queue thread, which
+/// would leave the request — and the device — hanging.
+fn handle_guarded(t: &Target, iod: &sys::ublksrv_io_desc, buf: &mut [u8]) -> i32 {
+    use std::sync::atomic::Ordering;
+    if t.failed.load(Ordering::Acquire) {
+        return neg(Errno::EIO);
+    }
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handle(t, iod, buf))) {
+        Ok(res) => res,
+        Err(_) => {
+            t.failed.store(true, Ordering::Release);
+            eprintln!(
+                "blksnapd: a request to {} panicked: the device fails every request from now on",
+                t.image_of.map_or_else(|| "an origin".to_string(), |o| format!("the image of {o}"))
+            );
+            neg(Errno::EIO)
+        }
+    }
+}
+
 fn origin_io(t: &Target, op: u32, offset: u64, len: u64, buf: &mut [u8]) -> Result<(), Error> {
     // Held across the I/O so that `started` (which takes it for writing) orders after any
     // request that went straight to the backing.
@@ -142,7 +164,7 @@ fn queue_fn(qid: u16, dev: &UblkDev, target: &Arc<Target>) {
     queue.wait_and_handle_io(move |q: &UblkQueue, tag: u16, _ctx: &UblkIOCtx| {
         let iod = q.get_iod(tag);
         let buf = bufs[tag as usize].as_mut_slice();
-        let res = handle(&t, iod, buf);
+        let res = handle_guarded(&t, iod, buf);
         if let Err(e) =
             q.complete_io_cmd_unified(tag, BufDesc::Slice(buf), Ok(UblkIORes::Result(res)))
         {

@@ -262,3 +262,226 @@ fn libblksnap_client_mode_finds_devices_served_after_it_opened() {
     // A number the daemon does not serve stays unknown (one re-read, no error).
     assert!(inst.device_by_id(DeviceId::new(4000, 1)).is_none());
 }
+
+#[test]
+fn a_backing_is_one_origin_by_any_path_and_racing_adds_have_one_winner() {
+    let f = fixture(0);
+    let backing = f.dir.join("one.img");
+    std::fs::File::create(&backing).unwrap().set_len(4 << 20).unwrap();
+    let id = f.daemon.add_origin(&backing, true).unwrap();
+    // a hard link, a symlink and a second spelling of the path are the same backing
+    let hard = f.dir.join("hard.img");
+    std::fs::hard_link(&backing, &hard).unwrap();
+    let soft = f.dir.join("soft.img");
+    std::os::unix::fs::symlink(&backing, &soft).unwrap();
+    let dotted = f.dir.join(".").join("one.img");
+    for other in [&hard, &soft, &dotted] {
+        let e = f.daemon.add_origin(other, true).unwrap_err();
+        assert_eq!(e.errno, blksnap_model::Errno::EALREADY, "{}", other.display());
+    }
+    // not a file or a block device
+    let e = f.daemon.add_origin(&f.dir, true).unwrap_err();
+    assert_eq!(e.errno, blksnap_model::Errno::EINVAL);
+    // removed: the claim is released, any path may add it again
+    f.daemon.remove_origin(id).unwrap();
+    let id = f.daemon.add_origin(&hard, false).unwrap();
+    f.daemon.remove_origin(id).unwrap();
+    // racing adds of one backing by different paths: exactly one wins, every loser EALREADY
+    for round in 0..20 {
+        let paths = [backing.clone(), hard.clone(), soft.clone(), dotted.clone()];
+        let results: Vec<_> = std::thread::scope(|s| {
+            let handles: Vec<_> =
+                paths.iter().map(|p| s.spawn(|| f.daemon.add_origin(p, true))).collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let won: Vec<_> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
+        assert_eq!(won.len(), 1, "round {round}: {results:?}");
+        for r in &results {
+            if let Err(e) = r {
+                assert_eq!(e.errno, blksnap_model::Errno::EALREADY, "round {round}");
+            }
+        }
+        assert_eq!(f.daemon.list().len(), 1);
+        f.daemon.remove_origin(*won[0]).unwrap();
+    }
+    assert!(f.daemon.list().is_empty());
+    assert_eq!(f.daemon.engine().live().trackers, 0);
+}
+
+#[test]
+fn a_take_whose_image_cannot_be_served_is_rolled_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let socket = dir.join("control");
+    let cfg = Config { socket: socket.clone(), link_dir: dir.to_path_buf(), ..Config::default() };
+    let engine = Arc::new(Engine::new(EngineConfig::default()).unwrap());
+    let fail = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let frontend = NullFrontend::failing_images(fail.clone());
+    let daemon = Arc::new(Daemon::new(engine, Box::new(frontend), cfg));
+    let server = ControlServer::bind(&socket, None).unwrap();
+    let d = daemon.clone();
+    std::thread::spawn(move || server.serve(d));
+    let backing = dir.join("b.img");
+    std::fs::File::create(&backing).unwrap().set_len(8 << 20).unwrap();
+    let dev: Dev = daemon.add_origin(&backing, true).unwrap().into();
+    let storage = dir.join("diff.img");
+    std::fs::File::create(&storage).unwrap().set_len(8 << 20).unwrap();
+    let mut c = Client::connect(&socket).unwrap();
+    let create = |c: &mut Client| {
+        let Reply::Created(id) = c
+            .req(Request::SnapshotCreate {
+                storage: Storage::File {
+                    path: storage.display().to_string(),
+                    limit_sectors: (8 << 20) / 512,
+                },
+            })
+            .unwrap()
+        else {
+            panic!()
+        };
+        c.req(Request::SnapshotAdd { id, dev }).unwrap();
+        id
+    };
+    let id = create(&mut c);
+    let e = c.call(Request::SnapshotTake { id }).unwrap().unwrap_err();
+    assert_eq!(e.errno, 12, "ENOMEM, the image's error");
+    // nothing half-taken: the snapshot is gone, the device is in no snapshot, no image
+    let Reply::Snapshots(ids) = c.req(Request::SnapshotCollect).unwrap() else { panic!() };
+    assert!(ids.is_empty(), "{ids:?}");
+    let Reply::Devices(list) = c.req(Request::ListDevices).unwrap() else { panic!() };
+    assert_eq!(list.len(), 1, "only the origin: {list:?}");
+    assert_eq!(daemon.engine().live().snapshots, 0);
+    // the device can be in a new snapshot, which takes once images can be served
+    fail.store(false, std::sync::atomic::Ordering::SeqCst);
+    let id = create(&mut c);
+    c.req(Request::SnapshotTake { id }).unwrap();
+    c.req(Request::SnapshotDestroy { id }).unwrap();
+    daemon.remove_origin(dev.into()).unwrap();
+}
+
+/// A WaitEvent whose client hangs up takes no event: the event goes to the next waiter. (Before,
+/// the hung-up client's request thread took it and the write of the reply failed: lost.)
+#[test]
+fn events_are_not_lost_to_a_client_that_hung_up() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let socket = dir.join("control");
+    let cfg = Config { socket: socket.clone(), link_dir: dir.to_path_buf(), ..Config::default() };
+    let mut params = blksnap_model::Params::default();
+    params.set("diff_storage_minimum_sectors", 1024).unwrap();
+    let config = EngineConfig::new(params, None, blksnap_engine::clock::Clock::monotonic());
+    let engine = Arc::new(Engine::new(config).unwrap());
+    let daemon = Arc::new(Daemon::new(engine, Box::new(NullFrontend::default()), cfg));
+    let server = ControlServer::bind(&socket, None).unwrap();
+    let d = daemon.clone();
+    std::thread::spawn(move || server.serve(d));
+    let backing = dir.join("b.img");
+    std::fs::File::create(&backing).unwrap().set_len(8 << 20).unwrap();
+    let dev: Dev = daemon.add_origin(&backing, true).unwrap().into();
+    let storage = dir.join("ranges.img");
+    std::fs::File::create(&storage).unwrap().set_len(1 << 20).unwrap();
+    let mut c = Client::connect(&socket).unwrap();
+    let Reply::Created(id) = c.req(Request::SnapshotCreate { storage: Storage::Ranges }).unwrap()
+    else {
+        panic!()
+    };
+    // the create's low-space request
+    let Reply::Event(_) = c.req(Request::WaitEvent { id, timeout_ms: 0 }).unwrap() else {
+        panic!()
+    };
+    c.req(Request::SnapshotAppend {
+        id,
+        path: storage.display().to_string(),
+        ranges: vec![Range { offset: 0, count: 1024 }],
+    })
+    .unwrap();
+    c.req(Request::SnapshotAdd { id, dev }).unwrap();
+    c.req(Request::SnapshotTake { id }).unwrap();
+    // A waits long, and hangs up before anything happens
+    let mut a = UnixStream::connect(&socket).unwrap();
+    a.write_all(
+        &encode(&RequestFrame {
+            version: PROTOCOL_VERSION,
+            request: Request::WaitEvent { id, timeout_ms: 20_000 },
+        })
+        .unwrap(),
+    )
+    .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    drop(a);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    // the first copy-on-write fills half the 1024 sectors: a low-space event
+    daemon.engine().write(dev.into(), 0, &[7u8; 4096]).unwrap();
+    let t = std::time::Instant::now();
+    let r = c.req(Request::WaitEvent { id, timeout_ms: 3000 });
+    assert!(
+        matches!(
+            r,
+            Ok(Reply::Event(blksnap_proto::EventW { kind: EventKindW::LowFreeSpace { .. }, .. }))
+        ),
+        "{r:?} after {:?}",
+        t.elapsed()
+    );
+    // an event kept for a hung-up client reaches a waiter that is already waiting
+    let ev =
+        blksnap_proto::EventW { time_ns: 1, kind: EventKindW::NoSpace { requested_sectors: 9 } };
+    let d = daemon.clone();
+    let keeper = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        d.requeue_event(id.into(), ev);
+    });
+    let r = c.req(Request::WaitEvent { id, timeout_ms: 5000 }).unwrap();
+    keeper.join().unwrap();
+    assert_eq!(r, Reply::Event(ev));
+    c.req(Request::SnapshotDestroy { id }).unwrap();
+    daemon.requeue_event(id.into(), ev); // destroyed: nothing kept
+    let e = c.call(Request::WaitEvent { id, timeout_ms: 0 }).unwrap().unwrap_err();
+    assert_eq!(e.errno, 3, "ESRCH: nothing kept for a destroyed snapshot");
+}
+
+/// The restore rule for a file backing, on any host (null front end): a clean restart keeps the
+/// generation; a write while the daemon is down, even with the mtime set back, starts a new one
+/// (ctime); a clean restart after that keeps the new one.
+#[test]
+fn a_file_written_while_the_daemon_is_down_gets_a_new_generation() {
+    use blksnap_service::config::DeviceConfig;
+    use blksnap_service::StateDir;
+    use std::os::unix::fs::FileExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let backing = dir.join("disk.img");
+    std::fs::File::create(&backing).unwrap().set_len(8 << 20).unwrap();
+    let cfg = Config {
+        socket: dir.join("control"),
+        link_dir: dir.to_path_buf(),
+        state_dir: dir.join("state"),
+        devices: vec![DeviceConfig { backing: backing.clone(), attach: true }],
+        ..Config::default()
+    };
+    // one daemon's life: start (restoring what it can), optionally write, clean stop; returns
+    // the generation it ran with
+    let life = |write: bool| {
+        let engine = Arc::new(Engine::new(EngineConfig::default()).unwrap());
+        let sd = StateDir::open(&cfg.state_dir).unwrap();
+        let d = Daemon::with_state(engine, Box::new(NullFrontend::default()), cfg.clone(), sd);
+        let ids = d.add_configured().unwrap();
+        if write {
+            d.engine().write(ids[0], 1 << 20, &[5u8; 4096]).unwrap();
+        }
+        let generation = d.engine().cbt_info(ids[0]).unwrap().generation_id;
+        d.shutdown();
+        generation
+    };
+    let g1 = life(true);
+    assert_eq!(life(false), g1, "a clean restart keeps the generation");
+    // written behind the daemon's back, mtime set back to what it was
+    let f = std::fs::OpenOptions::new().write(true).open(&backing).unwrap();
+    let mtime = f.metadata().unwrap().modified().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    f.write_all_at(b"offline", 4 << 20).unwrap();
+    f.set_modified(mtime).unwrap();
+    drop(f);
+    let g2 = life(false);
+    assert_ne!(g2, g1, "an offline write with the mtime set back kept the generation");
+    assert_eq!(life(false), g2, "a clean restart after it keeps the new generation");
+}

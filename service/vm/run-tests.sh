@@ -40,5 +40,12 @@ if command -v gcc >/dev/null && command -v g++ >/dev/null; then
 else
   echo "run-tests.sh: gcc/g++ missing: scenario c-clients will fail (apt-get install gcc g++)" >&2
 fi
+# The host's mke2fs (dynamically linked: the VM harness copies its libraries) makes the ext4 of
+# scenario take-freezes; busybox's mke2fs makes ext2 only. Without it that scenario uses ext2.
+if MKE2FS=$(command -v mke2fs); then
+  CLIENTS+=("$MKE2FS")
+else
+  echo "run-tests.sh: mke2fs missing on the host: take-freezes uses ext2 (apt-get install e2fsprogs)" >&2
+fi
 exec service/vm/ublk-vm.sh --timeout "${BLKSNAP_VM_TIMEOUT:-900}" "$BIN/blksnap-vmtest" \
   "$BIN/blksnapd" "$BIN/blksnap" "${CLIENTS[@]}" -- --require-ublk "$@"

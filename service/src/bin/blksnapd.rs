@@ -47,6 +47,14 @@ struct Args {
     /// Do not attach trackers of devices given with --device.
     #[arg(long)]
     no_attach: bool,
+    /// A clean stop (SIGTERM/SIGINT) leaves the origin devices, and what is mounted on them,
+    /// for the next blksnapd to take over (same devices, same CBT generation).
+    #[arg(long)]
+    keep_devices: bool,
+    /// Do not freeze the filesystems mounted on the origins at TAKE (images are then only
+    /// crash-consistent).
+    #[arg(long)]
+    no_freeze: bool,
     /// A module parameter, NAME=VALUE (repeatable; e.g. diff_storage_minimum_sectors=16384).
     #[arg(long = "param", value_name = "NAME=VALUE", value_parser = parse_param)]
     params: Vec<(String, u64)>,
@@ -94,6 +102,12 @@ fn config(args: &Args) -> Result<Config, String> {
     }
     if let Some(d) = &args.state_dir {
         cfg.state_dir = std::path::absolute(d).map_err(|e| format!("{}: {e}", d.display()))?;
+    }
+    if args.keep_devices {
+        cfg.keep_devices = true;
+    }
+    if args.no_freeze {
+        cfg.freeze = false;
     }
     cfg.params.extend(args.params.iter().cloned());
     for d in &args.devices {

@@ -2,7 +2,8 @@
 //! inside the VM by `service/vm/ublk-vm.sh`, see README.md "VM tests"). Each scenario runs as a
 //! child process of this one with its own timeout; each starts the service in-process (engine,
 //! ublk devices, control socket) and drives it only through the control socket, the block
-//! devices and busybox (mke2fs, mount, fsfreeze) / e2fsck, as a host would.
+//! devices and busybox (mke2fs, mount) / e2fsck, as a host would. No scenario freezes a filesystem
+//! itself: TAKE through the daemon does (`blksnap_service::freeze`), as the kernel module does.
 //!
 //! Usage: `blksnap-vmtest [--require-ublk] [--timeout S] [SCENARIO...]`; without names every
 //! scenario runs. On a host without `/dev/ublk-control` it skips (exit 0, nothing counted as
@@ -32,6 +33,21 @@ macro_rules! ensure {
         }
     };
 }
+
+// Scenarios in their own files under vmtest/ (declared after `ensure!`, which they use; a
+// binary crate root resolves `mod` beside itself, hence the paths).
+#[path = "vmtest/exclusive_claim.rs"]
+mod exclusive_claim;
+#[path = "vmtest/offline_write.rs"]
+mod offline_write;
+#[path = "vmtest/remove_busy.rs"]
+mod remove_busy;
+#[path = "vmtest/restart_mounted.rs"]
+mod restart_mounted;
+#[path = "vmtest/take_freezes.rs"]
+mod take_freezes;
+#[path = "vmtest/take_rollback.rs"]
+mod take_rollback;
 
 struct Scenario {
     name: &'static str,
@@ -100,6 +116,36 @@ const SCENARIOS: &[Scenario] = &[
         name: "preload-daemon",
         about: "an upstream-style raw-ioctl client under the LD_PRELOAD shim against blksnapd",
         run: preload_daemon,
+    },
+    Scenario {
+        name: "take-freezes",
+        about: "ext4 files written just before the take, no sync, no manual freeze: all in the image",
+        run: take_freezes::take_freezes,
+    },
+    Scenario {
+        name: "exclusive-claim",
+        about: "a served block device cannot be mounted directly; a file by any path is one origin",
+        run: exclusive_claim::exclusive_claim,
+    },
+    Scenario {
+        name: "offline-write",
+        about: "a backing written while blksnapd is down gets a new CBT generation; a clean gap does not",
+        run: offline_write::offline_write,
+    },
+    Scenario {
+        name: "take-rollback",
+        about: "a take whose image device cannot be served leaves no half-taken snapshot",
+        run: take_rollback::take_rollback,
+    },
+    Scenario {
+        name: "remove-busy",
+        about: "RemoveDevice of a mounted or exclusively held origin: EBUSY, nothing changed",
+        run: remove_busy::remove_busy,
+    },
+    Scenario {
+        name: "restart-mounted",
+        about: "blksnapd --keep-devices restarted under a mounted, written ext4: mount, data, CBT kept",
+        run: restart_mounted::restart_mounted,
     },
     Scenario {
         name: "recovery",
@@ -294,23 +340,6 @@ fn image_link(dev: Dev, v3: bool) -> String {
     }
 }
 
-fn freeze(dir: &Path, on: bool) -> R {
-    let flag = if on { "--freeze" } else { "--unfreeze" };
-    run("fsfreeze", &[flag, &dir.display().to_string()]).map(drop)
-}
-
-fn take_frozen(c: &mut Client, id: Id, mounts: &[&Path]) -> R {
-    sync();
-    for m in mounts {
-        freeze(m, true)?;
-    }
-    let r = c.req(Request::SnapshotTake { id });
-    for m in mounts {
-        freeze(m, false)?;
-    }
-    r.map(drop)
-}
-
 fn wait_gone(path: &str, secs: u64) -> bool {
     let until = Instant::now() + Duration::from_secs(secs);
     while Instant::now() < until {
@@ -357,7 +386,7 @@ fn fs_image(env: &Env) -> R {
     mount(&origin, &om, "rw")?;
     let before = write_files(&om, "f", 40, 1)?;
     let id = env.snapshot(&mut c, 32, &[dev])?;
-    take_frozen(&mut c, id, &[&om])?;
+    c.req(Request::SnapshotTake { id })?;
     // After the take: overwrite half, delete a quarter, add new ones.
     let mut after = write_files(&om, "f", 20, 2)?;
     for i in 20..30 {
@@ -465,7 +494,7 @@ fn overflow(env: &Env) -> R {
     mount(&origin, &om, "rw")?;
     let before = write_files(&om, "f", 20, 5)?;
     let id = env.snapshot(&mut c, 1, &[dev])?; // 1 MiB: four 256 KiB chunks
-    take_frozen(&mut c, id, &[&om])?;
+    c.req(Request::SnapshotTake { id })?;
     let mut after = write_files(&om, "f", 10, 6)?;
     after.extend(write_files(&om, "big", 8, 7)?);
     sync();
@@ -518,7 +547,7 @@ fn destroy_mounted(env: &Env) -> R {
     mount(&origin, &om, "rw")?;
     let before = write_files(&om, "f", 10, 8)?;
     let id = env.snapshot(&mut c, 32, &[dev])?;
-    take_frozen(&mut c, id, &[&om])?;
+    c.req(Request::SnapshotTake { id })?;
     let image = image_link(dev, true);
     let image_node = std::fs::read_link(&image).map_err(|e| e.to_string())?;
     let im = env.path("image");
@@ -1103,11 +1132,7 @@ fn cli_backup(env: &Env) -> R {
     let diff0 = env.path("diff0");
     fallocate(&diff0, 32 * MIB)?;
     cli(&sock, &["snapshot_appendstorage", "-i", &id, "-f", &diff0.display().to_string()])?;
-    sync();
-    freeze(&om, true)?;
-    let took = cli(&sock, &["snapshot_take", "-i", &id]);
-    freeze(&om, false)?;
-    took?;
+    cli(&sock, &["snapshot_take", "-i", &id])?;
     let image = cli(&sock, &["snapshot_info", "-d", &node, "-f", "image"])?.trim().to_string();
     ensure!(image.starts_with("/dev/blksnap-"), "image {image}");
     ensure!(Path::new(&image).exists(), "{image} does not exist");
@@ -1148,11 +1173,7 @@ fn cli_backup(env: &Env) -> R {
     )?
     .trim()
     .to_string();
-    sync();
-    freeze(&om, true)?;
-    let took = cli(&sock, &["snapshot_take", "-i", &id]);
-    freeze(&om, false)?;
-    took?;
+    cli(&sock, &["snapshot_take", "-i", &id])?;
     let image = cli(&sock, &["snapshot_info", "-d", &node, "-f", "image"])?.trim().to_string();
     // files written after the take are in no backup
     write_files(&om, "d", 10, 34)?;
@@ -1257,11 +1278,7 @@ fn stretch(env: &Env) -> R {
     while appended(&mut lines, Duration::from_millis(100)) == 0 {
         ensure!(t.elapsed() < Duration::from_secs(20), "no storage appended: {lines:?}");
     }
-    sync();
-    freeze(&om, true)?;
-    let took = cli(&sock, &["snapshot_take", "-i", &id]);
-    freeze(&om, false)?;
-    took?;
+    cli(&sock, &["snapshot_take", "-i", &id])?;
     let image = cli(&sock, &["snapshot_info", "-d", &node, "-f", "image"])?.trim().to_string();
     // 24 MiB of new data, 1 MiB per fsync'd file: six times the storage step
     for i in 0..24u64 {
@@ -1490,9 +1507,10 @@ fn bench(env: &Env) -> R {
 fn sizes_for(name: &str) -> Vec<u64> {
     match name {
         "two-devices" => vec![16 * MIB, 16 * MIB],
+        "remove-busy" => vec![32 * MIB, 16 * MIB],
         "cbt" => vec![64 * MIB],
         "daemon-process" | "restart" | "recovery" | "c-clients" | "cli-backup"
-        | "preload-daemon" | "stretch" => vec![],
+        | "preload-daemon" | "stretch" | "take-freezes" | "exclusive-claim" => vec![],
         _ => vec![64 * MIB],
     }
 }
