@@ -163,17 +163,24 @@ impl Params {
     pub fn apply_list(&mut self, list: &str) -> core::result::Result<(), (Error, String)> {
         let mut next = *self;
         for item in list.split_whitespace() {
-            let bad = |detail| (Error::new(Errno::EINVAL, detail), item.to_string());
-            let (name, value) = item.split_once('=').ok_or_else(|| bad("not name=value"))?;
-            let value = match value.strip_prefix("0x").or_else(|| value.strip_prefix("0X")) {
-                Some(hex) => u64::from_str_radix(hex, 16),
-                None => value.parse(),
-            }
-            .map_err(|_| bad("the value is not a number"))?;
+            let (name, value) = Self::parse_item(item).map_err(|e| (e, item.to_string()))?;
             next.set(name, value).map_err(|e| (e, item.to_string()))?;
         }
         *self = next;
         Ok(())
+    }
+
+    /// One `name=value` item (value decimal or `0x` hexadecimal); EINVAL otherwise.
+    pub fn parse_item(item: &str) -> Result<(&str, u64)> {
+        let (name, value) =
+            item.split_once('=').ok_or(Error::new(Errno::EINVAL, "expected name=value"))?;
+        let (name, value) = (name.trim(), value.trim());
+        match value.strip_prefix("0x").or_else(|| value.strip_prefix("0X")) {
+            Some(hex) => u64::from_str_radix(hex, 16),
+            None => value.parse(),
+        }
+        .map(|v| (name, v))
+        .map_err(|_| Error::new(Errno::EINVAL, "the value is not a number"))
     }
 
     /// The low-space threshold in sectors: half the storage step.

@@ -14,7 +14,7 @@
 //! freeze_timeout_secs = 30          # a freeze not done by then fails the take (EAGAIN)
 //!
 //! [params]                          # the module parameters (`modinfo blksnap`), optional
-//! diff_storage_minimum_sectors = 2097152   # storage step: v3 low-space request, newest growth
+//! diff_storage_minimum = 2097152   # sectors: storage step, v3 low-space request, newest growth
 //! tracking_block_minimum_shift = 16
 //!
 //! [[device]]
@@ -293,9 +293,14 @@ mod tests {
 
     #[test]
     fn module_parameters() {
-        let cfg = Config::parse("[params]\ndiff_storage_minimum_sectors = 16384").unwrap();
+        let cfg = Config::parse("[params]\ndiff_storage_minimum = 16384").unwrap();
         let p = cfg.engine_params().unwrap();
-        assert_eq!(p.diff_storage_minimum_sectors, 16384);
+        assert_eq!(p.diff_storage_minimum_sectors, 16384, "the kernel's name and unit");
+        let alias = Config::parse("[params]\ndiff_storage_minimum_sectors = 16384").unwrap();
+        assert_eq!(alias.engine_params().unwrap(), p, "the old name is an alias");
+        let no_effect = "[params]\nchunk_maximum_in_queue = 256\nfree_diff_buffer_pool_size = 0";
+        let no_effect = Config::parse(no_effect).unwrap().engine_params().unwrap();
+        assert_eq!(no_effect, Params::default(), "accepted, documented as without effect");
         assert_eq!(p.chunk_minimum_shift, Params::default().chunk_minimum_shift);
         // sanitised as the module does: the step is at least two minimum chunks
         let cfg = Config::parse("[params]\ndiff_storage_minimum_sectors = 1").unwrap();

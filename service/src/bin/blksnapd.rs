@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use blksnap_engine::{Engine, EngineConfig};
+use blksnap_model::Params;
 use blksnap_service::config::{Config, DeviceConfig, LinkStyle, DEFAULT_CONFIG};
 use blksnap_service::{ControlServer, Daemon, StateDir};
 use clap::Parser;
@@ -55,15 +56,23 @@ struct Args {
     /// crash-consistent).
     #[arg(long)]
     no_freeze: bool,
-    /// A module parameter, NAME=VALUE (repeatable; e.g. diff_storage_minimum_sectors=16384).
+    /// A module parameter by its kernel name and unit, NAME=VALUE (repeatable; e.g.
+    /// diff_storage_minimum=16384, in sectors).
     #[arg(long = "param", value_name = "NAME=VALUE", value_parser = parse_param)]
     params: Vec<(String, u64)>,
+    /// Module parameters as `modprobe blksnap` takes them: "NAME=VALUE NAME=VALUE ..."
+    /// (applied before the --param ones).
+    #[arg(long = "module-params", value_name = "LIST", value_parser = parse_param_list)]
+    module_params: Option<Vec<(String, u64)>>,
 }
 
 fn parse_param(s: &str) -> Result<(String, u64), String> {
-    let (name, value) = s.split_once('=').ok_or("expected NAME=VALUE")?;
-    let value = value.trim().parse().map_err(|_| format!("{value}: not a number"))?;
-    Ok((name.trim().to_string(), value))
+    let (name, value) = Params::parse_item(s).map_err(|e| format!("{s}: {}", e.detail))?;
+    Ok((name.to_string(), value))
+}
+
+fn parse_param_list(s: &str) -> Result<Vec<(String, u64)>, String> {
+    s.split_whitespace().map(parse_param).collect()
 }
 
 fn parse_link(s: &str) -> Result<LinkStyle, String> {
@@ -109,6 +118,7 @@ fn config(args: &Args) -> Result<Config, String> {
     if args.no_freeze {
         cfg.freeze = false;
     }
+    cfg.params.extend(args.module_params.iter().flatten().cloned());
     cfg.params.extend(args.params.iter().cloned());
     for d in &args.devices {
         let backing = std::path::absolute(d).map_err(|e| format!("{}: {e}", d.display()))?;

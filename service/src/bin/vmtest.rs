@@ -1241,7 +1241,8 @@ fn stretch(env: &Env) -> R {
         2,
         &links,
         &["v3"],
-        &["--param", "diff_storage_minimum_sectors=8192"],
+        // modprobe-style, by the kernel's names (chunk_maximum_in_queue: accepted, no effect).
+        &["--module-params", "diff_storage_minimum=8192 chunk_maximum_in_queue=256"],
     )?;
     let sock = d.socket.clone();
     let node = field(&cli(&sock, &["attach", "-d", &backing.display().to_string()])?, "device")?;
