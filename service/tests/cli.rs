@@ -654,3 +654,42 @@ fn daemon_backend_over_the_socket() {
     assert_eq!(over_socket(s, &["detach", "-d", &disk]).0, 0);
     f.daemon.shutdown();
 }
+
+#[test]
+fn device_add_remove_list_over_the_socket_and_in_process() {
+    let f = daemon();
+    let disk = f.dir.join("plain.img");
+    std::fs::File::create(&disk).unwrap().set_len(4 << 20).unwrap();
+    let disk = disk.display().to_string();
+    let s = f.socket.as_path();
+    assert_eq!(over_socket(s, &["device", "list"]), (0, String::new(), String::new()));
+    // served without tracking: a node, no filter
+    let (st, out, err) = over_socket(s, &["device", "add", &disk, "--no-attach"]);
+    assert_eq!((st, out.as_str(), err.as_str()), (0, "/dev/null-blksnap-240-0\n", ""));
+    let (st, _, err) = over_socket(s, &["cbtinfo", "-d", "240:0"]);
+    assert_eq!((st, err.as_str()), (1, "blksnap cbtinfo: ENOENT: no filter attached\n"));
+    let (st, out, _) = over_socket(s, &["device", "list"]);
+    assert_eq!(st, 0);
+    assert_eq!(out, format!("240:0 /dev/null-blksnap-240-0 origin 4194304 {disk}\n"));
+    let (st, out, _) = over_socket(s, &["--json", "device", "list"]);
+    assert_eq!(st, 0);
+    let j: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(j["devices"][0]["device"], "240:0");
+    assert_eq!(j["devices"][0]["role"], "origin");
+    assert_eq!(j["devices"][0]["backing"], disk.as_str());
+    // a second add of the same backing is refused
+    let (st, _, err) = over_socket(s, &["device", "add", &disk]);
+    assert_ne!(st, 0, "{err}");
+    // removed by its backing's name; then gone
+    let (st, out, err) = over_socket(s, &["device", "remove", &disk]);
+    assert_eq!((st, out.as_str(), err.as_str()), (0, "", ""));
+    assert_eq!(over_socket(s, &["device", "list"]).1, "");
+    let (st, _, err) = over_socket(s, &["device", "remove", "240:0"]);
+    assert_ne!(st, 0, "removing a device that is gone fails: {err}");
+    // in-process: the configured devices; add and remove are EOPNOTSUPP
+    let e = env();
+    let out = e.ok(&["device", "list"]);
+    assert!(out.starts_with("240:0 /dev/vda origin 8388608 "), "{out}");
+    let r = e.run(&["device", "add", &e.path("a.img")]);
+    assert!(r.status != 0 && r.err.contains("EOPNOTSUPP"), "{}", r.err);
+}

@@ -8,6 +8,7 @@
 
 pub mod backend;
 pub mod backup;
+pub mod device;
 pub mod error;
 pub mod fiemap;
 pub mod inproc;
@@ -103,6 +104,9 @@ pub enum Command {
     /// Print the blksnap module version the engine implements (2.0.0.0).
     #[command(name = "version")]
     Version,
+    /// Serve, stop serving or list devices (blksnapd), without or with tracking.
+    #[command(name = "device", subcommand)]
+    Device(device::DeviceCommand),
     /// Start change tracking on a device (blksnapd: serves the file or device first if needed).
     #[command(name = "attach")]
     Attach(DeviceArg),
@@ -270,6 +274,7 @@ impl Command {
     pub fn name(&self) -> &'static str {
         match self {
             Command::Version => "version",
+            Command::Device(_) => "device",
             Command::Attach(_) => "attach",
             Command::Detach(_) => "detach",
             Command::Cbtinfo(_) => "cbtinfo",
@@ -414,7 +419,7 @@ fn fail(command: &str, json: bool, e: &CliError) -> i32 {
     1
 }
 
-fn dev_str(d: Dev) -> String {
+pub(crate) fn dev_str(d: Dev) -> String {
     format!("{}:{}", d.major, d.minor)
 }
 
@@ -571,6 +576,7 @@ pub fn execute(cmd: Command, b: &mut dyn Backend, p: &Printer) -> Result<Report,
                        "backend": backend}),
             ))
         }
+        Command::Device(cmd) => device::execute(cmd, b),
         Command::Attach(DeviceArg { device }) => match b.device(&device) {
             Ok(dev) => match b.call(Request::Attach { dev }) {
                 Ok(_) => Ok(Report::new(
