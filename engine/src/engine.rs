@@ -197,6 +197,14 @@ impl Engine {
         Ok(())
     }
 
+    /// The snapshot whose member `dev` is (created or taken), if any. ENODEV if not registered,
+    /// ENOENT without a tracker.
+    pub fn member_of(&self, dev: DeviceId) -> Result<Option<SnapshotId>> {
+        let (_disk, tracker) = self.tracker(dev)?;
+        let owner = *tracker.owner.lock();
+        Ok(owner)
+    }
+
     /// Capacity of a registered disk in bytes.
     pub fn disk_capacity_bytes(&self, dev: DeviceId) -> Result<u64> {
         Ok(self.disk(dev)?.capacity_bytes)

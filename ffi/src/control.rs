@@ -199,6 +199,7 @@ unsafe fn append_storage(inst: &Instance, arg: UserAddr) -> R<c_int> {
         inst.engine.append_path(id, &backing, &ranges).map_err(|e| e.errno)?;
         inst.record_storage(id, std::fs::canonicalize(&backing).unwrap_or(backing));
     } else {
+        inst.refuse_member_storage(id, &inst.storage_backing(path))?;
         let backend = inst.append_backend(id, path)?;
         inst.engine.snapshot_append_storage(id, backend, &ranges).map_err(|e| e.errno)?;
     }

@@ -253,7 +253,30 @@ impl Instance {
     /// Where a storage path really is (the `storage:` translations).
     pub fn storage_backing(&self, path: &Path) -> PathBuf {
         let mapped = self.storage_map.iter().find(|(p, _)| p == path);
-        mapped.map_or_else(|| path.to_path_buf(), |(_, b)| b.clone())
+        if let Some((_, backing)) = mapped {
+            return backing.clone();
+        }
+        // A served device named as storage (`/dev/sdb` when /dev/sdb is one of ours) is its
+        // backing, as the kernel would open the device itself.
+        match self.device_by_path(path.as_os_str().as_bytes()) {
+            Some(device) => device.backing,
+            None => path.to_path_buf(),
+        }
+    }
+
+    /// In-process: EBUSY if `backing` is the backing of a device that is a member of snapshot
+    /// `id` — storage on a device of the same snapshot would copy into what it snapshots. The
+    /// same answer as adding the device after the append ([`Instance::holds_storage_of`]).
+    pub fn refuse_member_storage(&self, id: SnapshotId, backing: &Path) -> R<()> {
+        let Backend::Local(engine) = &self.engine else { return Ok(()) };
+        let canon = canonical(backing);
+        let member = self.find_device(|d| {
+            canonical(&d.backing) == canon && engine.member_of(d.id).ok().flatten() == Some(id)
+        });
+        match member {
+            Some(_) => Err(Errno::EBUSY),
+            None => Ok(()),
+        }
     }
 
     /// v3 APPEND_STORAGE: the backend of `path` for snapshot `id`, opened read-write (not

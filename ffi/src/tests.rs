@@ -21,6 +21,7 @@ const EFAULT: c_int = -14;
 const ENODEV: c_int = -19;
 const EINVAL: c_int = -22;
 const ENOTTY: c_int = -25;
+const EBUSY: c_int = -16;
 const EOPNOTSUPP: c_int = -95;
 const ENODATA: c_int = -61;
 const EALREADY: c_int = -114;
@@ -286,6 +287,45 @@ fn append_storage_validates_every_pointer_and_count() {
     assert_eq!(ioctl(f.handle, code, unsafe { raw.as_mut_ptr().add(1) }), 0);
     a.count = 0;
     assert_eq!(ioctl(f.handle, code, &mut a), 0, "zero ranges append nothing");
+    close(f.handle);
+}
+
+/// v3 storage named by a served device's path is that device (its backing), in-process as the
+/// kernel opens the device; a device and its own snapshot's storage exclude each other in either
+/// order (EBUSY).
+#[test]
+fn storage_named_by_a_served_device_path() {
+    let append = |f: &Fixture, id: blksnap_uuid, path: &CString| {
+        let mut range = uapi::blksnap_sectors { offset: 0, count: 64 };
+        let bytes = path.as_bytes_with_nul();
+        let mut a = v3::blksnap_snapshot_append_storage {
+            id,
+            bdev_path: bytes.as_ptr() as *mut u8,
+            bdev_path_size: bytes.len() as u32,
+            count: 1,
+            ranges: &mut range,
+        };
+        ioctl(f.handle, v3::IOCTL_BLKSNAP_SNAPSHOT_APPEND_STORAGE, &mut a)
+    };
+    let add = |f: &Fixture, id: blksnap_uuid| {
+        let mut add = uapi::blksnap_snapshotadd { id };
+        ctl(f, v3::BLKFILTER_CTL, ctl_cmd::SNAPSHOTADD, &mut add, 16)
+    };
+    let f = fixture(BLKSNAP_PROFILE_V3);
+    attach(&f, BLKSNAP_PROFILE_V3);
+    // append, then add: the device holds the snapshot's storage.
+    let s1 = create_v3(f.handle);
+    assert_eq!(append(&f, s1, &f.dev), 0, "the served path resolves to its backing");
+    assert_eq!(add(&f, s1), EBUSY, "add after append");
+    // add, then append: the same answer.
+    let s2 = create_v3(f.handle);
+    assert_eq!(add(&f, s2), 0);
+    assert_eq!(append(&f, s2, &f.dev), EBUSY, "append after add");
+    let by_number = CString::new("/dev/block/7:0").unwrap();
+    assert_eq!(append(&f, s2, &by_number), EBUSY, "by number too");
+    // another snapshot may use it (ranges other snapshots hold are the engine's EBUSY).
+    let s3 = create_v3(f.handle);
+    assert_eq!(append(&f, s3, &by_number), EBUSY, "s1 holds sectors 0-63 of that backing");
     close(f.handle);
 }
 
