@@ -165,6 +165,20 @@ fn image_read_racing_corruption_never_returns_post_take_data() {
     model(|| common::image_read_racing_corruption(common::config()));
 }
 
+/// Faults under racing copies: a torn storage write, then ENOSPC, meets whichever of an image
+/// write and an origin write to one New chunk copies first.
+#[test]
+fn racing_copies_of_one_chunk_meet_a_storage_fault() {
+    use blksnap_engine::io::Fault;
+    for fault in
+        [Fault::Torn { sectors_written: 3, errno: Errno::EIO }, Fault::Error(Errno::ENOSPC)]
+    {
+        model(move || {
+            common::racing_copies_of_one_chunk_meet_a_storage_fault(common::config(), fault)
+        });
+    }
+}
+
 #[test]
 fn cbt_switch_is_atomic_for_a_concurrent_writer() {
     model(|| {

@@ -529,3 +529,17 @@ fn faulty_image_io(on_storage: bool, fault: Fault) {
     }
     assert_only_trackers_left(&e, 1);
 }
+
+/// Faults under racing copies of one chunk (see `common`), each fault kind.
+#[test]
+fn racing_copies_of_one_chunk_meet_a_storage_fault() {
+    for fault in [
+        Fault::Torn { sectors_written: 3, errno: Errno::EIO },
+        Fault::Error(Errno::ENOSPC),
+        Fault::Error(Errno::EIO),
+    ] {
+        check(move || {
+            common::racing_copies_of_one_chunk_meet_a_storage_fault(common::config(), fault)
+        });
+    }
+}
