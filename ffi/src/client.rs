@@ -175,9 +175,16 @@ impl Remote {
         self.idle.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// One request on an idle connection (or a new one); a broken connection is dropped.
+    /// One request on an idle connection (or a new one); a broken connection is dropped. Idle
+    /// connections the daemon has closed meanwhile (its idle timeout) are skipped before the
+    /// request is sent, so no request is lost or sent twice.
     fn call(&self, request: Request) -> Res<Reply> {
-        let idle = self.lock().pop();
+        let idle = loop {
+            match self.lock().pop() {
+                Some(c) if c.is_closed() => continue,
+                other => break other,
+            }
+        };
         let mut client = match idle {
             Some(c) => c,
             None => Client::connect(&self.socket).map_err(|_| transport())?,

@@ -313,8 +313,7 @@ impl Instance {
         let meta = std::fs::metadata(&backing).map_err(|e| io_errno(&e))?;
         let kind = meta.file_type();
         let dev = if kind.is_dir() {
-            let file = tempfile::tempfile_in(&backing).map_err(|e| io_errno(&e))?;
-            FileDev::from_file(file).map_err(|e| e.errno)?
+            unnamed_storage_in(&backing)?
         } else if kind.is_file() || kind.is_block_device() {
             FileDev::open(&backing, true).map_err(|e| e.errno)?
         } else {
@@ -341,6 +340,21 @@ impl Instance {
     }
 }
 
+/// A new storage file in `dir` that no other process can reach: unnamed (`O_TMPFILE`), never
+/// linkable into the tree (`O_EXCL`), owner-only (0600) — as the kernel creates it. (The
+/// `tempfile` crate's O_TMPFILE file is 0666 less the umask and linkable.)
+pub fn unnamed_storage_in(dir: &Path) -> R<FileDev> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_TMPFILE | libc::O_EXCL)
+        .mode(0o600)
+        .open(dir)
+        .map_err(|e| io_errno(&e))?;
+    FileDev::from_file(file).map_err(|e| e.errno)
+}
+
 /// The errno of an OS error (when the closed set has it), else EIO.
 pub fn io_errno(err: &std::io::Error) -> Errno {
     err.raw_os_error().and_then(Errno::from_code).unwrap_or(Errno::EIO)
@@ -349,6 +363,20 @@ pub fn io_errno(err: &std::io::Error) -> Errno {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unnamed_storage_is_private_and_never_linkable() {
+        use std::os::fd::AsRawFd;
+        let dir = tempfile::tempdir().unwrap();
+        let dev = unnamed_storage_in(dir.path()).unwrap();
+        let fd = dev.file().as_raw_fd();
+        let meta = std::fs::metadata(format!("/proc/self/fd/{fd}")).unwrap();
+        assert_eq!(meta.mode() & 0o7777, 0o600, "owner-only");
+        let linked = std::fs::hard_link(format!("/proc/self/fd/{fd}"), dir.path().join("leak"));
+        assert!(linked.is_err(), "O_EXCL: the file can never get a name");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "nothing in the directory");
+        assert_eq!(unnamed_storage_in(&dir.path().join("missing")).unwrap_err(), Errno::ENOENT);
+    }
 
     #[test]
     fn config_grammar() {

@@ -23,6 +23,22 @@ pub struct Client {
 }
 
 impl Client {
+    /// Whether the daemon has closed this connection (for an idle one: blksnapd drops clients
+    /// idle past its `idle_timeout_secs`), checked without blocking. A connection with unread
+    /// data is unusable too (the stream position is lost) and counts as closed.
+    pub fn is_closed(&self) -> bool {
+        if self.stream.set_nonblocking(true).is_err() {
+            return true;
+        }
+        // A read that would block consumed nothing: the connection is open and idle.
+        let mut byte = [0u8; 1];
+        let closed = match io::Read::read(&mut &self.stream, &mut byte) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
+            _ => true, // EOF, stray data (now consumed) or an error
+        };
+        closed || self.stream.set_nonblocking(false).is_err()
+    }
+
     /// Connects to the socket at `path`.
     pub fn connect(path: &Path) -> io::Result<Client> {
         Ok(Client { stream: UnixStream::connect(path)? })

@@ -100,6 +100,12 @@ pub struct Config {
     /// How long one filesystem's freeze may take before the take is refused.
     #[serde(default = "default_freeze_timeout")]
     pub freeze_timeout_secs: u32,
+    /// Control-socket connections served at once; the next is answered EAGAIN.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// A client that neither sends nor reads for this long is disconnected.
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout_secs: u32,
     /// Engine parameters by their module names (`Params::NAMES`); the rest keep the defaults.
     #[serde(default)]
     pub params: BTreeMap<String, u64>,
@@ -126,6 +132,12 @@ fn default_state_dir() -> PathBuf {
 fn default_freeze_timeout() -> u32 {
     30
 }
+fn default_max_connections() -> usize {
+    64
+}
+fn default_idle_timeout() -> u32 {
+    600
+}
 fn default_depth() -> u16 {
     64
 }
@@ -147,6 +159,8 @@ impl Default for Config {
             keep_devices: false,
             freeze: true,
             freeze_timeout_secs: default_freeze_timeout(),
+            max_connections: default_max_connections(),
+            idle_timeout_secs: default_idle_timeout(),
             params: BTreeMap::new(),
             devices: Vec::new(),
         }
@@ -154,6 +168,14 @@ impl Default for Config {
 }
 
 impl Config {
+    /// The control socket's limits.
+    pub fn control_limits(&self) -> crate::control::Limits {
+        crate::control::Limits {
+            max_connections: self.max_connections,
+            idle_timeout: std::time::Duration::from_secs(u64::from(self.idle_timeout_secs)),
+        }
+    }
+
     /// Parses TOML text.
     pub fn parse(text: &str) -> Result<Config, String> {
         let cfg: Config = toml::from_str(text).map_err(|e| e.to_string())?;
@@ -181,6 +203,12 @@ impl Config {
         }
         if !(1..=3600).contains(&self.freeze_timeout_secs) {
             return Err("freeze_timeout_secs must be 1..=3600".into());
+        }
+        if !(1..=4096).contains(&self.max_connections) {
+            return Err("max_connections must be 1..=4096".into());
+        }
+        if !(1..=86_400).contains(&self.idle_timeout_secs) {
+            return Err("idle_timeout_secs must be 1..=86400".into());
         }
         if !(1..=4096).contains(&self.queue_depth) {
             return Err("queue_depth must be 1..=4096".into());
@@ -281,6 +309,11 @@ mod tests {
         assert!(Config::parse("queues = 0").is_err());
         assert!(Config::parse("io_buf_bytes = 1000").is_err());
         assert!(Config::parse("freeze_timeout_secs = 0").is_err());
+        assert!(Config::parse("max_connections = 0").is_err());
+        assert!(Config::parse("idle_timeout_secs = 0").is_err());
+        let limits = Config::parse("max_connections = 8\nidle_timeout_secs = 30").unwrap();
+        assert_eq!(limits.control_limits().max_connections, 8);
+        assert_eq!(limits.control_limits().idle_timeout.as_secs(), 30);
         assert!(!Config::parse("freeze = false").unwrap().freeze);
         assert!(Config::default().freeze, "freezing is on by default");
         assert!(Config::parse("[[device]]\nbacking = \"rel.img\"").is_err());

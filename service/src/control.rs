@@ -1,7 +1,10 @@
 //! The control socket: a Unix stream socket speaking `blksnap-proto`, one thread per
 //! connection. Access: the socket file is mode 0600 (0660 and group-owned with a configured
-//! group), and every connection's peer credentials (`SO_PEERCRED`) are checked again: uid 0, or
-//! the configured group as primary or supplementary group of the peer process.
+//! group), and every connection's peer credentials are checked once, from the kernel, at
+//! connect: `SO_PEERCRED` (uid, gid) and `SO_PEERGROUPS` (supplementary groups) — uid 0, or the
+//! configured group as the peer's primary or supplementary group. Limits ([`Limits`]): a
+//! connection over `max_connections` is answered EAGAIN and closed; a peer that sends nothing
+//! (or reads nothing) for `idle_timeout` is disconnected, so no silent client holds a thread.
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -50,23 +53,67 @@ pub fn peer_cred(s: &UnixStream) -> io::Result<Peer> {
     Ok(Peer { pid: cred.pid, uid: cred.uid, gid: cred.gid })
 }
 
-/// Supplementary groups of a process (from `/proc/PID/status`).
-fn supplementary_groups(pid: i32) -> Vec<u32> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    text.lines()
-        .find_map(|l| l.strip_prefix("Groups:"))
-        .map(|g| g.split_whitespace().filter_map(|x| x.parse().ok()).collect())
-        .unwrap_or_default()
+/// Most supplementary groups read (the kernel's NGROUPS_MAX is 65,536).
+const MAX_PEER_GROUPS: usize = 65_536;
+
+/// `SO_PEERGROUPS` of a connected Unix socket: the peer's supplementary groups as they were
+/// when it connected (from the kernel, not from `/proc`, so a reused pid cannot lie).
+pub fn peer_groups(s: &UnixStream) -> io::Result<Vec<u32>> {
+    let mut groups: Vec<libc::gid_t> = vec![0; 64];
+    loop {
+        let mut len = (groups.len() * std::mem::size_of::<libc::gid_t>()) as libc::socklen_t;
+        // SAFETY: `groups` is writable for `len` bytes and `len` is valid; the fd is a live
+        // socket owned by `s` for the duration of the call.
+        let rc = unsafe {
+            libc::getsockopt(
+                s.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PEERGROUPS,
+                groups.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        let needed = len as usize / std::mem::size_of::<libc::gid_t>();
+        if rc == 0 {
+            groups.truncate(needed);
+            return Ok(groups);
+        }
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::ERANGE) || needed <= groups.len() {
+            return Err(err);
+        }
+        if needed > MAX_PEER_GROUPS {
+            return Err(io::Error::from_raw_os_error(libc::E2BIG));
+        }
+        groups.resize(needed, 0);
+    }
 }
 
-/// Whether `peer` may use the socket.
-pub fn allowed(peer: &Peer, group: Option<u32>) -> bool {
+/// Whether `peer`, with supplementary `groups`, may use the socket.
+pub fn allowed(peer: &Peer, groups: &[u32], group: Option<u32>) -> bool {
     if peer.uid == 0 {
         return true;
     }
     match group {
-        Some(g) => peer.gid == g || supplementary_groups(peer.pid).contains(&g),
+        Some(g) => peer.gid == g || groups.contains(&g),
         None => false,
+    }
+}
+
+/// Limits on the control socket's clients (configuration `max_connections`,
+/// `idle_timeout_secs`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Connections served at once; the next is answered EAGAIN and closed.
+    pub max_connections: usize,
+    /// A connection that neither sends a request nor reads its answer for this long is closed
+    /// (a partial frame included: every read and write must progress within it).
+    pub idle_timeout: std::time::Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits { max_connections: 64, idle_timeout: std::time::Duration::from_secs(600) }
     }
 }
 
@@ -75,6 +122,16 @@ pub struct ControlServer {
     listener: UnixListener,
     path: PathBuf,
     group: Option<u32>,
+    limits: Limits,
+}
+
+/// One connection's slot in the connection count; released when the connection ends.
+struct Slot(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 impl ControlServer {
@@ -93,7 +150,12 @@ impl ControlServer {
         if let Some(g) = group {
             std::os::unix::fs::chown(path, None, Some(g))?;
         }
-        Ok(ControlServer { listener, path: path.to_path_buf(), group })
+        Ok(ControlServer { listener, path: path.to_path_buf(), group, limits: Limits::default() })
+    }
+
+    /// The same server with these limits.
+    pub fn with_limits(self, limits: Limits) -> ControlServer {
+        ControlServer { limits, ..self }
     }
 
     /// The socket's path.
@@ -101,15 +163,29 @@ impl ControlServer {
         &self.path
     }
 
-    /// Accepts connections forever, one thread each.
+    /// Accepts connections forever, one thread each, at most `max_connections` at once.
     pub fn serve(self, daemon: Arc<Daemon>) {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let active = Arc::new(AtomicUsize::new(0));
         for conn in self.listener.incoming() {
-            let Ok(stream) = conn else { continue };
+            let Ok(mut stream) = conn else { continue };
+            if active.fetch_add(1, Ordering::SeqCst) >= self.limits.max_connections {
+                active.fetch_sub(1, Ordering::SeqCst);
+                let msg = format!(
+                    "too many connections (max_connections = {})",
+                    self.limits.max_connections
+                );
+                let _ = stream.set_write_timeout(Some(std::time::Duration::from_secs(1)));
+                let _ = respond(&mut stream, Err(WireError::new(Errno::EAGAIN, msg)));
+                continue;
+            }
+            let slot = Slot(active.clone());
             let d = daemon.clone();
-            let group = self.group;
-            let _ = std::thread::Builder::new()
-                .name("blksnapd-conn".into())
-                .spawn(move || serve_connection(stream, &d, group));
+            let (group, limits) = (self.group, self.limits);
+            let _ = std::thread::Builder::new().name("blksnapd-conn".into()).spawn(move || {
+                let _slot = slot;
+                serve_connection(stream, &d, group, limits)
+            });
         }
     }
 }
@@ -126,13 +202,20 @@ fn respond(stream: &mut UnixStream, result: Result<Reply, WireError>) -> io::Res
     write_frame(stream, &ResponseFrame { version: PROTOCOL_VERSION, result })
 }
 
-/// Serves one connection until it closes or misbehaves.
-pub fn serve_connection(mut stream: UnixStream, daemon: &Daemon, group: Option<u32>) {
-    let peer = match peer_cred(&stream) {
-        Ok(p) => p,
-        Err(_) => return,
-    };
-    if !allowed(&peer, group) {
+/// Serves one connection until it closes, misbehaves or idles past the limit.
+pub fn serve_connection(
+    mut stream: UnixStream,
+    daemon: &Daemon,
+    group: Option<u32>,
+    limits: Limits,
+) {
+    let (Ok(peer), Ok(groups)) = (peer_cred(&stream), peer_groups(&stream)) else { return };
+    if stream.set_read_timeout(Some(limits.idle_timeout)).is_err()
+        || stream.set_write_timeout(Some(limits.idle_timeout)).is_err()
+    {
+        return;
+    }
+    if !allowed(&peer, &groups, group) {
         let _ = respond(
             &mut stream,
             Err(WireError::new(Errno::EPERM, "only root or the configured group may connect")),

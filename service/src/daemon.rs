@@ -1080,10 +1080,12 @@ pub fn open_storage(path: &str) -> Result<FileDev, Error> {
     })?;
     let kind = meta.file_type();
     if kind.is_dir() {
+        // Unnamed, never linkable (O_EXCL), owner-only: as the kernel (libblksnap's
+        // `unnamed_storage_in` is the same for in-process handles).
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
-            .custom_flags(libc::O_TMPFILE)
+            .custom_flags(libc::O_TMPFILE | libc::O_EXCL)
             .mode(0o600)
             .open(path)
             .map_err(|_| Error::new(Errno::EIO, "cannot create a file in the storage directory"))?;

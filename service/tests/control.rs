@@ -11,7 +11,7 @@ use blksnap_proto::{
     encode, read_frame, Dev, EventKindW, Range, Reply, Request, RequestFrame, Storage,
     PROTOCOL_VERSION,
 };
-use blksnap_service::control::{allowed, peer_cred, Peer};
+use blksnap_service::control::{allowed, peer_cred, peer_groups, Limits, Peer};
 use blksnap_service::{Client, Config, ControlServer, Daemon, NullFrontend};
 
 struct Fixture {
@@ -236,10 +236,79 @@ fn access_rules() {
     let s = UnixStream::connect(&f.socket).unwrap();
     let me = peer_cred(&s).unwrap();
     assert_eq!(me.pid as u32, std::process::id());
-    assert!(allowed(&Peer { pid: 1, uid: 0, gid: 0 }, None));
-    assert!(!allowed(&Peer { pid: 1, uid: 1000, gid: 1000 }, None));
-    assert!(allowed(&Peer { pid: 1, uid: 1000, gid: 1000 }, Some(1000)));
-    assert!(!allowed(&Peer { pid: i32::MAX, uid: 1000, gid: 1000 }, Some(4242)));
+    // SO_PEERGROUPS: the kernel's list, the same as this process's own.
+    let mut mine = vec![0 as libc::gid_t; 65_536];
+    // SAFETY: a writable buffer of that many gid_t.
+    let n = unsafe { libc::getgroups(mine.len() as libc::c_int, mine.as_mut_ptr()) };
+    mine.truncate(n.max(0) as usize);
+    let mut theirs = peer_groups(&s).unwrap();
+    mine.sort_unstable();
+    theirs.sort_unstable();
+    assert_eq!(theirs, mine);
+    let user = Peer { pid: 1, uid: 1000, gid: 1000 };
+    assert!(allowed(&Peer { pid: 1, uid: 0, gid: 0 }, &[], None));
+    assert!(!allowed(&user, &[], None));
+    assert!(allowed(&user, &[], Some(1000)), "primary group");
+    assert!(allowed(&user, &[27, 4242], Some(4242)), "supplementary group");
+    assert!(!allowed(&user, &[27], Some(4242)));
+}
+
+/// libblksnap's client mode keeps idle connections: one the daemon closed for idling is skipped,
+/// not failed, and the request goes through on a new one.
+#[test]
+fn libblksnap_reconnects_after_the_daemon_drops_an_idle_connection() {
+    use blksnap_ffi::instance::{Config as LibConfig, Instance};
+    use blksnap_model::Profile;
+    let tmp = tempfile::tempdir().unwrap();
+    let socket = tmp.path().join("control");
+    let cfg = Config { socket: socket.clone(), link_dir: tmp.path().into(), ..Config::default() };
+    let engine = Arc::new(Engine::new(EngineConfig::default()).unwrap());
+    let daemon = Arc::new(Daemon::new(engine, Box::new(NullFrontend::default()), cfg));
+    let limits = Limits { max_connections: 4, idle_timeout: std::time::Duration::from_millis(200) };
+    let server = ControlServer::bind(&socket, None).unwrap().with_limits(limits);
+    std::thread::spawn(move || server.serve(daemon));
+    let lib = LibConfig::parse(&format!("socket={}", socket.display())).unwrap();
+    let inst = Instance::new(Profile::Newest, lib).unwrap();
+    assert_eq!(inst.engine.snapshot_collect().unwrap(), vec![]);
+    std::thread::sleep(std::time::Duration::from_millis(600));
+    assert_eq!(inst.engine.snapshot_collect().unwrap(), vec![], "a fresh connection after idling");
+}
+
+/// The connection limit answers EAGAIN and serves the others; an idle peer is dropped.
+#[test]
+fn connection_limit_and_idle_timeout() {
+    let tmp = tempfile::tempdir().unwrap();
+    let socket = tmp.path().join("control");
+    let cfg = Config { socket: socket.clone(), link_dir: tmp.path().into(), ..Config::default() };
+    let engine = Arc::new(Engine::new(EngineConfig::default()).unwrap());
+    let daemon = Arc::new(Daemon::new(engine, Box::new(NullFrontend::default()), cfg));
+    let limits = Limits { max_connections: 2, idle_timeout: std::time::Duration::from_millis(300) };
+    let server = ControlServer::bind(&socket, None).unwrap().with_limits(limits);
+    std::thread::spawn(move || server.serve(daemon));
+    let mut first = Client::connect(&socket).unwrap();
+    let mut second = Client::connect(&socket).unwrap();
+    assert!(first.call(Request::Version).unwrap().is_ok());
+    assert!(second.call(Request::Version).unwrap().is_ok());
+    // The third is refused with EAGAIN (and its message names the limit).
+    let mut third = UnixStream::connect(&socket).unwrap();
+    let body = read_frame(&mut third).unwrap().expect("an answer before the close");
+    let err = blksnap_proto::decode_response(&body).unwrap().result.unwrap_err();
+    assert_eq!(err.errno, blksnap_model::Errno::EAGAIN.code());
+    assert!(err.message.contains("max_connections = 2"), "{}", err.message);
+    // Idle past the timeout: both are dropped, and their slots come back.
+    std::thread::sleep(std::time::Duration::from_millis(900));
+    assert!(first.call(Request::Version).is_err(), "an idle connection is closed");
+    let mut again = Client::connect(&socket).unwrap();
+    assert!(again.call(Request::Version).unwrap().is_ok(), "the slots were released");
+    // A partial frame counts as idle too: two bytes of a length, then nothing.
+    let mut slow = UnixStream::connect(&socket).unwrap();
+    slow.write_all(&[8, 0]).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(900));
+    slow.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+    let mut rest = Vec::new();
+    let closed = std::io::Read::read_to_end(&mut slow, &mut rest);
+    assert!(closed.is_ok(), "the server closed a stalled partial frame: {closed:?}");
+    drop(second);
 }
 
 #[test]

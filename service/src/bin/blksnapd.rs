@@ -175,7 +175,8 @@ fn run() -> Result<(), String> {
         .map_err(|e| format!("state directory {}: {e}", cfg.state_dir.display()))?;
     let daemon = Arc::new(Daemon::with_state(engine, frontend, cfg.clone(), state));
     let server = ControlServer::bind(&cfg.socket, group)
-        .map_err(|e| format!("{}: {e}", cfg.socket.display()))?;
+        .map_err(|e| format!("{}: {e}", cfg.socket.display()))?
+        .with_limits(cfg.control_limits());
     if let Err(e) = daemon.add_configured() {
         daemon.shutdown();
         let _ = std::fs::remove_file(&cfg.socket);
