@@ -63,16 +63,20 @@ struct Args {
     /// Module parameters as `modprobe blksnap` takes them: "NAME=VALUE NAME=VALUE ..."
     /// (applied before the --param ones).
     #[arg(long = "module-params", value_name = "LIST", value_parser = parse_param_list)]
-    module_params: Option<Vec<(String, u64)>>,
+    module_params: Option<ParamList>,
 }
+
+/// One `--module-params` list (a newtype, so that clap takes the whole list as one value).
+#[derive(Clone, Debug)]
+struct ParamList(Vec<(String, u64)>);
 
 fn parse_param(s: &str) -> Result<(String, u64), String> {
     let (name, value) = Params::parse_item(s).map_err(|e| format!("{s}: {}", e.detail))?;
     Ok((name.to_string(), value))
 }
 
-fn parse_param_list(s: &str) -> Result<Vec<(String, u64)>, String> {
-    s.split_whitespace().map(parse_param).collect()
+fn parse_param_list(s: &str) -> Result<ParamList, String> {
+    s.split_whitespace().map(parse_param).collect::<Result<_, _>>().map(ParamList)
 }
 
 fn parse_link(s: &str) -> Result<LinkStyle, String> {
@@ -118,7 +122,7 @@ fn config(args: &Args) -> Result<Config, String> {
     if args.no_freeze {
         cfg.freeze = false;
     }
-    cfg.params.extend(args.module_params.iter().flatten().cloned());
+    cfg.params.extend(args.module_params.iter().flat_map(|l| l.0.iter().cloned()));
     cfg.params.extend(args.params.iter().cloned());
     for d in &args.devices {
         let backing = std::path::absolute(d).map_err(|e| format!("{}: {e}", d.display()))?;
@@ -207,5 +211,32 @@ fn main() {
     if let Err(e) = run() {
         eprintln!("blksnapd: {e}");
         std::process::exit(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn parameters_by_flag_and_modprobe_list() {
+        Args::command().debug_assert();
+        let args = Args::try_parse_from([
+            "blksnapd",
+            "--module-params",
+            "diff_storage_minimum=8192 chunk_maximum_in_queue=0x100",
+            "--param",
+            "chunk_minimum_shift=16",
+        ])
+        .unwrap();
+        let list = args.module_params.expect("the list").0;
+        assert_eq!(
+            list,
+            [("diff_storage_minimum".to_string(), 8192), ("chunk_maximum_in_queue".into(), 256)]
+        );
+        assert_eq!(args.params, [("chunk_minimum_shift".to_string(), 16)]);
+        let bad = Args::try_parse_from(["blksnapd", "--module-params", "a=1 b"]).unwrap_err();
+        assert!(bad.to_string().contains("b: expected name=value"), "{bad}");
     }
 }
