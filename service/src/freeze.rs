@@ -137,9 +137,9 @@ enum Outcome {
 }
 
 fn ioctl_noarg(f: &File, request: libc::c_ulong) -> std::io::Result<()> {
-    // SAFETY: `f` is an open descriptor for the whole call; FIFREEZE and FITHAW take no
-    // argument the kernel reads or writes (the `int` in their encoding is unused), so passing
-    // 0 touches no memory of ours.
+    // FIFREEZE and FITHAW take no argument the kernel reads or writes (the `int` in their
+    // encoding is unused), so passing 0 touches no memory of ours.
+    // SAFETY: `f` is an open descriptor for the whole call; the argument is not a pointer.
     let rc = unsafe { libc::ioctl(f.as_raw_fd(), request as _, 0) };
     if rc == 0 {
         Ok(())
