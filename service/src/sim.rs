@@ -102,6 +102,8 @@ pub struct Report {
     pub events_requeued: u64,
     /// Full state checks passed.
     pub checks: u64,
+    /// FNV-1a hash of the trace: equal for two runs of one seed (determinism).
+    pub trace_hash: u64,
 }
 
 impl std::fmt::Display for Report {
@@ -115,7 +117,11 @@ impl std::fmt::Display for Report {
             self.crashes, self.crashes_in_request, self.crashes_in_stop
         )?;
         writeln!(f, "  clean stops      {}", self.clean_stops)?;
-        writeln!(f, "  restarts         {} ({} starts refused and retried)", self.restarts, self.starts_refused)?;
+        writeln!(
+            f,
+            "  restarts         {} ({} starts refused and retried)",
+            self.restarts, self.starts_refused
+        )?;
         writeln!(
             f,
             "  faults           {} ENOSPC, {} torn state files, {} offline writes",
@@ -131,7 +137,8 @@ impl std::fmt::Display for Report {
             "  requests         {} takes rolled back, {} events requeued",
             self.takes_rolled_back, self.events_requeued
         )?;
-        write!(f, "  checks           {}", self.checks)
+        writeln!(f, "  checks           {}", self.checks)?;
+        write!(f, "  trace hash       {:016x}", self.trace_hash)
     }
 }
 
@@ -296,7 +303,7 @@ fn run_in(cfg: &SimConfig, root: &Path) -> Result<Report, String> {
         o: Oracle::default(),
         seen: HashSet::new(),
         lingering: BTreeSet::new(),
-        report: Report::default(),
+        report: Report { trace_hash: 0xcbf2_9ce4_8422_2325, ..Report::default() },
         step: 0,
     };
     // The saved trackers of run-time devices: a start consumes only the configured devices'
@@ -331,7 +338,10 @@ enum RestartCause {
     Crash,
     /// A clean stop; `failed` are backings whose state file could not be written (ENOSPC),
     /// `dirty` backings whose map cannot be trusted (offline write, torn file).
-    Clean { failed: BTreeSet<usize>, dirty: BTreeSet<usize> },
+    Clean {
+        failed: BTreeSet<usize>,
+        dirty: BTreeSet<usize>,
+    },
 }
 
 impl Sim {
@@ -339,9 +349,16 @@ impl Sim {
         self.daemon.as_ref().expect("a running daemon")
     }
 
-    fn trace(&self, what: impl FnOnce() -> String) {
+    /// Records a step in the trace hash (the temporary directory's name left out, so two runs
+    /// of one seed hash alike) and prints it when tracing.
+    fn trace(&mut self, what: impl FnOnce() -> String) {
+        let line = timeless(&what().replace(&self.root.display().to_string(), "$ROOT"));
+        for b in self.step.to_le_bytes().iter().chain(line.as_bytes()) {
+            self.report.trace_hash =
+                (self.report.trace_hash ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3);
+        }
         if self.cfg.trace {
-            println!("{:>6} {}", self.step, what());
+            println!("{:>6} {line}", self.step);
         }
     }
 
@@ -354,7 +371,8 @@ impl Sim {
 
     /// A fresh tracker as the engine has it now (after attach / restart with a new generation).
     fn fresh_track(&mut self, id: DeviceId, what: &str) -> Res<Track> {
-        let st = self.d().engine().cbt_export(id).map_err(|e| format!("{what}: no tracker: {e:?}"))?;
+        let st =
+            self.d().engine().cbt_export(id).map_err(|e| format!("{what}: no tracker: {e:?}"))?;
         self.new_generation(st.generation, what)?;
         if st.active != 1 || st.previous != 0 || st.write_map.iter().any(|b| *b != 0) {
             return Err(format!("{what}: a new generation that is not fresh: {st:?}"));
@@ -416,8 +434,13 @@ impl Sim {
     }
 
     fn snap(&mut self, taken: Option<bool>) -> Option<SnapshotId> {
-        let ids: Vec<SnapshotId> =
-            self.o.snaps.iter().filter(|s| taken.is_none_or(|t| s.taken == t)).map(|s| s.id).collect();
+        let ids: Vec<SnapshotId> = self
+            .o
+            .snaps
+            .iter()
+            .filter(|s| taken.is_none_or(|t| s.taken == t))
+            .map(|s| s.id)
+            .collect();
         if self.rng.chance(5) {
             return Some(Uuid([0xee; 16])); // unknown
         }
@@ -439,7 +462,10 @@ impl Sim {
             0..=6 => {
                 let b = self.rng.below(BACKINGS as u64) as usize;
                 let attach = self.rng.chance(70);
-                Request::AddDevice { backing: backing_path(&self.root, b).display().to_string(), attach }
+                Request::AddDevice {
+                    backing: backing_path(&self.root, b).display().to_string(),
+                    attach,
+                }
             }
             7..=11 => Request::RemoveDevice { dev: self.dev().into() },
             12..=15 => Request::Attach { dev: self.dev().into() },
@@ -479,7 +505,8 @@ impl Sim {
             }
             71..=82 => {
                 let Some(id) = self.snap(None) else { return Ok(()) };
-                Request::WaitEvent { id: id.into(), timeout_ms: 0 }
+                let timeout_ms = if self.rng.chance(50) { 0 } else { 500 };
+                Request::WaitEvent { id: id.into(), timeout_ms }
             }
             83..=86 => {
                 let dev = self.dev();
@@ -499,13 +526,28 @@ impl Sim {
         // A take whose image devices fail to start (ENOMEM from the null front end).
         let failing = matches!(req, Request::SnapshotTake { .. }) && self.rng.chance(10);
         self.fail_images.store(failing, Ordering::SeqCst);
-        let hang_up = self.rng.chance(30);
+        // A client that hangs up (30%; always for a wait with a timeout: the daemon's deadline
+        // is real time, so only a client that is gone returns at once from such a wait, after
+        // its first slice).
+        let hang_up =
+            self.rng.chance(30) || matches!(req, Request::WaitEvent { timeout_ms: 1.., .. });
         let before = self.observe()?;
         let shown = format!("{req:?}");
-        let result = self.d().handle_for(req.clone(), &|| false);
+        // A client that hangs up: a wait notices it (and stops) between its slices.
+        let result = self.d().handle_for(req.clone(), &|| hang_up);
         self.fail_images.store(false, Ordering::SeqCst);
         self.report.requests += 1;
-        self.trace(|| format!("client {client}: {shown}{} -> {result:?}", if failing { " (images fail)" } else { "" }));
+        let shown_result = format!("{result:?}");
+        self.trace(|| {
+            let how = if failing {
+                " (images fail)"
+            } else if hang_up {
+                " (hangs up)"
+            } else {
+                ""
+            };
+            format!("client {client}: {shown}{how} -> {shown_result}")
+        });
         let ok = result.is_ok();
         if ok {
             self.report.requests_ok += 1;
@@ -523,7 +565,9 @@ impl Sim {
                 match r {
                     Ok(Reply::Device(entry)) => {
                         if served {
-                            return Err(format!("{shown}: a second add of a served backing succeeded"));
+                            return Err(format!(
+                                "{shown}: a second add of a served backing succeeded"
+                            ));
                         }
                         let id: DeviceId = entry.dev.into();
                         self.o.devs.insert(id, ODev { backing: b, track: None });
@@ -534,7 +578,9 @@ impl Sim {
                     }
                     Ok(other) => return Err(format!("{shown}: reply {other:?}")),
                     Err(e) if served && e.errno != EALREADY => {
-                        return Err(format!("{shown}: a duplicate add failed with {e:?}, not EALREADY"))
+                        return Err(format!(
+                            "{shown}: a duplicate add failed with {e:?}, not EALREADY"
+                        ))
                     }
                     Err(e) if !served => return Err(format!("{shown}: failed: {e:?}")),
                     Err(_) => {}
@@ -544,12 +590,16 @@ impl Sim {
                 let id: DeviceId = dev.into();
                 let busy = self.o.in_snapshot(id);
                 match r {
-                    Ok(_) if busy => return Err(format!("{shown}: removed a device in a snapshot")),
+                    Ok(_) if busy => {
+                        return Err(format!("{shown}: removed a device in a snapshot"))
+                    }
                     Ok(_) => {
                         self.o.devs.remove(&id);
                     }
                     Err(e) if busy && e.errno != EBUSY => {
-                        return Err(format!("{shown}: {e:?}, not EBUSY, for a device in a snapshot"))
+                        return Err(format!(
+                            "{shown}: {e:?}, not EBUSY, for a device in a snapshot"
+                        ))
                     }
                     Err(_) => {}
                 }
@@ -685,7 +735,13 @@ impl Sim {
             return self.new_generation(g, what);
         }
         if st.previous != t.active || st.active != t.active + 1 {
-            return Err(format!("{what}: {dev}: numbers {}/{} after a take, expected {}/{}", st.active, st.previous, t.active + 1, t.active));
+            return Err(format!(
+                "{what}: {dev}: numbers {}/{} after a take, expected {}/{}",
+                st.active,
+                st.previous,
+                t.active + 1,
+                t.active
+            ));
         }
         t.previous = st.previous;
         t.active = st.active;
@@ -698,7 +754,8 @@ impl Sim {
         let d = self.d();
         let mut list: Vec<String> = d.list().iter().map(|e| format!("{e:?}")).collect();
         list.sort();
-        let mut snaps: Vec<String> = d.engine().snapshot_collect().iter().map(|s| format!("{s:?}")).collect();
+        let mut snaps: Vec<String> =
+            d.engine().snapshot_collect().iter().map(|s| format!("{s:?}")).collect();
         snaps.sort();
         let mut cbt = Vec::new();
         for id in self.o.devs.keys() {
@@ -734,8 +791,13 @@ impl Sim {
         if origins != want {
             return Err(format!("devices {origins:?}, expected {want:?}"));
         }
-        let want_images: BTreeSet<DeviceId> =
-            self.o.snaps.iter().filter(|s| s.taken).flat_map(|s| s.members.iter().copied()).collect();
+        let want_images: BTreeSet<DeviceId> = self
+            .o
+            .snaps
+            .iter()
+            .filter(|s| s.taken)
+            .flat_map(|s| s.members.iter().copied())
+            .collect();
         if images != want_images {
             return Err(format!("images of {images:?}, expected of {want_images:?}"));
         }
@@ -759,7 +821,9 @@ impl Sim {
             match (&od.track, st) {
                 (None, Err(_)) => {}
                 (None, Ok(_)) => return Err(format!("{id}: tracked, expected untracked")),
-                (Some(_), Err(e)) => return Err(format!("{id}: untracked ({e:?}), expected tracked")),
+                (Some(_), Err(e)) => {
+                    return Err(format!("{id}: untracked ({e:?}), expected tracked"))
+                }
                 (Some(t), Ok(st)) => check_marks(*id, t, &st)?,
             }
         }
@@ -768,7 +832,9 @@ impl Sim {
         for name in dir_names(&self.state_dir)? {
             let ok = name == MARKER || name == DEVICES || self.lingering.contains(&name);
             if !ok {
-                return Err(format!("stray file {name:?} in the state directory of a running daemon"));
+                return Err(format!(
+                    "stray file {name:?} in the state directory of a running daemon"
+                ));
             }
         }
         if !self.state_dir.join(MARKER).exists() {
@@ -842,7 +908,9 @@ impl Sim {
         let names: BTreeSet<String> =
             names.into_iter().filter(|n| !self.lingering.contains(n) || want.contains(n)).collect();
         if names != want {
-            return Err(format!("after a clean stop the state directory holds {names:?}, expected {want:?}"));
+            return Err(format!(
+                "after a clean stop the state directory holds {names:?}, expected {want:?}"
+            ));
         }
         let mut dirty = BTreeSet::new();
         if !plain {
@@ -898,8 +966,8 @@ impl Sim {
     /// what was saved.
     fn restart(&mut self, saved: &BTreeMap<usize, (ODev, CbtState)>, cause: &RestartCause) -> Res {
         self.faults.reset(); // a new process
-        // Sometimes the disk is full when the daemon starts: the marker cannot be written, the
-        // start is refused (and retried, as systemd would).
+                             // Sometimes the disk is full when the daemon starts: the marker cannot be written, the
+                             // start is refused (and retried, as systemd would).
         if self.rng.chance(5) {
             self.faults.arm(0, false, self.rng.below(8) as usize);
             if StateDir::open_with_faults(&self.state_dir, Some(self.faults.clone())).is_ok() {
@@ -957,7 +1025,9 @@ impl Sim {
                 }
                 (Some(_), _) => {
                     if expect_restored {
-                        return Err(format!("{what}: a new generation after a clean stop with nothing changed"));
+                        return Err(format!(
+                            "{what}: a new generation after a clean stop with nothing changed"
+                        ));
                     }
                     self.report.new_generations += 1;
                     Some(self.fresh_track(id, &what)?)
@@ -980,13 +1050,19 @@ fn check_marks(id: DeviceId, t: &Track, st: &CbtState) -> Res {
     }
     for b in &t.since {
         if st.write_map.get(*b as usize).is_none_or(|v| *v < t.active) {
-            return Err(format!("{id}: block {b} written since the last take is not marked (write map {:?})", st.write_map));
+            return Err(format!(
+                "{id}: block {b} written since the last take is not marked (write map {:?})",
+                st.write_map
+            ));
         }
     }
     if let Some(last) = &t.last {
         for b in last {
             if st.read_map.get(*b as usize).is_none_or(|v| *v < t.previous) {
-                return Err(format!("{id}: block {b} written before the last take is not in the read map {:?}", st.read_map));
+                return Err(format!(
+                    "{id}: block {b} written before the last take is not in the read map {:?}",
+                    st.read_map
+                ));
             }
         }
     }
@@ -1000,4 +1076,18 @@ fn file_name(p: &Path) -> String {
 fn dir_names(dir: &Path) -> Res<BTreeSet<String>> {
     let rd = std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     Ok(rd.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+}
+
+/// `line` without the numbers after `time_ns: ` (an event's time comes from the engine's
+/// clock, which a waiter moves to its deadline: not part of what the seed decides).
+fn timeless(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut rest = line;
+    while let Some(i) = rest.find("time_ns: ") {
+        out.push_str(&rest[..i + 9]);
+        rest = rest[i + 9..].trim_start_matches(|c: char| c.is_ascii_digit());
+        out.push('_');
+    }
+    out.push_str(rest);
+    out
 }

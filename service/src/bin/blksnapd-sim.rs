@@ -3,7 +3,7 @@
 //! checked against an oracle after every step.
 //!
 //! ```text
-//! blksnapd-sim --seed 42 --steps 2000 [--trace] [--daemon-log]
+//! blksnapd-sim --seed 42 --steps 2000 [--trace] [--check-determinism] [--daemon-log]
 //! ```
 //! Exit status 1 on the first failure, with the line that replays it.
 
@@ -14,7 +14,9 @@ use blksnap_service::sim::{self, SimConfig};
 use clap::Parser;
 
 #[derive(Parser)]
-#[command(about = "Seeded deterministic simulation of blksnapd: requests, writes, crashes, restarts, faults")]
+#[command(
+    about = "Seeded deterministic simulation of blksnapd: requests, writes, crashes, restarts, faults"
+)]
 struct Args {
     /// The seed: the whole run follows from it.
     #[arg(long, default_value_t = 42)]
@@ -25,6 +27,9 @@ struct Args {
     /// Print every step.
     #[arg(long)]
     trace: bool,
+    /// Run the seed twice and compare the trace hashes.
+    #[arg(long)]
+    check_determinism: bool,
     /// Keep the daemon's log (stderr); by default it is discarded.
     #[arg(long)]
     daemon_log: bool,
@@ -44,7 +49,21 @@ fn main() -> ExitCode {
     }
     let t = Instant::now();
     let cfg = SimConfig { seed: args.seed, steps: args.steps, trace: args.trace };
-    match sim::run(&cfg) {
+    let result = sim::run(&cfg).and_then(|report| {
+        if !args.check_determinism {
+            return Ok(report);
+        }
+        let quiet = SimConfig { trace: false, ..cfg.clone() };
+        let again = sim::run(&quiet)?;
+        if again.trace_hash != report.trace_hash {
+            return Err(format!(
+                "not deterministic: trace hash {:016x}, then {:016x}",
+                report.trace_hash, again.trace_hash
+            ));
+        }
+        Ok(report)
+    });
+    match result {
         Ok(report) => {
             println!("blksnapd-sim seed {} steps {}: ok", args.seed, args.steps);
             println!("{report}");
