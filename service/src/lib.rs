@@ -12,6 +12,8 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod freeze;
+#[doc(hidden)]
+pub mod sim;
 pub mod state;
 #[cfg(feature = "ublk")]
 pub mod ublk;

@@ -326,16 +326,129 @@ fn fsync_dir(dir: &Path) -> std::io::Result<()> {
 
 /// Writes `bytes` to `path` atomically and durably (temp + fsync + rename + directory fsync).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    write_atomic_with(path, bytes, None)
+}
+
+/// As [`write_atomic`], with the simulation's faults (if any). A failed write removes its
+/// temporary file (a full disk must not leave a stray file behind).
+fn write_atomic_with(path: &Path, bytes: &[u8], faults: Option<&Faults>) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let name = path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp"));
-    {
+    let fault = faults.map_or(Ok(Fault::None), |f| f.next(path))?;
+    let written = (|| {
         let mut f = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
+        match fault {
+            Fault::None => f.write_all(bytes)?,
+            Fault::NoSpace(keep) | Fault::Crash(keep) => {
+                f.write_all(&bytes[..keep.min(bytes.len())])?;
+                return Err(std::io::Error::from_raw_os_error(match fault {
+                    Fault::NoSpace(_) => libc::ENOSPC,
+                    _ => libc::EIO,
+                }));
+            }
+        }
+        f.sync_all()
+    })();
+    if let Err(e) = written {
+        if !matches!(fault, Fault::Crash(_)) {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        return Err(e);
     }
     std::fs::rename(&tmp, path)?;
     fsync_dir(dir)
+}
+
+/// A fault the simulation injects into one change of the state directory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fault {
+    None,
+    /// The write fails with ENOSPC after this many bytes reached the temporary file.
+    NoSpace(usize),
+    /// The process dies after this many bytes reached the temporary file: nothing it does
+    /// later reaches the directory.
+    Crash(usize),
+}
+
+/// Fault injection for the state directory (the daemon simulation, `crate::sim`): counts the
+/// changes made to the directory (file writes and removals) and fails the one armed, either
+/// with ENOSPC (a full disk: the daemon goes on) or as a crash (the write is torn in its
+/// temporary file and from then on nothing reaches the directory: the process is dead as far
+/// as the disk can tell). Not used by the daemon itself.
+#[doc(hidden)]
+#[derive(Debug, Default)]
+pub struct Faults {
+    inner: std::sync::Mutex<FaultState>,
+}
+
+#[derive(Debug, Default)]
+struct FaultState {
+    changes: u64,
+    armed: Option<(u64, bool, usize)>,
+    dead: bool,
+    hit: Option<PathBuf>,
+}
+
+impl Faults {
+    /// Fails the `at`-th change from now (0: the next one): ENOSPC, or a crash when `crash`;
+    /// a failing write leaves `keep` bytes in its temporary file.
+    pub fn arm(&self, at: u64, crash: bool, keep: usize) {
+        let mut s = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let changes = s.changes;
+        s.armed = Some((changes + at, crash, keep));
+        s.hit = None;
+    }
+
+    /// Disarms; a "dead" directory is alive again (the next process).
+    pub fn reset(&self) {
+        let mut s = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        s.armed = None;
+        s.dead = false;
+        s.hit = None;
+    }
+
+    /// Changes counted so far.
+    pub fn changes(&self) -> u64 {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).changes
+    }
+
+    /// The file whose change the armed fault hit, once it did.
+    pub fn hit(&self) -> Option<PathBuf> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).hit.clone()
+    }
+
+    /// Whether a crash fault was hit (nothing reaches the directory any more).
+    pub fn dead(&self) -> bool {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).dead
+    }
+
+    fn next(&self, path: &Path) -> std::io::Result<Fault> {
+        let mut s = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if s.dead {
+            return Err(std::io::Error::from_raw_os_error(libc::EIO));
+        }
+        let n = s.changes;
+        s.changes += 1;
+        match s.armed {
+            Some((at, crash, keep)) if at == n => {
+                s.armed = None;
+                s.hit = Some(path.to_path_buf());
+                s.dead = crash;
+                Ok(if crash { Fault::Crash(keep) } else { Fault::NoSpace(keep) })
+            }
+            _ => Ok(Fault::None),
+        }
+    }
+
+    /// A removal: refused once dead; an armed fault on a removal is a crash before it (a
+    /// removal cannot run out of space) or nothing.
+    fn remove(&self, path: &Path) -> std::io::Result<()> {
+        match self.next(path)? {
+            Fault::Crash(_) => Err(std::io::Error::from_raw_os_error(libc::EIO)),
+            _ => Ok(()),
+        }
+    }
 }
 
 /// This boot's id (`/proc/sys/kernel/random/boot_id`; empty when unavailable).
@@ -350,18 +463,50 @@ pub fn boot_id() -> String {
 pub struct StateDir {
     dir: PathBuf,
     unclean: bool,
+    faults: Option<std::sync::Arc<Faults>>,
 }
 
 impl StateDir {
     /// Opens (creating it, mode 0700) the directory, notes whether the last run stopped
     /// uncleanly (marker present) and creates the marker for this run.
     pub fn open(dir: &Path) -> std::io::Result<StateDir> {
+        StateDir::open_with_faults(dir, None)
+    }
+
+    /// As [`StateDir::open`], every change of the directory passing `faults` (the daemon
+    /// simulation).
+    #[doc(hidden)]
+    pub fn open_with_faults(
+        dir: &Path,
+        faults: Option<std::sync::Arc<Faults>>,
+    ) -> std::io::Result<StateDir> {
         std::fs::create_dir_all(dir)?;
         std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
         let marker = dir.join(MARKER);
         let unclean = marker.exists();
-        write_atomic(&marker, format!("{}\n", std::process::id()).as_bytes())?;
-        Ok(StateDir { dir: dir.to_path_buf(), unclean })
+        // Temporary files of a previous run that died while writing (`write_atomic`): never
+        // renamed, so never part of the state.
+        for entry in std::fs::read_dir(dir)?.flatten() {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with('.') && name.ends_with(".tmp") {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+        let sd = StateDir { dir: dir.to_path_buf(), unclean, faults };
+        sd.write(&marker, format!("{}\n", std::process::id()).as_bytes())?;
+        Ok(sd)
+    }
+
+    fn write(&self, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+        write_atomic_with(path, bytes, self.faults.as_deref())
+    }
+
+    fn remove(&self, path: &Path) -> std::io::Result<()> {
+        if let Some(f) = &self.faults {
+            f.remove(path)?;
+        }
+        std::fs::remove_file(path)
     }
 
     /// Whether the previous run ended without a clean stop.
@@ -376,17 +521,23 @@ impl StateDir {
 
     /// The state file of the device backed by `backing` (canonical path).
     pub fn cbt_path(&self, backing: &str) -> PathBuf {
+        StateDir::cbt_path_in(&self.dir, backing)
+    }
+
+    /// The state file of the device backed by `backing` (canonical path) in the state
+    /// directory `dir`.
+    pub fn cbt_path_in(dir: &Path, backing: &str) -> PathBuf {
         let h = backing.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
             (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
         });
-        self.dir.join(format!("cbt-{h:016x}.state"))
+        dir.join(format!("cbt-{h:016x}.state"))
     }
 
     /// Saves a tracker.
     pub fn save_cbt(&self, saved: &SavedCbt) -> Result<PathBuf, String> {
         let path = self.cbt_path(&saved.identity.backing);
         let bytes = encode(saved)?;
-        write_atomic(&path, &bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+        self.write(&path, &bytes).map_err(|e| format!("{}: {e}", path.display()))?;
         Ok(path)
     }
 
@@ -399,7 +550,7 @@ impl StateDir {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(format!("{}: {e}", path.display())),
         };
-        let _ = std::fs::remove_file(&path);
+        let _ = self.remove(&path);
         let _ = fsync_dir(&self.dir);
         if self.unclean {
             return Err("the previous run did not stop cleanly (marker present)".into());
@@ -426,20 +577,20 @@ impl StateDir {
     /// Replaces the device map (stamped with this boot's id).
     pub fn save_map(&self, map: &[MapEntry]) -> Result<(), String> {
         let bytes = encode(&(boot_id(), map.to_vec()))?;
-        write_atomic(&self.dir.join(DEVICES), &bytes).map_err(|e| format!("device map: {e}"))
+        self.write(&self.dir.join(DEVICES), &bytes).map_err(|e| format!("device map: {e}"))
     }
 
     /// Clean stop that leaves its origin devices to the next daemon: the device map stays (the
     /// next start takes those devices over), the marker is removed (last).
     pub fn close_keeping_devices(self) -> std::io::Result<()> {
-        std::fs::remove_file(self.dir.join(MARKER))?;
+        self.remove(&self.dir.join(MARKER))?;
         fsync_dir(&self.dir)
     }
 
     /// Clean stop: removes the device map and then the marker (last).
     pub fn close_clean(self) -> std::io::Result<()> {
-        let _ = std::fs::remove_file(self.dir.join(DEVICES));
-        std::fs::remove_file(self.dir.join(MARKER))?;
+        let _ = self.remove(&self.dir.join(DEVICES));
+        self.remove(&self.dir.join(MARKER))?;
         fsync_dir(&self.dir)
     }
 }
