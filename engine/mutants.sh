@@ -8,9 +8,9 @@
 # is shared. A mutant that hangs (e.g. a permit never released) is cut off after 60 s and counted
 # as a timeout.
 #
-# Cost (2 shared cores, cargo-mutants 27.1): about a third of the mutants do not compile (~1 s
+# Cost (2 shared cores, cargo-mutants 27.1): about a quarter of the mutants do not compile (~1 s
 # each); a viable one costs ~10-15 s of incremental build + ~10 s of tests. The default set
-# (diff_area, chunk, snapshot, tracker, engine, event_queue: ~220 mutants) takes ~45 minutes.
+# (diff_area, chunk, snapshot, tracker, engine, event_queue: ~220 mutants) takes ~45-50 minutes.
 # Pass files to widen or narrow the run, e.g. the modules left out of the default set (~50 min):
 #   engine/mutants.sh engine/src/cbt.rs engine/src/kref.rs engine/src/diff_storage.rs
 # Extra cargo-mutants options go in MUTANTS_ARGS, e.g. MUTANTS_ARGS='-F set_failed'.

@@ -127,7 +127,7 @@ impl Drop for ChunkPermit {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(any(blksnap_loom, blksnap_shuttle))))]
 mod tests {
     use super::*;
     use crate::diff_storage::{DiffStorage, StorageSpec};

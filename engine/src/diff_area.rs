@@ -376,7 +376,7 @@ impl DiffArea {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(any(blksnap_loom, blksnap_shuttle))))]
 mod tests {
     use super::*;
     use crate::diff_storage::StorageSpec;
