@@ -126,3 +126,40 @@ impl Drop for ChunkPermit {
         // `area` is dropped after the release: the diff area outlives the chunk's use.
     }
 }
+
+#[cfg(all(test, not(any(blksnap_loom, blksnap_shuttle))))]
+mod tests {
+    use super::*;
+    use crate::diff_storage::{DiffStorage, StorageSpec};
+    use crate::io::{Dev, MemDev};
+    use crate::kref::ObjKind;
+    use crate::sync::{Arc, StdArc};
+    use crate::{Clock, Shared};
+    use blksnap_model::formulas::chunk_layout;
+    use blksnap_model::{DeviceId, Params};
+
+    fn area() -> Kref<DiffArea> {
+        let shared = Arc::new(Shared::new(Params::small(), Clock::manual(true), 1).unwrap());
+        let backend: Dev = StdArc::new(MemDev::growable(0, 1 << 20));
+        let spec = StorageSpec::File { backend, limit_sectors: 64 };
+        let storage = DiffStorage::new(spec, shared.clone()).unwrap();
+        let storage = Kref::new(storage, ObjKind::DiffStorage, shared.live());
+        let layout = chunk_layout(&shared.params(), 16, 1);
+        let origin: Dev = StdArc::new(MemDev::new(8192));
+        DiffArea::new(DeviceId::new(7, 0), origin, layout, storage, shared.live())
+    }
+
+    #[test]
+    fn a_failed_chunk_stays_failed_for_the_next_holder() {
+        let area = area();
+        let chunk = area.chunk(1);
+        let permit = ChunkPermit::acquire(area.clone(), chunk.clone(), 1);
+        assert!(matches!(permit.state(), ChunkState::New));
+        permit.set_failed();
+        assert!(matches!(permit.state(), ChunkState::Failed), "New → Failed");
+        drop(permit);
+        let next = ChunkPermit::acquire(area.clone(), chunk, 1);
+        assert!(matches!(next.state(), ChunkState::Failed), "Failed is terminal");
+        assert!(!area.stored_map().is_set(1), "a failed chunk is not stored");
+    }
+}

@@ -200,4 +200,40 @@ mod tests {
         q.push(ev(9));
         assert_eq!(t.join().unwrap().unwrap(), ev(9));
     }
+
+    #[test]
+    fn kick_lets_a_waiter_see_a_manual_clock_pass_its_deadline() {
+        // A manual clock that does not jump: the waiter sleeps until notified, and only a kick
+        // after the clock moved lets it see the deadline (nothing is ever pushed).
+        let clock = Clock::manual(false);
+        let Clock::Manual(manual) = &clock else { unreachable!() };
+        let q = crate::sync::Arc::new(EventQueue::new());
+        let (q2, clock2) = (q.clone(), clock.clone());
+        let (tx, rx) = std::sync::mpsc::channel();
+        crate::sync::thread::spawn(move || tx.send(q2.wait(10, &clock2)).unwrap());
+        // The waiter may read the clock after any of these steps: advance and kick until it
+        // answers (a few rounds), or give up after 10 s.
+        let mut answer = None;
+        for _ in 0..1000 {
+            manual.advance(20_000_000);
+            q.kick();
+            if let Ok(r) = rx.recv_timeout(std::time::Duration::from_millis(10)) {
+                answer = Some(r);
+                break;
+            }
+        }
+        let answer = answer.expect("the kicked waiter never saw its deadline pass");
+        assert_eq!(answer.unwrap_err().errno, Errno::ENOENT);
+    }
+
+    #[test]
+    fn len_and_is_empty_follow_the_queue() {
+        let q = EventQueue::new();
+        assert!(q.is_empty());
+        q.push(ev(1));
+        assert!(!q.is_empty());
+        assert_eq!(q.len(), 1);
+        q.wait(0, &Clock::manual(true)).unwrap();
+        assert!(q.is_empty());
+    }
 }

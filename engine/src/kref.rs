@@ -281,4 +281,14 @@ mod tests {
         assert_eq!(t.join().unwrap(), 16);
         assert_eq!(live.counts().diff_areas, 0);
     }
+
+    #[test]
+    fn distinct_objects_are_not_the_same_and_debug_shows_the_count() {
+        let live = Arc::new(LiveObjects::new());
+        let a = Kref::new(7u32, ObjKind::Chunk, &live);
+        let b = Kref::new(7u32, ObjKind::Chunk, &live);
+        assert!(!Kref::ptr_eq(&a, &b), "equal values, two objects");
+        let a2 = a.clone();
+        assert_eq!(format!("{a2:?}"), "Kref { count: 2, value: 7 }");
+    }
 }
