@@ -130,6 +130,11 @@ impl Engine {
         Ok(())
     }
 
+    /// The engine's clock (monotonic in production, manual in tests).
+    pub fn clock(&self) -> &Clock {
+        self.shared.clock()
+    }
+
     /// The clock reading, ns.
     pub fn now_ns(&self) -> u64 {
         self.shared.clock.now_ns()

@@ -628,7 +628,12 @@ impl Daemon {
         timeout_ms: u32,
         gone: &dyn Fn() -> bool,
     ) -> Result<Reply, Error> {
-        let deadline = std::time::Instant::now() + Duration::from_millis(u64::from(timeout_ms));
+        // The deadline follows the engine's clock: real time in production; in tests, fuzzing
+        // and the simulation a manual clock that jumps to a waiter's deadline, so there a wait
+        // is one engine call (nothing really waits, so there is no hang-up to notice between
+        // slices) instead of up to 2^32 / 100 slices that spin (a libFuzzer timeout found it).
+        let real_time = matches!(self.engine.clock(), blksnap_engine::Clock::Monotonic(_));
+        let deadline_ns = self.engine.now_ns().saturating_add(u64::from(timeout_ms) * 1_000_000);
         loop {
             let kept = {
                 let mut kept = self.undelivered.lock().unwrap_or_else(|p| p.into_inner());
@@ -639,9 +644,9 @@ impl Daemon {
             if let Some(ev) = kept {
                 return Ok(Reply::Event(ev));
             }
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            let left_ms = u32::try_from(left.as_millis()).unwrap_or(u32::MAX);
-            let slice = left_ms.min(WAIT_SLICE_MS);
+            let left_ns = deadline_ns.saturating_sub(self.engine.now_ns());
+            let left_ms = u32::try_from(left_ns.div_ceil(1_000_000)).unwrap_or(u32::MAX);
+            let slice = if real_time { left_ms.min(WAIT_SLICE_MS) } else { left_ms };
             match self.engine.wait_event(id, slice) {
                 Ok(ev) => return Ok(Reply::Event(ev.into())),
                 Err(e) if e.errno == Errno::ENOENT && left_ms > slice && !gone() => continue,

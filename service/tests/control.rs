@@ -554,3 +554,34 @@ fn a_file_written_while_the_daemon_is_down_gets_a_new_generation() {
     assert_ne!(g2, g1, "an offline write with the mtime set back kept the generation");
     assert_eq!(life(false), g2, "a clean restart after it keeps the new generation");
 }
+
+/// A WaitEvent's deadline follows the engine's clock: with the jump-on-wait test clock (fuzzing,
+/// the simulations) a long timeout is one engine call, not minutes of real time spent in 100 ms
+/// slices (found by the control_protocol fuzz target: a 295 s wait timed libFuzzer out).
+#[test]
+fn wait_event_deadline_follows_the_engine_clock() {
+    use blksnap_engine::Clock;
+    use blksnap_model::Params;
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = Config {
+        socket: tmp.path().join("control"),
+        link_dir: tmp.path().into(),
+        state_dir: tmp.path().join("state"),
+        ..Config::default()
+    };
+    let config = EngineConfig::new(Params::small(), Some(1), Clock::manual(true));
+    let engine = Arc::new(Engine::new(config).unwrap());
+    let daemon = Daemon::new(engine.clone(), Box::new(NullFrontend::default()), cfg);
+    let id = match daemon.handle(Request::SnapshotCreate { storage: Storage::Ranges }).unwrap() {
+        Reply::Created(id) => id,
+        other => panic!("{other:?}"),
+    };
+    // The queued low-space event first, then nothing for 295 s of engine time.
+    assert!(matches!(daemon.handle(Request::WaitEvent { id, timeout_ms: 0 }), Ok(Reply::Event(_))));
+    let started = std::time::Instant::now();
+    let r = daemon.handle(Request::WaitEvent { id, timeout_ms: 294_896 });
+    assert_eq!(r.unwrap_err().errno, blksnap_model::Errno::ENOENT.code());
+    assert!(started.elapsed() < std::time::Duration::from_secs(5), "{:?}", started.elapsed());
+    assert!(engine.now_ns() >= 294_896 * 1_000_000, "the engine's clock jumped to the deadline");
+    daemon.shutdown();
+}
