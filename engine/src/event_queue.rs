@@ -209,21 +209,27 @@ mod tests {
         let Clock::Manual(manual) = &clock else { unreachable!() };
         let q = crate::sync::Arc::new(EventQueue::new());
         let (q2, clock2) = (q.clone(), clock.clone());
-        let (tx, rx) = std::sync::mpsc::channel();
-        crate::sync::thread::spawn(move || tx.send(q2.wait(10, &clock2)).unwrap());
+        // 0: still waiting; 1: ENOENT (the deadline passed); 2: anything else.
+        let answer = crate::sync::Arc::new(crate::sync::atomic::AtomicU8::new(0));
+        let answer2 = answer.clone();
+        let waiter = crate::sync::thread::spawn(move || {
+            let r = q2.wait(10, &clock2);
+            let code = if r.is_err_and(|e| e.errno == Errno::ENOENT) { 1 } else { 2 };
+            answer2.store(code, crate::sync::atomic::Ordering::SeqCst);
+        });
         // The waiter may read the clock after any of these steps: advance and kick until it
-        // answers (a few rounds), or give up after 10 s.
-        let mut answer = None;
+        // answers (a few rounds), or give up after about 10 s.
         for _ in 0..1000 {
             manual.advance(20_000_000);
             q.kick();
-            if let Ok(r) = rx.recv_timeout(std::time::Duration::from_millis(10)) {
-                answer = Some(r);
+            if answer.load(crate::sync::atomic::Ordering::SeqCst) != 0 {
                 break;
             }
+            crate::sync::thread::sleep(core::time::Duration::from_millis(10));
         }
-        let answer = answer.expect("the kicked waiter never saw its deadline pass");
-        assert_eq!(answer.unwrap_err().errno, Errno::ENOENT);
+        let seen = answer.load(crate::sync::atomic::Ordering::SeqCst);
+        assert_eq!(seen, 1, "the kicked waiter saw its deadline pass (ENOENT)");
+        waiter.join().unwrap();
     }
 
     #[test]
