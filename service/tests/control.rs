@@ -253,20 +253,28 @@ fn access_rules() {
     assert!(!allowed(&user, &[27], Some(4242)));
 }
 
+/// A daemon with no devices behind a control server with `limits`: its directory and socket.
+fn served_with(limits: Limits) -> (tempfile::TempDir, std::path::PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let socket = tmp.path().join("control");
+    let cfg = Config { socket: socket.clone(), link_dir: tmp.path().into(), ..Config::default() };
+    let engine = Arc::new(Engine::new(EngineConfig::default()).unwrap());
+    let daemon = Arc::new(Daemon::new(engine, Box::new(NullFrontend::default()), cfg));
+    let server = ControlServer::bind(&socket, None).unwrap().with_limits(limits);
+    std::thread::spawn(move || server.serve(daemon));
+    (tmp, socket)
+}
+
 /// libblksnap's client mode keeps idle connections: one the daemon closed for idling is skipped,
 /// not failed, and the request goes through on a new one.
 #[test]
 fn libblksnap_reconnects_after_the_daemon_drops_an_idle_connection() {
     use blksnap_ffi::instance::{Config as LibConfig, Instance};
     use blksnap_model::Profile;
-    let tmp = tempfile::tempdir().unwrap();
-    let socket = tmp.path().join("control");
-    let cfg = Config { socket: socket.clone(), link_dir: tmp.path().into(), ..Config::default() };
-    let engine = Arc::new(Engine::new(EngineConfig::default()).unwrap());
-    let daemon = Arc::new(Daemon::new(engine, Box::new(NullFrontend::default()), cfg));
-    let limits = Limits { max_connections: 4, idle_timeout: std::time::Duration::from_millis(200) };
-    let server = ControlServer::bind(&socket, None).unwrap().with_limits(limits);
-    std::thread::spawn(move || server.serve(daemon));
+    let (_tmp, socket) = served_with(Limits {
+        max_connections: 4,
+        idle_timeout: std::time::Duration::from_millis(200),
+    });
     let lib = LibConfig::parse(&format!("socket={}", socket.display())).unwrap();
     let inst = Instance::new(Profile::Newest, lib).unwrap();
     assert_eq!(inst.engine.snapshot_collect().unwrap(), vec![]);
@@ -277,14 +285,10 @@ fn libblksnap_reconnects_after_the_daemon_drops_an_idle_connection() {
 /// The connection limit answers EAGAIN and serves the others; an idle peer is dropped.
 #[test]
 fn connection_limit_and_idle_timeout() {
-    let tmp = tempfile::tempdir().unwrap();
-    let socket = tmp.path().join("control");
-    let cfg = Config { socket: socket.clone(), link_dir: tmp.path().into(), ..Config::default() };
-    let engine = Arc::new(Engine::new(EngineConfig::default()).unwrap());
-    let daemon = Arc::new(Daemon::new(engine, Box::new(NullFrontend::default()), cfg));
-    let limits = Limits { max_connections: 2, idle_timeout: std::time::Duration::from_millis(300) };
-    let server = ControlServer::bind(&socket, None).unwrap().with_limits(limits);
-    std::thread::spawn(move || server.serve(daemon));
+    let (_tmp, socket) = served_with(Limits {
+        max_connections: 2,
+        idle_timeout: std::time::Duration::from_millis(300),
+    });
     let mut first = Client::connect(&socket).unwrap();
     let mut second = Client::connect(&socket).unwrap();
     assert!(first.call(Request::Version).unwrap().is_ok());

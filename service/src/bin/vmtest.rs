@@ -935,26 +935,11 @@ fn restart(env: &Env) -> R {
         pwrite_page(&f, i * 3 * MIB, b"before take").map_err(|e| e.to_string())?;
     }
     // take and destroy, then more writes: both maps and both numbers are non-trivial
-    let mut c = d.client()?;
-    let storage = env.path("diff.img");
-    sparse_file(&storage, 8 * MIB)?;
-    let Reply::Created(id) = c.req(Request::SnapshotCreate {
-        storage: Storage::File {
-            path: storage.display().to_string(),
-            limit_sectors: 8 * MIB / 512,
-        },
-    })?
-    else {
-        return Err("create".into());
-    };
-    c.req(Request::SnapshotAdd { id, dev })?;
-    c.req(Request::SnapshotTake { id })?;
-    c.req(Request::SnapshotDestroy { id })?;
+    offline_write::take_destroy(env, &d, dev)?;
     for i in 0..5u64 {
         pwrite_page(&f, 40 * MIB + i * MIB, b"after take").map_err(|e| e.to_string())?;
     }
     drop(f);
-    drop(c);
     let (info1, map1) = d.cbt(dev)?;
     ensure!(info1.changes_number >= 1, "take did not advance: {info1:?}");
     ensure!(map1.iter().any(|b| *b != 0), "no change before the take marked");
@@ -984,20 +969,7 @@ fn restart(env: &Env) -> R {
     ensure!(map2 == map1, "cbtmap differs after a clean restart");
     ensure!(env.path("state/running").exists(), "no marker while running");
     // incremental backups keep working: the next take advances from the restored numbers
-    let mut c = d.client()?;
-    let Reply::Created(id) = c.req(Request::SnapshotCreate {
-        storage: Storage::File {
-            path: storage.display().to_string(),
-            limit_sectors: 8 * MIB / 512,
-        },
-    })?
-    else {
-        return Err("create".into());
-    };
-    c.req(Request::SnapshotAdd { id, dev: dev2 })?;
-    c.req(Request::SnapshotTake { id })?;
-    c.req(Request::SnapshotDestroy { id })?;
-    drop(c);
+    offline_write::take_destroy(env, &d, dev2)?;
     let (info3, map3) = d.cbt(dev2)?;
     ensure!(info3.generation_id == info1.generation_id, "generation changed by a take");
     ensure!(info3.changes_number == info1.changes_number + 1, "{info1:?} -> {info3:?}");
@@ -1356,27 +1328,22 @@ fn preload_daemon(env: &Env) -> R {
     Ok(())
 }
 
-fn recovery(env: &Env) -> R {
-    let backing = env.path("rec.img");
-    sparse_file(&backing, 64 * MIB)?;
-    let mut d = DaemonProc::start(env, &backing, 2)?;
-    let (node, dev) = d.origin()?;
-    mkfs(&node)?;
-    let om = env.path("origin");
-    mount(&node, &om, "rw")?;
-    let before = write_files(&om, "f", 30, 21)?;
-    sync();
-    let (info1, _) = d.cbt(dev)?;
-    // a writer that keeps going across the crash and the recovery
+/// A writer that keeps creating files in `dir` (two per round, data seeded from `seed` + round,
+/// the first of each round fsync'd so writes reach the device for real) until `stop` is set;
+/// returns once three rounds are done. The thread's result is every file it wrote.
+#[allow(clippy::type_complexity)]
+fn background_writer(
+    dir: &Path,
+    seed: u64,
+) -> R<(Arc<AtomicBool>, Arc<AtomicU64>, std::thread::JoinHandle<R<BTreeMap<String, u64>>>)> {
     let stop = Arc::new(AtomicBool::new(false));
     let progress = Arc::new(AtomicU64::new(0));
-    let (s, p, dir) = (stop.clone(), progress.clone(), om.clone());
+    let (s, p, dir) = (stop.clone(), progress.clone(), dir.to_path_buf());
     let writer = std::thread::spawn(move || -> R<BTreeMap<String, u64>> {
         let mut all = BTreeMap::new();
         let mut i = 0;
         while !s.load(Ordering::Relaxed) {
-            all.extend(write_files(&dir, &format!("w{i:04}-"), 2, 1000 + i)?);
-            // fsync some of them: writes reach the device (and the dead daemon) for real
+            all.extend(write_files(&dir, &format!("w{i:04}-"), 2, seed + i)?);
             File::open(dir.join(format!("w{i:04}-000")))
                 .and_then(|f| f.sync_all())
                 .map_err(|e| format!("fsync: {e}"))?;
@@ -1389,6 +1356,22 @@ fn recovery(env: &Env) -> R {
         ensure!(!writer.is_finished(), "the writer stopped early");
         std::thread::sleep(Duration::from_millis(20));
     }
+    Ok((stop, progress, writer))
+}
+
+fn recovery(env: &Env) -> R {
+    let backing = env.path("rec.img");
+    sparse_file(&backing, 64 * MIB)?;
+    let mut d = DaemonProc::start(env, &backing, 2)?;
+    let (node, dev) = d.origin()?;
+    mkfs(&node)?;
+    let om = env.path("origin");
+    mount(&node, &om, "rw")?;
+    let before = write_files(&om, "f", 30, 21)?;
+    sync();
+    let (info1, _) = d.cbt(dev)?;
+    // a writer that keeps going across the crash and the recovery
+    let (stop, progress, writer) = background_writer(&om, 1000)?;
     d.kill9()?;
     let at_kill = progress.load(Ordering::Relaxed);
     std::thread::sleep(Duration::from_millis(300));

@@ -41,26 +41,7 @@ fn with_mount(env: &Env, d: &mut DaemonProc, node: &str, dev: Dev, fstype: &str,
     take_destroy(env, d, dev)?;
     let unsynced = write_files(om, "u", 5, 102)?;
     let (info1, map1) = d.cbt(dev)?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let progress = Arc::new(AtomicU64::new(0));
-    let (s, p, dir) = (stop.clone(), progress.clone(), om.to_path_buf());
-    let writer = std::thread::spawn(move || -> R<BTreeMap<String, u64>> {
-        let mut all = BTreeMap::new();
-        let mut i = 0;
-        while !s.load(Ordering::Relaxed) {
-            all.extend(write_files(&dir, &format!("w{i:04}-"), 2, 2000 + i)?);
-            File::open(dir.join(format!("w{i:04}-000")))
-                .and_then(|f| f.sync_all())
-                .map_err(|e| format!("fsync: {e}"))?;
-            i += 1;
-            p.store(i, Ordering::Relaxed);
-        }
-        Ok(all)
-    });
-    while progress.load(Ordering::Relaxed) < 3 {
-        ensure!(!writer.is_finished(), "the writer stopped early");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let (stop, progress, writer) = background_writer(om, 2000)?;
     let stopped = (|| -> R<(u128, u64, u128)> {
         let t = Instant::now();
         d.stop()?;
