@@ -25,143 +25,12 @@ use crate::config::Config;
 use crate::freeze;
 use crate::state::{Identity, MapEntry, MapRole, SavedCbt, StateDir};
 
-/// What one served device needs on its data path.
-pub struct Target {
-    /// The engine.
-    pub engine: Arc<Engine>,
-    /// The origin's engine id once known (the ublk device's MAJ:MIN is known only after it
-    /// started; I/O before that — the kernel's partition scan — goes straight to the backing,
-    /// which is what the engine does for a disk with no tracker).
-    pub origin: RwLock<Option<DeviceId>>,
-    /// The origin's backing.
-    pub backing: Dev,
-    /// The difference storage backends of the snapshot the origin is in (flushed on flush/FUA).
-    pub storages: Mutex<Vec<Dev>>,
-    /// `Some(origin)` for an image device.
-    pub image_of: Option<DeviceId>,
-    /// Set when serving a request panicked: the device's state can no longer be trusted, so
-    /// every later request fails with EIO (the panicking one too) instead of hanging.
-    pub failed: std::sync::atomic::AtomicBool,
-}
+mod backing;
+mod frontend;
 
-impl Target {
-    /// Flushes the difference storage, then (origins) the backing.
-    pub fn flush(&self) -> Result<(), Error> {
-        let storages: Vec<Dev> = self.storages.lock().map(|s| s.clone()).unwrap_or_default();
-        for s in storages {
-            s.flush()?;
-        }
-        if self.image_of.is_none() {
-            self.backing.flush()?;
-        }
-        Ok(())
-    }
-
-    /// Capacity in bytes.
-    pub fn capacity_bytes(&self) -> u64 {
-        self.backing.len_bytes()
-    }
-}
-
-/// A block device in front of a [`Target`].
-pub trait Served: Send {
-    /// The block device's MAJ:MIN.
-    fn dev(&self) -> DeviceId;
-    /// Its node, e.g. `/dev/ublkb0`.
-    fn path(&self) -> String;
-    /// Removes it (even while open or mounted: later I/O fails) and releases everything.
-    fn stop(self: Box<Self>);
-    /// The frontend's handle for recovering it after a crash (ublk: the device id N).
-    fn handle(&self) -> Option<u32> {
-        None
-    }
-}
-
-/// Makes block devices.
-pub trait Frontend: Send + Sync {
-    /// Starts serving `target`; `started` runs once the device's number is known, before any
-    /// I/O reaches the engine under that number.
-    fn serve(
-        &self,
-        name: &str,
-        target: Arc<Target>,
-        started: Box<dyn FnOnce(DeviceId) -> Result<(), Error> + Send>,
-    ) -> Result<Box<dyn Served>, Error>;
-
-    /// Whether the device `handle`, left by a previous run that did not stop cleanly, can be
-    /// taken over ([`Frontend::recover`]): it exists, was made recoverable and has
-    /// `capacity_bytes`.
-    fn recoverable(&self, _handle: u32, _capacity_bytes: u64) -> bool {
-        false
-    }
-
-    /// Takes over the device `handle` of a previous run (user recovery): the block device, its
-    /// number and whatever is mounted on it stay; I/O queued meanwhile is served now.
-    /// `started` runs before any I/O reaches the engine.
-    fn recover(
-        &self,
-        _handle: u32,
-        _name: &str,
-        _target: Arc<Target>,
-        _started: Box<dyn FnOnce(DeviceId) -> Result<(), Error> + Send>,
-    ) -> Result<Box<dyn Served>, Error> {
-        Err(Error::new(Errno::EOPNOTSUPP, "this frontend cannot recover devices"))
-    }
-
-    /// Deletes a device a previous run left behind (an image, or an origin not recovered).
-    fn remove_stale(&self, _handle: u32) {}
-}
-
-/// A frontend with no block devices: origins get ids `240:N` (a local/experimental major);
-/// images exist only in the engine. For control-plane tests.
-#[derive(Default)]
-pub struct NullFrontend {
-    next: Mutex<u32>,
-    /// While set, serving an image fails with ENOMEM (tests of the take's rollback).
-    fail_images: Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl NullFrontend {
-    /// A null frontend whose image devices fail to start while `fail` is set.
-    pub fn failing_images(fail: Arc<std::sync::atomic::AtomicBool>) -> NullFrontend {
-        NullFrontend { next: Mutex::new(0), fail_images: fail }
-    }
-}
-
-struct NullServed(DeviceId);
-
-impl Served for NullServed {
-    fn dev(&self) -> DeviceId {
-        self.0
-    }
-    fn path(&self) -> String {
-        format!("/dev/null-blksnap-{}-{}", self.0.major, self.0.minor)
-    }
-    fn stop(self: Box<Self>) {}
-}
-
-impl Frontend for NullFrontend {
-    fn serve(
-        &self,
-        _name: &str,
-        target: Arc<Target>,
-        started: Box<dyn FnOnce(DeviceId) -> Result<(), Error> + Send>,
-    ) -> Result<Box<dyn Served>, Error> {
-        let dev = match target.image_of {
-            Some(_) if self.fail_images.load(std::sync::atomic::Ordering::SeqCst) => {
-                return Err(Error::new(Errno::ENOMEM, "image devices fail (test setting)"));
-            }
-            Some(origin) => DeviceId::new(241, origin.minor),
-            None => {
-                let mut n = self.next.lock().expect("poisoned");
-                *n += 1;
-                DeviceId::new(240, *n - 1)
-            }
-        };
-        started(dev)?;
-        Ok(Box::new(NullServed(dev)))
-    }
-}
+use backing::exclusive_probe;
+pub use backing::{open_backing, open_storage, BackingKey};
+pub use frontend::{Frontend, NullFrontend, Served, Target};
 
 struct Origin {
     served: Box<dyn Served>,
@@ -171,60 +40,6 @@ struct Origin {
     canonical: String,
     /// What the backing is, whatever the path (its claim in [`State::claims`]).
     key: BackingKey,
-}
-
-/// What a backing is, independent of the path used to name it: a block device by its number,
-/// a regular file by device and inode — a second path, a symlink or a hard link to a served
-/// backing is the same backing.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum BackingKey {
-    /// A block device (`st_rdev`).
-    Block(u64),
-    /// A regular file (`st_dev`, `st_ino`).
-    File(u64, u64),
-}
-
-impl BackingKey {
-    /// The key of an open backing (from `fstat`, so it names what was opened, not what the
-    /// path names now). EINVAL for anything but a regular file or a block device.
-    pub fn of(meta: &std::fs::Metadata) -> Result<BackingKey, Error> {
-        use std::os::unix::fs::{FileTypeExt, MetadataExt};
-        if meta.file_type().is_block_device() {
-            Ok(BackingKey::Block(meta.rdev()))
-        } else if meta.is_file() {
-            Ok(BackingKey::File(meta.dev(), meta.ino()))
-        } else {
-            Err(Error::new(Errno::EINVAL, "a backing must be a regular file or a block device"))
-        }
-    }
-}
-
-/// Opens a backing for serving: read-write; a block device also exclusively (`O_EXCL`, the
-/// kernel's block-device claim): while it is served nobody can mount it or open it
-/// exclusively (EBUSY), and it cannot be served while something holds it so (EBUSY).
-/// Returns the open file and its key (from `fstat` of the descriptor).
-pub fn open_backing(path: &Path) -> Result<(std::fs::File, BackingKey), Error> {
-    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
-    let os = |e: std::io::Error, detail: &'static str| {
-        Error::new(e.raw_os_error().and_then(Errno::from_code).unwrap_or(Errno::EIO), detail)
-    };
-    let meta = std::fs::metadata(path).map_err(|e| os(e, "cannot stat the backing"))?;
-    BackingKey::of(&meta)?;
-    let mut opts = std::fs::OpenOptions::new();
-    opts.read(true).write(true);
-    if meta.file_type().is_block_device() {
-        // O_EXCL without O_CREAT on a block device: an exclusive open (bdev claim).
-        opts.custom_flags(libc::O_EXCL);
-    }
-    let file = opts.open(path).map_err(|e| match e.raw_os_error() {
-        Some(libc::EBUSY) => Error::new(
-            Errno::EBUSY,
-            "the backing block device is in use (mounted, or opened exclusively by another)",
-        ),
-        _ => os(e, "cannot open the backing"),
-    })?;
-    let key = BackingKey::of(&file.metadata().map_err(|e| os(e, "cannot stat the backing"))?)?;
-    Ok((file, key))
 }
 
 struct Image {
@@ -1010,23 +825,6 @@ fn save_tracker(engine: &Engine, sd: &StateDir, id: DeviceId, target: &Target, b
     }
 }
 
-/// An exclusive open of a served device's node: EBUSY while it is mounted or held exclusively
-/// (the kernel refuses the open then); `None` when the node does not exist (the null frontend).
-fn exclusive_probe(node: &str) -> Result<Option<std::fs::File>, Error> {
-    use std::os::unix::fs::OpenOptionsExt;
-    match std::fs::OpenOptions::new().read(true).custom_flags(libc::O_EXCL).open(node) {
-        Ok(f) => Ok(Some(f)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
-            Err(Error::new(Errno::EBUSY, "the device is mounted or held exclusively"))
-        }
-        Err(e) => {
-            eprintln!("blksnapd: {node}: exclusive open to check for users: {e}");
-            Err(Error::new(Errno::EBUSY, "cannot check whether the device is in use"))
-        }
-    }
-}
-
 /// Sets the storage list flushed on flush/FUA by the members' origin and image devices (storage
 /// appended after the take must be flushed by the images' flushes too).
 fn set_storages(st: &State, members: &[DeviceId], storages: &[Dev]) {
@@ -1072,32 +870,4 @@ pub fn engine_reply(e: &Engine, req: Request) -> Result<Reply, Error> {
         Request::StorageStats { id } => Reply::Stats(e.storage_stats(id.into())?.into()),
         _ => return Err(Error::new(Errno::EINVAL, "not an engine-only request")),
     })
-}
-
-/// Opens a difference storage by its type, as the newest uapi's CREATE does: a regular file
-/// (growable) or a block device (fixed size) as it is, a directory → an unnamed `O_TMPFILE`
-/// file in it; anything else EINVAL.
-pub fn open_storage(path: &str) -> Result<FileDev, Error> {
-    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
-    let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => Error::new(Errno::ENOENT, "storage path does not exist"),
-        _ => Error::new(Errno::EIO, "cannot stat the storage path"),
-    })?;
-    let kind = meta.file_type();
-    if kind.is_dir() {
-        // Unnamed, never linkable (O_EXCL), owner-only: as the kernel (libblksnap's
-        // `unnamed_storage_in` is the same for in-process handles).
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_TMPFILE | libc::O_EXCL)
-            .mode(0o600)
-            .open(path)
-            .map_err(|_| Error::new(Errno::EIO, "cannot create a file in the storage directory"))?;
-        FileDev::from_file(file)
-    } else if kind.is_file() || kind.is_block_device() {
-        FileDev::open(path, true)
-    } else {
-        Err(Error::new(Errno::EINVAL, "storage must be a file, block device or directory"))
-    }
 }

@@ -1,0 +1,107 @@
+//! Backings and storage opened by the daemon: what a backing is whatever its path
+//! ([`BackingKey`]), opening one for serving with the kernel's exclusive claim, checking a
+//! served node for users, and opening a difference storage by its type.
+
+use std::path::Path;
+
+use blksnap_engine::io::FileDev;
+use blksnap_model::{Errno, Error};
+
+/// What a backing is, independent of the path used to name it: a block device by its number,
+/// a regular file by device and inode — a second path, a symlink or a hard link to a served
+/// backing is the same backing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum BackingKey {
+    /// A block device (`st_rdev`).
+    Block(u64),
+    /// A regular file (`st_dev`, `st_ino`).
+    File(u64, u64),
+}
+
+impl BackingKey {
+    /// The key of an open backing (from `fstat`, so it names what was opened, not what the
+    /// path names now). EINVAL for anything but a regular file or a block device.
+    pub fn of(meta: &std::fs::Metadata) -> Result<BackingKey, Error> {
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        if meta.file_type().is_block_device() {
+            Ok(BackingKey::Block(meta.rdev()))
+        } else if meta.is_file() {
+            Ok(BackingKey::File(meta.dev(), meta.ino()))
+        } else {
+            Err(Error::new(Errno::EINVAL, "a backing must be a regular file or a block device"))
+        }
+    }
+}
+
+/// Opens a backing for serving: read-write; a block device also exclusively (`O_EXCL`, the
+/// kernel's block-device claim): while it is served nobody can mount it or open it
+/// exclusively (EBUSY), and it cannot be served while something holds it so (EBUSY).
+/// Returns the open file and its key (from `fstat` of the descriptor).
+pub fn open_backing(path: &Path) -> Result<(std::fs::File, BackingKey), Error> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let os = |e: std::io::Error, detail: &'static str| {
+        Error::new(e.raw_os_error().and_then(Errno::from_code).unwrap_or(Errno::EIO), detail)
+    };
+    let meta = std::fs::metadata(path).map_err(|e| os(e, "cannot stat the backing"))?;
+    BackingKey::of(&meta)?;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.read(true).write(true);
+    if meta.file_type().is_block_device() {
+        // O_EXCL without O_CREAT on a block device: an exclusive open (bdev claim).
+        opts.custom_flags(libc::O_EXCL);
+    }
+    let file = opts.open(path).map_err(|e| match e.raw_os_error() {
+        Some(libc::EBUSY) => Error::new(
+            Errno::EBUSY,
+            "the backing block device is in use (mounted, or opened exclusively by another)",
+        ),
+        _ => os(e, "cannot open the backing"),
+    })?;
+    let key = BackingKey::of(&file.metadata().map_err(|e| os(e, "cannot stat the backing"))?)?;
+    Ok((file, key))
+}
+
+/// An exclusive open of a served device's node: EBUSY while it is mounted or held exclusively
+/// (the kernel refuses the open then); `None` when the node does not exist (the null frontend).
+pub(super) fn exclusive_probe(node: &str) -> Result<Option<std::fs::File>, Error> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::OpenOptions::new().read(true).custom_flags(libc::O_EXCL).open(node) {
+        Ok(f) => Ok(Some(f)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+            Err(Error::new(Errno::EBUSY, "the device is mounted or held exclusively"))
+        }
+        Err(e) => {
+            eprintln!("blksnapd: {node}: exclusive open to check for users: {e}");
+            Err(Error::new(Errno::EBUSY, "cannot check whether the device is in use"))
+        }
+    }
+}
+
+/// Opens a difference storage by its type, as the newest uapi's CREATE does: a regular file
+/// (growable) or a block device (fixed size) as it is, a directory → an unnamed `O_TMPFILE`
+/// file in it; anything else EINVAL.
+pub fn open_storage(path: &str) -> Result<FileDev, Error> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => Error::new(Errno::ENOENT, "storage path does not exist"),
+        _ => Error::new(Errno::EIO, "cannot stat the storage path"),
+    })?;
+    let kind = meta.file_type();
+    if kind.is_dir() {
+        // Unnamed, never linkable (O_EXCL), owner-only: as the kernel (libblksnap's
+        // `unnamed_storage_in` is the same for in-process handles).
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_TMPFILE | libc::O_EXCL)
+            .mode(0o600)
+            .open(path)
+            .map_err(|_| Error::new(Errno::EIO, "cannot create a file in the storage directory"))?;
+        FileDev::from_file(file)
+    } else if kind.is_file() || kind.is_block_device() {
+        FileDev::open(path, true)
+    } else {
+        Err(Error::new(Errno::EINVAL, "storage must be a file, block device or directory"))
+    }
+}
