@@ -36,18 +36,44 @@ macro_rules! ensure {
 
 // Scenarios in their own files under vmtest/ (declared after `ensure!`, which they use; a
 // binary crate root resolves `mod` beside itself, hence the paths).
+#[path = "vmtest/bench.rs"]
+mod bench;
+#[path = "vmtest/c_clients.rs"]
+mod c_clients;
+#[path = "vmtest/cbt.rs"]
+mod cbt;
+#[path = "vmtest/cli_backup.rs"]
+mod cli_backup;
+#[path = "vmtest/daemon_process.rs"]
+mod daemon_process;
+#[path = "vmtest/destroy_mounted.rs"]
+mod destroy_mounted;
 #[path = "vmtest/exclusive_claim.rs"]
 mod exclusive_claim;
+#[path = "vmtest/fs_image.rs"]
+mod fs_image;
 #[path = "vmtest/offline_write.rs"]
 mod offline_write;
+#[path = "vmtest/overflow.rs"]
+mod overflow;
+#[path = "vmtest/preload_daemon.rs"]
+mod preload_daemon;
+#[path = "vmtest/recovery.rs"]
+mod recovery;
 #[path = "vmtest/remove_busy.rs"]
 mod remove_busy;
+#[path = "vmtest/restart.rs"]
+mod restart;
 #[path = "vmtest/restart_mounted.rs"]
 mod restart_mounted;
+#[path = "vmtest/stretch.rs"]
+mod stretch;
 #[path = "vmtest/take_freezes.rs"]
 mod take_freezes;
 #[path = "vmtest/take_rollback.rs"]
 mod take_rollback;
+#[path = "vmtest/two_devices.rs"]
+mod two_devices;
 
 struct Scenario {
     name: &'static str,
@@ -59,63 +85,63 @@ const SCENARIOS: &[Scenario] = &[
     Scenario {
         name: "fs-image",
         about: "ext2 on a tracked device, take, overwrite/delete, image has the pre-take files",
-        run: fs_image,
+        run: fs_image::fs_image,
     },
     Scenario {
         name: "cbt",
         about: "cbtmap marks every block written after a take, and nothing else",
-        run: cbt,
+        run: cbt::cbt,
     },
     Scenario {
         name: "overflow",
         about: "tiny diff storage: origin intact, corrupted event, image reads fail with EIO",
-        run: overflow,
+        run: overflow::overflow,
     },
     Scenario {
         name: "destroy-mounted",
         about: "destroy while the image is mounted and written; origin keeps being served",
-        run: destroy_mounted,
+        run: destroy_mounted::destroy_mounted,
     },
     Scenario {
         name: "two-devices",
         about: "two devices taken in one snapshot are coherent",
-        run: two_devices,
+        run: two_devices::two_devices,
     },
     Scenario {
         name: "bench",
         about: "4 KiB O_DIRECT throughput vs the kernel loop driver (printed, not asserted)",
-        run: bench,
+        run: bench::bench,
     },
     Scenario {
         name: "daemon-process",
         about: "the blksnapd binary: config by flags, socket, take, clean stop on SIGTERM",
-        run: daemon_process,
+        run: daemon_process::daemon_process,
     },
     Scenario {
         name: "restart",
         about: "CBT kept across a clean restart; corrupted state or kill -9: new generation",
-        run: restart,
+        run: restart::restart,
     },
     Scenario {
         name: "c-clients",
         about:
             "the C/C++ lifecycle clients of ffi/tests-c, unchanged, in client mode against blksnapd",
-        run: c_clients,
+        run: c_clients::c_clients,
     },
     Scenario {
         name: "cli-backup",
         about: "README's session with the blksnap CLI: /dev/blksnap-* images, full + incremental, restores",
-        run: cli_backup,
+        run: cli_backup::cli_backup,
     },
     Scenario {
         name: "stretch",
         about: "stretch_snapshot grows v3 storage on demand while the mounted origin is written",
-        run: stretch,
+        run: stretch::stretch,
     },
     Scenario {
         name: "preload-daemon",
         about: "an upstream-style raw-ioctl client under the LD_PRELOAD shim against blksnapd",
-        run: preload_daemon,
+        run: preload_daemon::preload_daemon,
     },
     Scenario {
         name: "take-freezes",
@@ -150,7 +176,7 @@ const SCENARIOS: &[Scenario] = &[
     Scenario {
         name: "recovery",
         about: "kill -9 during writes to a mounted fs, restart recovers the device: data intact",
-        run: recovery,
+        run: recovery::recovery,
     },
 ];
 
@@ -376,392 +402,7 @@ fn sibling(name: &str) -> R<PathBuf> {
     Ok(path)
 }
 
-// ---------------------------------------------------------------------------------- scenarios
-
-fn fs_image(env: &Env) -> R {
-    let (origin, dev) = env.origins()?.remove(0);
-    let mut c = env.client()?;
-    mkfs(&origin)?;
-    let om = env.path("origin");
-    mount(&origin, &om, "rw")?;
-    let before = write_files(&om, "f", 40, 1)?;
-    let id = env.snapshot(&mut c, 32, &[dev])?;
-    c.req(Request::SnapshotTake { id })?;
-    // After the take: overwrite half, delete a quarter, add new ones.
-    let mut after = write_files(&om, "f", 20, 2)?;
-    for i in 20..30 {
-        std::fs::remove_file(om.join(format!("f{i:03}"))).map_err(|e| e.to_string())?;
-    }
-    after.extend(write_files(&om, "new", 10, 3)?);
-    sync();
-    // The image, through both link names.
-    let v3 = image_link(dev, true);
-    let newest = image_link(dev, false);
-    for l in [&v3, &newest] {
-        let target = std::fs::read_link(l).map_err(|e| format!("{l}: {e}"))?;
-        ensure!(target.display().to_string().starts_with("/dev/ublkb"), "{l} -> {target:?}");
-    }
-    let Reply::SnapshotInfo { error_code: 0, image: Some(img), image_path: Some(_) } =
-        c.req(Request::SnapshotInfo { dev })?
-    else {
-        return Err("SnapshotInfo: no image".into());
-    };
-    ensure!(img == dev, "image of {img:?}");
-    fsck(&v3)?;
-    let im = env.path("image");
-    mount(&v3, &im, "ro")?;
-    verify_files(&im, &before)?;
-    verify_files(&om, &after)?;
-    for i in 30..40 {
-        let name = format!("f{i:03}");
-        ensure!(before.contains_key(&name), "bookkeeping");
-    }
-    umount(&im)?;
-    c.req(Request::SnapshotDestroy { id })?;
-    ensure!(!Path::new(&v3).exists() && !Path::new(&newest).exists(), "links left after destroy");
-    // The origin keeps being served after the destroy.
-    let more = write_files(&om, "post", 5, 4)?;
-    sync();
-    umount(&om)?;
-    drop_caches();
-    fsck(&origin)?;
-    mount(&origin, &om, "ro")?;
-    verify_files(&om, &after)?;
-    verify_files(&om, &more)?;
-    umount(&om)?;
-    let live = env.daemon.engine().live();
-    ensure!(live.snapshots == 0 && live.diff_areas == 0, "engine objects left: {live:?}");
-    Ok(())
-}
-
-fn cbt(env: &Env) -> R {
-    let (origin, dev) = env.origins()?.remove(0);
-    let mut c = env.client()?;
-    let id1 = env.snapshot(&mut c, 8, &[dev])?;
-    c.req(Request::SnapshotTake { id: id1 })?;
-    let Reply::CbtInfo(info1) = c.req(Request::CbtInfo { dev })? else {
-        return Err("CbtInfo".into());
-    };
-    let bs = u64::from(info1.block_size_bytes);
-    let count = u64::from(info1.block_count);
-    ensure!(count > 16, "device too small for the test: {count} blocks of {bs}");
-    // Write pages at scattered offsets (some straddling block boundaries when bs > 4 KiB).
-    let f = open_direct(&origin, true).map_err(|e| e.to_string())?;
-    let capacity = count * bs;
-    let mut written = std::collections::BTreeSet::new();
-    let mut x = 12345u64;
-    for _ in 0..40 {
-        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        let page = (x >> 33) % (capacity / 4096 / 2); // the first half only
-        let off = page * 4096;
-        pwrite_page(&f, off, b"cbt").map_err(|e| e.to_string())?;
-        written.insert(off / bs);
-    }
-    f.sync_all().map_err(|e| e.to_string())?;
-    c.req(Request::SnapshotDestroy { id: id1 })?;
-    let id2 = env.snapshot(&mut c, 8, &[dev])?;
-    c.req(Request::SnapshotTake { id: id2 })?;
-    let Reply::CbtInfo(info2) = c.req(Request::CbtInfo { dev })? else {
-        return Err("CbtInfo".into());
-    };
-    ensure!(info2.generation_id == info1.generation_id, "generation changed");
-    ensure!(info2.changes_number > info1.changes_number, "take did not advance");
-    let Reply::CbtMap(map) =
-        c.req(Request::CbtMap { dev, offset: 0, length: info2.block_count })?
-    else {
-        return Err("CbtMap".into());
-    };
-    for (b, v) in map.iter().enumerate() {
-        let b = b as u64;
-        if written.contains(&b) {
-            ensure!(*v > info1.changes_number, "written block {b} not marked ({v})");
-        } else {
-            ensure!(*v == 0, "block {b} never written but marked {v}");
-        }
-    }
-    // Out-of-range map requests are refused.
-    let r = c.call(Request::CbtMap { dev, offset: 0, length: info2.block_count + 1 });
-    ensure!(matches!(r, Ok(Err(ref e)) if e.errno == 61), "cbtmap past the end: {r:?}");
-    c.req(Request::SnapshotDestroy { id: id2 })?;
-    Ok(())
-}
-
-fn overflow(env: &Env) -> R {
-    let (origin, dev) = env.origins()?.remove(0);
-    let mut c = env.client()?;
-    mkfs(&origin)?;
-    let om = env.path("origin");
-    mount(&origin, &om, "rw")?;
-    let before = write_files(&om, "f", 20, 5)?;
-    let id = env.snapshot(&mut c, 1, &[dev])?; // 1 MiB: four 256 KiB chunks
-    c.req(Request::SnapshotTake { id })?;
-    let mut after = write_files(&om, "f", 10, 6)?;
-    after.extend(write_files(&om, "big", 8, 7)?);
-    sync();
-    // The corrupted event (a no-space event may come first).
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        ensure!(Instant::now() < deadline, "no corrupted event");
-        match c.call(Request::WaitEvent { id, timeout_ms: 1000 }) {
-            Ok(Ok(Reply::Event(e))) => {
-                if let EventKindW::Corrupted { device, errno } = e.kind {
-                    ensure!(device == dev && errno == 28, "corrupted {device:?} errno {errno}");
-                    break;
-                }
-            }
-            Ok(Err(e)) if e.errno == 2 => {}
-            other => return Err(format!("WaitEvent: {other:?}")),
-        }
-    }
-    let Reply::SnapshotInfo { error_code, .. } = c.req(Request::SnapshotInfo { dev })? else {
-        return Err("SnapshotInfo".into());
-    };
-    ensure!(error_code == -28, "snapshot error code {error_code}");
-    let img = open_direct(&image_link(dev, false), false).map_err(|e| e.to_string())?;
-    let r = pread_page(&img, 0);
-    ensure!(
-        matches!(&r, Err(e) if e.raw_os_error() == Some(libc::EIO)),
-        "image read after overflow: {:?}",
-        r.map(|_| ())
-    );
-    drop(img);
-    // The origin is intact.
-    let mut expect = before.clone();
-    expect.extend(after);
-    verify_files(&om, &expect)?;
-    umount(&om)?;
-    drop_caches();
-    fsck(&origin)?;
-    mount(&origin, &om, "ro")?;
-    verify_files(&om, &expect)?;
-    umount(&om)?;
-    c.req(Request::SnapshotDestroy { id })?;
-    Ok(())
-}
-
-fn destroy_mounted(env: &Env) -> R {
-    let (origin, dev) = env.origins()?.remove(0);
-    let mut c = env.client()?;
-    mkfs(&origin)?;
-    let om = env.path("origin");
-    mount(&origin, &om, "rw")?;
-    let before = write_files(&om, "f", 10, 8)?;
-    let id = env.snapshot(&mut c, 32, &[dev])?;
-    c.req(Request::SnapshotTake { id })?;
-    let image = image_link(dev, true);
-    let image_node = std::fs::read_link(&image).map_err(|e| e.to_string())?;
-    let im = env.path("image");
-    mount(&image, &im, "rw")?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let image_ok = Arc::new(AtomicU64::new(0));
-    // Image writer: new files with fsync until an error.
-    let (s, ok, dir) = (stop.clone(), image_ok.clone(), im.clone());
-    let image_writer = std::thread::spawn(move || -> Option<String> {
-        let mut i = 0u64;
-        while !s.load(Ordering::Relaxed) {
-            let mut data = vec![0u8; 64 << 10];
-            fill(i, &mut data);
-            let r = File::create(dir.join(format!("w{i}")))
-                .and_then(|mut f| f.write_all(&data).and_then(|()| f.sync_all()));
-            if let Err(e) = r {
-                return Some(e.to_string());
-            }
-            ok.fetch_add(1, Ordering::Relaxed);
-            i += 1;
-        }
-        None
-    });
-    // Origin writer: the origin must keep working throughout.
-    let (s, dir) = (stop.clone(), om.clone());
-    let origin_writer = std::thread::spawn(move || -> R<BTreeMap<String, u64>> {
-        let mut all = BTreeMap::new();
-        let mut round = 0;
-        while !s.load(Ordering::Relaxed) {
-            // a few names rewritten in turn: the file system never fills up
-            all.extend(write_files(&dir, &format!("o{}_", round % 4), 3, 100 + round)?);
-            File::open(&dir).and_then(|d| d.sync_all()).map_err(|e| e.to_string())?;
-            round += 1;
-        }
-        Ok(all)
-    });
-    std::thread::sleep(Duration::from_millis(1500));
-    ensure!(image_ok.load(Ordering::Relaxed) > 0, "the image writer made no progress");
-    let t = Instant::now();
-    c.req(Request::SnapshotDestroy { id })?;
-    let destroy_ms = t.elapsed().as_millis();
-    // The image writer fails from now on.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !image_writer.is_finished() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    ensure!(image_writer.is_finished(), "image writer still running 20 s after destroy");
-    let image_err = image_writer.join().map_err(|_| "image writer panicked")?;
-    ensure!(image_err.is_some(), "image writes kept succeeding after destroy");
-    std::thread::sleep(Duration::from_millis(500));
-    stop.store(true, Ordering::Relaxed);
-    let origin_files = origin_writer.join().map_err(|_| "origin writer panicked")??;
-    ensure!(!Path::new(&image).exists(), "image link left after destroy");
-    let _ = run("umount", &["-l", &im.display().to_string()]);
-    ensure!(
-        wait_gone(&format!("/sys/block/{}", image_node.file_name().unwrap().display()), 10),
-        "image block device still present after unmount"
-    );
-    let listed = env.origins()?.len();
-    let Reply::Devices(all) = c.req(Request::ListDevices)? else { return Err("list".into()) };
-    ensure!(all.len() == listed, "image still listed: {all:?}");
-    let live = env.daemon.engine().live();
-    ensure!(
-        live.snapshots == 0 && live.diff_areas == 0 && live.diff_storages == 0,
-        "engine objects left: {live:?}"
-    );
-    verify_files(&om, &before)?;
-    verify_files(&om, &origin_files)?;
-    umount(&om)?;
-    drop_caches();
-    fsck(&origin)?;
-    println!(
-        "    destroy took {destroy_ms} ms; image writer stopped by: {}",
-        image_err.unwrap_or_default()
-    );
-    Ok(())
-}
-
-fn two_devices(env: &Env) -> R {
-    let o = env.origins()?;
-    let (a, b) = (&o[0], &o[1]);
-    let mut c = env.client()?;
-    let fa = Arc::new(open_direct(&a.0, true).map_err(|e| e.to_string())?);
-    let fb = Arc::new(open_direct(&b.0, true).map_err(|e| e.to_string())?);
-    for f in [&fa, &fb] {
-        pwrite_page(f, MIB, b"BEFORE").map_err(|e| e.to_string())?;
-    }
-    let stop = Arc::new(AtomicBool::new(false));
-    let (s, wa, wb) = (stop.clone(), fa.clone(), fb.clone());
-    let writer = std::thread::spawn(move || -> std::io::Result<u64> {
-        let mut n = 0u64;
-        while !s.load(Ordering::Relaxed) {
-            n += 1;
-            pwrite_page(&wa, 0, &n.to_le_bytes())?;
-            pwrite_page(&wb, 0, &n.to_le_bytes())?;
-        }
-        Ok(n)
-    });
-    std::thread::sleep(Duration::from_millis(500));
-    let id = env.snapshot(&mut c, 8, &[a.1, b.1])?;
-    c.req(Request::SnapshotTake { id })?;
-    for f in [&fa, &fb] {
-        pwrite_page(f, MIB, b"AFTER").map_err(|e| e.to_string())?;
-        pwrite_page(f, 2 * MIB, b"AFTER").map_err(|e| e.to_string())?;
-    }
-    std::thread::sleep(Duration::from_millis(300));
-    stop.store(true, Ordering::Relaxed);
-    let last = writer.join().map_err(|_| "writer panicked")?.map_err(|e| e.to_string())?;
-    let ia = open_direct(&image_link(a.1, false), false).map_err(|e| e.to_string())?;
-    let ib = open_direct(&image_link(b.1, true), false).map_err(|e| e.to_string())?;
-    let seq = |f: &File| -> R<u64> {
-        let p = pread_page(f, 0).map_err(|e| e.to_string())?;
-        Ok(u64::from_le_bytes(p.0[..8].try_into().expect("8 bytes")))
-    };
-    let (sa, sb) = (seq(&ia)?, seq(&ib)?);
-    ensure!(sa >= 1 && sa < last, "image A sequence {sa} (writer reached {last})");
-    ensure!(sa == sb || sa == sb + 1, "images incoherent: A has {sa}, B has {sb}");
-    for (name, f) in [("A", &ia), ("B", &ib)] {
-        let p = pread_page(f, MIB).map_err(|e| e.to_string())?;
-        ensure!(&p.0[..6] == b"BEFORE", "image {name}: marker written before the take missing");
-        let p = pread_page(f, 2 * MIB).map_err(|e| e.to_string())?;
-        ensure!(p.0.iter().all(|b| *b == 0), "image {name}: marker written after the take present");
-    }
-    let (ra, rb) = (seq(&fa)?, seq(&fb)?);
-    ensure!(ra == last && rb == last, "origins: {ra} {rb}, writer {last}");
-    drop((ia, ib));
-    c.req(Request::SnapshotDestroy { id })?;
-    println!("    images at sequence {sa}/{sb}, writer reached {last}");
-    Ok(())
-}
-
-fn daemon_process(env: &Env) -> R {
-    // `env` has no devices: this scenario runs the real binary.
-    let bin = sibling("blksnapd")?;
-    let backing = env.path("d.img");
-    sparse_file(&backing, 16 * MIB)?;
-    let socket = env.path("d.sock");
-    let links = env.path("links");
-    std::fs::create_dir_all(&links).map_err(|e| e.to_string())?;
-    let mut child = Command::new(&bin)
-        .args(["--socket", &socket.display().to_string()])
-        .args(["--link-dir", &links.display().to_string(), "--image-link", "newest"])
-        .args(["--queues", "1", "--device", &backing.display().to_string()])
-        .stdin(Stdio::null())
-        .spawn()
-        .map_err(|e| e.to_string())?;
-    let result = (|| -> R {
-        let t = Instant::now();
-        let mut c = loop {
-            if let Ok(c) = Client::connect(&socket) {
-                break c;
-            }
-            ensure!(t.elapsed() < Duration::from_secs(20), "blksnapd did not come up");
-            std::thread::sleep(Duration::from_millis(50));
-        };
-        let mode = std::os::unix::fs::PermissionsExt::mode(
-            &std::fs::metadata(&socket).map_err(|e| e.to_string())?.permissions(),
-        );
-        ensure!(mode & 0o777 == 0o600, "socket mode {mode:o}");
-        let Reply::Version { protocol, .. } = c.req(Request::Version)? else {
-            return Err("Version".into());
-        };
-        ensure!(protocol == blksnap_proto::PROTOCOL_VERSION, "protocol {protocol}");
-        let Reply::Devices(list) = c.req(Request::ListDevices)? else {
-            return Err("ListDevices".into());
-        };
-        ensure!(list.len() == 1, "devices: {list:?}");
-        let (node, dev) = (list[0].path.clone(), list[0].dev);
-        let f = open_direct(&node, true).map_err(|e| e.to_string())?;
-        pwrite_page(&f, 0, b"one").map_err(|e| e.to_string())?;
-        let storage = env.path("d.diff");
-        sparse_file(&storage, 4 * MIB)?;
-        let Reply::Created(id) = c.req(Request::SnapshotCreate {
-            storage: Storage::File {
-                path: storage.display().to_string(),
-                limit_sectors: 4 * MIB / 512,
-            },
-        })?
-        else {
-            return Err("create".into());
-        };
-        c.req(Request::SnapshotAdd { id, dev })?;
-        c.req(Request::SnapshotTake { id })?;
-        pwrite_page(&f, 0, b"two").map_err(|e| e.to_string())?;
-        let link = links.join(format!("blksnap-{}-{}", dev.major, dev.minor));
-        let img = open_direct(&link.display().to_string(), false).map_err(|e| e.to_string())?;
-        let p = pread_page(&img, 0).map_err(|e| e.to_string())?;
-        ensure!(&p.0[..3] == b"one", "image content");
-        drop((img, f));
-        // SIGTERM: clean stop while a snapshot is taken.
-        // SAFETY: plain kill(2) of our own child by its pid.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let t = Instant::now();
-        let status = loop {
-            if let Some(s) = child.try_wait().map_err(|e| e.to_string())? {
-                break s;
-            }
-            ensure!(t.elapsed() < Duration::from_secs(20), "blksnapd did not stop on SIGTERM");
-            std::thread::sleep(Duration::from_millis(50));
-        };
-        ensure!(status.success(), "blksnapd exit: {status}");
-        ensure!(!socket.exists() && !link.exists(), "socket or link left behind");
-        ensure!(wait_gone(&node, 10), "{node} left behind");
-        let mut data = vec![0u8; 3];
-        File::open(&backing)
-            .and_then(|mut f| f.read_exact(&mut data))
-            .map_err(|e| e.to_string())?;
-        ensure!(data == b"two", "backing content after stop");
-        Ok(())
-    })();
-    let _ = child.kill();
-    let _ = child.wait();
-    result
-}
+// ---------------------------------------------------------------------------------- shared by scenarios
 
 /// The real `blksnapd` binary as a child process, with a state directory.
 struct DaemonProc {
@@ -925,135 +566,6 @@ fn state_files(env: &Env) -> Vec<PathBuf> {
     v
 }
 
-fn restart(env: &Env) -> R {
-    let backing = env.path("r.img");
-    sparse_file(&backing, 64 * MIB)?;
-    let mut d = DaemonProc::start(env, &backing, 1)?;
-    let (node, dev) = d.origin()?;
-    let f = open_direct(&node, true).map_err(|e| e.to_string())?;
-    for i in 0..8u64 {
-        pwrite_page(&f, i * 3 * MIB, b"before take").map_err(|e| e.to_string())?;
-    }
-    // take and destroy, then more writes: both maps and both numbers are non-trivial
-    offline_write::take_destroy(env, &d, dev)?;
-    for i in 0..5u64 {
-        pwrite_page(&f, 40 * MIB + i * MIB, b"after take").map_err(|e| e.to_string())?;
-    }
-    drop(f);
-    let (info1, map1) = d.cbt(dev)?;
-    ensure!(info1.changes_number >= 1, "take did not advance: {info1:?}");
-    ensure!(map1.iter().any(|b| *b != 0), "no change before the take marked");
-
-    // 1. clean restart: same generation, same numbers, same map
-    let t = Instant::now();
-    d.stop()?;
-    let files = state_files(env);
-    ensure!(!env.path("state/running").exists(), "marker left after a clean stop: {files:?}");
-    ensure!(
-        files.iter().any(|p| p.display().to_string().ends_with(".state")),
-        "no saved CBT: {files:?}"
-    );
-    d.restart()?;
-    let (node2, dev2) = d.origin()?;
-    let (info2, map2) = d.cbt(dev2)?;
-    println!(
-        "    clean restart in {} ms ({node} {}:{} -> {node2} {}:{})",
-        t.elapsed().as_millis(),
-        dev.major,
-        dev.minor,
-        dev2.major,
-        dev2.minor
-    );
-    ensure!(info2.generation_id == info1.generation_id, "generation changed on a clean restart");
-    ensure!(info2.changes_number == info1.changes_number, "{info1:?} -> {info2:?}");
-    ensure!(map2 == map1, "cbtmap differs after a clean restart");
-    ensure!(env.path("state/running").exists(), "no marker while running");
-    // incremental backups keep working: the next take advances from the restored numbers
-    offline_write::take_destroy(env, &d, dev2)?;
-    let (info3, map3) = d.cbt(dev2)?;
-    ensure!(info3.generation_id == info1.generation_id, "generation changed by a take");
-    ensure!(info3.changes_number == info1.changes_number + 1, "{info1:?} -> {info3:?}");
-    // the writes after the first take (made before the restart, kept in the restored live
-    // map) show up with the new number; the older marks stay
-    let bs = u64::from(info3.block_size_bytes);
-    for i in 0..5u64 {
-        let b = ((40 * MIB + i * MIB) / bs) as usize;
-        ensure!(
-            map3[b] == info3.changes_number,
-            "block {b} written before the restart: {}",
-            map3[b]
-        );
-    }
-    for (b, (old, new)) in map1.iter().zip(&map3).enumerate() {
-        ensure!(*old == 0 || new == old, "block {b}: {old} before restart, {new} after take");
-    }
-
-    // 2. a corrupted state file: refused, new generation
-    d.stop()?;
-    let state = state_files(env)
-        .into_iter()
-        .find(|p| p.display().to_string().ends_with(".state"))
-        .ok_or("no state file")?;
-    let mut bytes = std::fs::read(&state).map_err(|e| e.to_string())?;
-    let mid = bytes.len() / 2;
-    bytes[mid] ^= 0x40;
-    std::fs::write(&state, bytes).map_err(|e| e.to_string())?;
-    d.restart()?;
-    let (_, dev4) = d.origin()?;
-    let (info4, map4) = d.cbt(dev4)?;
-    ensure!(info4.generation_id != info1.generation_id, "a corrupted state was used");
-    ensure!(map4.iter().all(|b| *b == 0) && info4.changes_number == 0, "{info4:?}");
-    ensure!(!state.exists(), "the corrupted state file was left");
-
-    // 3. kill -9: the next start does not trust anything saved; new generation
-    let (node5, dev5) = d.origin()?;
-    let f = open_direct(&node5, true).map_err(|e| e.to_string())?;
-    pwrite_page(&f, 0, b"before kill").map_err(|e| e.to_string())?;
-    drop(f);
-    let (info5, _) = d.cbt(dev5)?;
-    d.kill9()?;
-    ensure!(env.path("state/running").exists(), "marker gone after kill -9");
-    let t = Instant::now();
-    d.restart()?;
-    let (node6, dev6) = d.origin()?;
-    let (info6, _) = d.cbt(dev6)?;
-    println!("    restart after kill -9 in {} ms ({node5} -> {node6})", t.elapsed().as_millis());
-    ensure!(info6.generation_id != info5.generation_id, "generation kept after kill -9");
-    let f = open_direct(&node6, false).map_err(|e| e.to_string())?;
-    let p = pread_page(&f, 0).map_err(|e| e.to_string())?;
-    ensure!(&p.0[..11] == b"before kill", "data written before kill -9 lost");
-    drop(f);
-    d.stop()?;
-    ensure!(!env.path("state/running").exists(), "marker left after the last clean stop");
-    Ok(())
-}
-
-/// The C (v3) and C++ (newest) lifecycle clients of `ffi/tests-c`, built unchanged against the
-/// static libblksnap, run with `BLKSNAP_SOCKET` set: every control and filter request goes to
-/// the daemon, their devices are ublk devices the library asks the daemon to serve, data I/O
-/// goes through those block devices and the images' (O_DIRECT).
-fn c_clients(env: &Env) -> R {
-    let d = DaemonProc::start_with(env, None, 1)?;
-    for name in ["client_v3", "client_newest"] {
-        let mut cmd = Command::new(sibling(name)?);
-        cmd.env("BLKSNAP_SOCKET", &d.socket);
-        let t = Instant::now();
-        let out = run_client(cmd, name)?;
-        println!("    {} ({} ms)", out.trim(), t.elapsed().as_millis());
-    }
-    // The library removed the devices it had the daemon serve; nothing is left behind.
-    let mut c = d.client()?;
-    let Reply::Devices(list) = c.req(Request::ListDevices)? else {
-        return Err("ListDevices".into());
-    };
-    ensure!(list.is_empty(), "devices left: {list:?}");
-    let Reply::Snapshots(ids) = c.req(Request::SnapshotCollect)? else {
-        return Err("SnapshotCollect".into());
-    };
-    ensure!(ids.is_empty(), "snapshots left: {ids:?}");
-    Ok(())
-}
-
 /// Runs the `blksnap` CLI (next to this binary) against the daemon on `socket`; returns stdout.
 fn cli(socket: &Path, args: &[&str]) -> R<String> {
     let mut cmd = Command::new(sibling("blksnap")?);
@@ -1075,256 +587,6 @@ fn fallocate(path: &Path, bytes: u64) -> R {
     // SAFETY: a valid open fd for the call's duration; plain integer arguments.
     let rc = unsafe { libc::fallocate(std::os::fd::AsRawFd::as_raw_fd(&f), 0, 0, bytes as i64) };
     ensure!(rc == 0, "fallocate {}: {}", path.display(), std::io::Error::last_os_error());
-    Ok(())
-}
-
-/// The README's backup session, typed as a user would: the `blksnap` CLI against `blksnapd`,
-/// images under `/dev/blksnap-*`, a filesystem on the device; restores checked file by file.
-fn cli_backup(env: &Env) -> R {
-    let backing = env.path("disk0.img");
-    sparse_file(&backing, 64 * MIB)?;
-    let d = DaemonProc::start_linked(env, None, 2, Path::new("/dev"), &["v3", "newest"])?;
-    let sock = d.socket.clone();
-    let t = Instant::now();
-    // attach serves the file first and names the block device to use from now on
-    let out = cli(&sock, &["attach", "-d", &backing.display().to_string()])?;
-    let node = field(&out, "device")?;
-    ensure!(node.starts_with("/dev/ublkb"), "attach printed device={node}");
-    let info = cli(&sock, &["cbtinfo", "-d", &node])?;
-    let block_count: u64 = field(&info, "block_count")?.parse().map_err(|_| "block_count")?;
-    mkfs(&node)?;
-    let om = env.path("origin");
-    mount(&node, &om, "rw")?;
-    let files0 = write_files(&om, "a", 40, 31)?;
-    let target = env.path("backup");
-    let target_s = target.display().to_string();
-
-    // point 0: v3 storage (a preallocated file's extents), full backup
-    let id = cli(&sock, &["snapshot_create", "-d", &node])?.trim().to_string();
-    let diff0 = env.path("diff0");
-    fallocate(&diff0, 32 * MIB)?;
-    cli(&sock, &["snapshot_appendstorage", "-i", &id, "-f", &diff0.display().to_string()])?;
-    cli(&sock, &["snapshot_take", "-i", &id])?;
-    let image = cli(&sock, &["snapshot_info", "-d", &node, "-f", "image"])?.trim().to_string();
-    ensure!(image.starts_with("/dev/blksnap-"), "image {image}");
-    ensure!(Path::new(&image).exists(), "{image} does not exist");
-    // the origin moves on while the backup reads the image
-    for name in files0.keys().take(10) {
-        std::fs::remove_file(om.join(name)).map_err(|e| e.to_string())?;
-    }
-    let mut files1 = write_files(&om, "b", 20, 32)?;
-    sync();
-    let b0 = cli(&sock, &["backup", "--image", &image, "--target", &target_s, "-d", &node])?;
-    ensure!(field(&b0, "kind")? == "full", "point 0: {b0}");
-    ensure!(
-        field(&cli(&sock, &["verify", "--image", &image, "--target", &target_s])?, "result")?
-            == "identical",
-        "point 0 differs from its image"
-    );
-    cli(&sock, &["snapshot_destroy", "-i", &id])?;
-    ensure!(wait_gone(&image, 10), "{image} still there after destroy");
-    println!(
-        "    point 0 (v3 storage): {}",
-        b0.lines()
-            .filter(|l| l.starts_with("blocks_changed") || l.starts_with("rate"))
-            .collect::<Vec<_>>()
-            .join(" ")
-    );
-
-    // point 1: newest storage (a file in a directory, with a limit), incremental
-    for (name, _) in files0.iter().skip(10) {
-        files1.insert(name.clone(), files0[name]);
-    }
-    let more = write_files(&om, "c", 10, 33)?;
-    files1.extend(more);
-    let sdir = env.path("storage");
-    std::fs::create_dir_all(&sdir).map_err(|e| e.to_string())?;
-    let id = cli(
-        &sock,
-        &["snapshot_create", "-d", &node, "-f", &format!("{}/", sdir.display()), "-l", "32M"],
-    )?
-    .trim()
-    .to_string();
-    cli(&sock, &["snapshot_take", "-i", &id])?;
-    let image = cli(&sock, &["snapshot_info", "-d", &node, "-f", "image"])?.trim().to_string();
-    // files written after the take are in no backup
-    write_files(&om, "d", 10, 34)?;
-    sync();
-    let b1 = cli(&sock, &["backup", "--image", &image, "--target", &target_s, "-d", &node])?;
-    ensure!(field(&b1, "kind")? == "incremental", "point 1: {b1}");
-    let changed = field(&b1, "blocks_changed")?;
-    let (n, total) = changed.split_once('/').ok_or("blocks_changed")?;
-    let n: u64 = n.parse().map_err(|_| "blocks_changed")?;
-    ensure!(
-        total == block_count.to_string(),
-        "blocks_changed {changed}, block_count {block_count}"
-    );
-    ensure!(n > 0 && n < block_count, "incremental copied {changed} blocks");
-    ensure!(
-        field(&cli(&sock, &["verify", "--image", &image, "--target", &target_s])?, "result")?
-            == "identical",
-        "point 1 differs from its image"
-    );
-    cli(&sock, &["snapshot_destroy", "-i", &id])?;
-    println!("    point 1 (newest storage): blocks_changed={changed}");
-
-    // restore both points; each is a clean filesystem holding exactly its files
-    umount(&om)?;
-    for (point, files, absent) in [("0", &files0, "b000"), ("1", &files1, "d000")] {
-        let img = env.path(&format!("restored{point}.img"));
-        cli(
-            &sock,
-            &["restore", "--target", &target_s, "--point", point, "-o", &img.display().to_string()],
-        )?;
-        let lo = run("losetup", &["-f"])?.trim().to_string();
-        run("losetup", &[&lo, &img.display().to_string()])?;
-        let checked = fsck(&lo).and_then(|()| {
-            let m = env.path(&format!("r{point}"));
-            mount(&lo, &m, "ro")?;
-            let r = verify_files(&m, files).and_then(|()| {
-                ensure!(!m.join(absent).exists(), "point {point} holds {absent}");
-                Ok(())
-            });
-            umount(&m)?;
-            r
-        });
-        run("losetup", &["-d", &lo])?;
-        checked?;
-        println!("    point {point} restored: fsck clean, {} files verified", files.len());
-    }
-    cli(&sock, &["detach", "-d", &node])?;
-    println!("    session in {:.1} s", t.elapsed().as_secs_f64());
-    Ok(())
-}
-
-/// `stretch_snapshot` against blksnapd (v3 storage grown on demand): a 4 MiB storage step
-/// (`--param`), the tool appending a preallocated file at each low-space event while 24 MiB are
-/// written to the mounted origin; the snapshot never overflows, its image is the pre-take
-/// filesystem, and destroy ends the tool, which removes its files.
-fn stretch(env: &Env) -> R {
-    use std::io::BufRead;
-    let backing = env.path("disk0.img");
-    sparse_file(&backing, 64 * MIB)?;
-    let links = env.path("links");
-    std::fs::create_dir_all(&links).map_err(|e| e.to_string())?;
-    let d = DaemonProc::start_args(
-        env,
-        None,
-        2,
-        &links,
-        &["v3"],
-        // modprobe-style, by the kernel's names (chunk_maximum_in_queue: accepted, no effect).
-        &["--module-params", "diff_storage_minimum=8192 chunk_maximum_in_queue=256"],
-    )?;
-    let sock = d.socket.clone();
-    let node = field(&cli(&sock, &["attach", "-d", &backing.display().to_string()])?, "device")?;
-    mkfs(&node)?;
-    let om = env.path("origin");
-    mount(&node, &om, "rw")?;
-    let files0 = write_files(&om, "a", 40, 41)?;
-    let id = cli(&sock, &["snapshot_create", "-d", &node])?.trim().to_string();
-    let sdir = env.path("stretch");
-    std::fs::create_dir_all(&sdir).map_err(|e| e.to_string())?;
-    let mut child = Command::new(sibling("blksnap")?)
-        .env("BLKSNAP_SOCKET", &sock)
-        .args(["stretch_snapshot", "-i", &id, "-p", &format!("{}/", sdir.display()), "-l", "64"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("stretch_snapshot: {e}"))?;
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    let out = child.stdout.take().ok_or("stdout")?;
-    let reader = std::thread::spawn(move || {
-        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let mut lines = Vec::new();
-    let appended = |lines: &mut Vec<String>, wait: Duration| -> usize {
-        while let Ok(l) = rx.recv_timeout(wait) {
-            lines.push(l);
-        }
-        lines.iter().filter(|l| l.starts_with("appended ")).count()
-    };
-    // the create queued a low-space event: the first file arrives before the take
-    let t = Instant::now();
-    while appended(&mut lines, Duration::from_millis(100)) == 0 {
-        ensure!(t.elapsed() < Duration::from_secs(20), "no storage appended: {lines:?}");
-    }
-    cli(&sock, &["snapshot_take", "-i", &id])?;
-    let image = cli(&sock, &["snapshot_info", "-d", &node, "-f", "image"])?.trim().to_string();
-    // 24 MiB of new data, 1 MiB per fsync'd file: six times the storage step
-    for i in 0..24u64 {
-        let mut data = vec![0u8; MIB as usize];
-        fill(500 + i, &mut data);
-        let path = om.join(format!("big{i:02}"));
-        let mut f = File::create(&path).map_err(|e| e.to_string())?;
-        f.write_all(&data).and_then(|()| f.sync_all()).map_err(|e| e.to_string())?;
-    }
-    sync();
-    let n = appended(&mut lines, Duration::from_millis(300));
-    let info = cli(&sock, &["snapshot_info", "-d", &node])?;
-    ensure!(field(&info, "error_code")? == "0", "snapshot failed: {info}; stretch: {lines:?}");
-    ensure!(n >= 4, "only {n} storage files appended for 24 MiB of writes: {lines:?}");
-    fsck(&image)?;
-    let im = env.path("image");
-    mount(&image, &im, "ro")?;
-    let checked = verify_files(&im, &files0).and_then(|()| {
-        ensure!(!im.join("big00").exists(), "a post-take file is in the image");
-        Ok(())
-    });
-    umount(&im)?;
-    checked?;
-    cli(&sock, &["snapshot_destroy", "-i", &id])?;
-    let t = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().map_err(|e| e.to_string())? {
-            break s;
-        }
-        ensure!(t.elapsed() < Duration::from_secs(10), "stretch_snapshot still running");
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let _ = reader.join();
-    appended(&mut lines, Duration::from_millis(1));
-    ensure!(status.success(), "stretch_snapshot: {status}: {lines:?}");
-    ensure!(lines.iter().any(|l| l.contains("snapshot is gone")), "{lines:?}");
-    let left: Vec<_> = std::fs::read_dir(&sdir).map_err(|e| e.to_string())?.flatten().collect();
-    ensure!(left.is_empty(), "storage files left: {left:?}");
-    umount(&om)?;
-    fsck(&node)?;
-    println!("    {n} storage files of 4 MiB appended while 24 MiB were written; image verified");
-    Ok(())
-}
-
-/// An upstream-style client (ffi/tests-c/preload_daemon.c: open/ioctl/pread/pwrite only),
-/// dynamically linked, run under the LD_PRELOAD shim in client mode against blksnapd: the shim
-/// serves /dev/blksnap-control and the BLKFILTER_* requests on the real ublk device; data I/O
-/// and the images (the daemon's /dev links) are the kernel's.
-fn preload_daemon(env: &Env) -> R {
-    let shim = sibling("libblksnap-preload.so")?;
-    let backing = env.path("pd.img");
-    sparse_file(&backing, 32 * MIB)?;
-    let d = DaemonProc::start_linked(env, Some(&backing), 1, Path::new("/dev"), &["v3", "newest"])?;
-    let (node, _) = d.origin()?;
-    for profile in ["v3", "newest"] {
-        let bin = sibling(&format!("preload_daemon_{profile}"))?;
-        let dir = env.path(&format!("pd-{profile}"));
-        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-        let mut cmd = Command::new(bin);
-        cmd.args([node.as_str(), &dir.display().to_string()])
-            .env("LD_PRELOAD", &shim)
-            .env("BLKSNAP_SOCKET", &d.socket)
-            .env("BLKSNAP_PROFILE", profile);
-        let t = Instant::now();
-        let out = run_client(cmd, &format!("preload_daemon {profile}"))?;
-        println!("    {} ({} ms)", out.trim(), t.elapsed().as_millis());
-    }
-    // Nothing left behind: no snapshot; the device is still served and tracked.
-    let mut c = d.client()?;
-    let Reply::Snapshots(ids) = c.req(Request::SnapshotCollect)? else {
-        return Err("SnapshotCollect".into());
-    };
-    ensure!(ids.is_empty(), "snapshots left: {ids:?}");
     Ok(())
 }
 
@@ -1357,133 +619,6 @@ fn background_writer(
         std::thread::sleep(Duration::from_millis(20));
     }
     Ok((stop, progress, writer))
-}
-
-fn recovery(env: &Env) -> R {
-    let backing = env.path("rec.img");
-    sparse_file(&backing, 64 * MIB)?;
-    let mut d = DaemonProc::start(env, &backing, 2)?;
-    let (node, dev) = d.origin()?;
-    mkfs(&node)?;
-    let om = env.path("origin");
-    mount(&node, &om, "rw")?;
-    let before = write_files(&om, "f", 30, 21)?;
-    sync();
-    let (info1, _) = d.cbt(dev)?;
-    // a writer that keeps going across the crash and the recovery
-    let (stop, progress, writer) = background_writer(&om, 1000)?;
-    d.kill9()?;
-    let at_kill = progress.load(Ordering::Relaxed);
-    std::thread::sleep(Duration::from_millis(300));
-    let t = Instant::now();
-    d.restart()?;
-    let recovered_ms = t.elapsed().as_millis();
-    let (node2, dev2) = d.origin()?;
-    ensure!(node2 == node && dev2 == dev, "not recovered: {node}/{dev:?} -> {node2}/{dev2:?}");
-    let (info2, _) = d.cbt(dev)?;
-    ensure!(info2.generation_id != info1.generation_id, "CBT generation kept after kill -9");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while progress.load(Ordering::Relaxed) < at_kill + 5 {
-        ensure!(Instant::now() < deadline, "the writer made no progress after the recovery");
-        ensure!(!writer.is_finished(), "the writer failed after the recovery");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    stop.store(true, Ordering::Relaxed);
-    let written = writer.join().map_err(|_| "writer panicked")??;
-    sync();
-    verify_files(&om, &before)?;
-    verify_files(&om, &written)?;
-    umount(&om)?;
-    drop_caches();
-    fsck(&node)?;
-    mount(&node, &om, "ro")?;
-    verify_files(&om, &before)?;
-    verify_files(&om, &written)?;
-    umount(&om)?;
-    d.stop()?;
-    println!(
-        "    writer at {at_kill} rounds at kill -9, {} files in all; recovery took {recovered_ms} ms",
-        written.len()
-    );
-    Ok(())
-}
-
-/// One timed pass of 4 KiB O_DIRECT I/O over `region` bytes from the start of `path`; MB/s.
-fn pass(path: &str, write: bool, random: bool, region: u64, seed: u64) -> R<f64> {
-    let f = open_direct(path, write).map_err(|e| format!("{path}: {e}"))?;
-    let pages = region / 4096;
-    let mut p = Box::new(Page([0; 4096]));
-    fill(seed, &mut p.0);
-    let mut x = seed | 1;
-    let t = Instant::now();
-    for i in 0..pages {
-        let page = if random {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x % pages
-        } else {
-            i
-        };
-        let r = if write {
-            f.write_all_at(&p.0, page * 4096)
-        } else {
-            f.read_exact_at(&mut p.0, page * 4096)
-        };
-        r.map_err(|e| format!("{path} at page {page}: {e}"))?;
-    }
-    Ok((pages * 4096) as f64 / t.elapsed().as_secs_f64() / 1e6)
-}
-
-fn bench(env: &Env) -> R {
-    let (origin, dev) = env.origins()?.remove(0);
-    let mut c = env.client()?;
-    let region = 8 * MIB;
-    // the kernel loop driver over a file of the same kind (tmpfs), same sizes
-    let loop_file = env.path("loop.img");
-    sparse_file(&loop_file, 64 * MIB)?;
-    let lo = run("losetup", &["-f"])?.trim().to_string(); // busybox: the next free device
-    run("losetup", &[&lo, &loop_file.display().to_string()])?;
-    let mut rows: Vec<(String, [f64; 4])> = Vec::new();
-    let measure = |name: &str, path: &str, seed: u64| -> R<(String, [f64; 4])> {
-        let r = [
-            pass(path, true, false, region, seed)?,
-            pass(path, true, true, region, seed + 1)?,
-            pass(path, false, false, region, seed + 2)?,
-            pass(path, false, true, region, seed + 3)?,
-        ];
-        Ok((name.to_string(), r))
-    };
-    let run_all = (|| -> R {
-        // untimed first passes: the backing files' pages get allocated (tmpfs), caches warm
-        pass(&lo, true, false, region, 0)?;
-        pass(&origin, true, false, region, 0)?;
-        rows.push(measure("loop", &lo, 1)?);
-        rows.push(measure("tracked, no snapshot", &origin, 1)?);
-        let id = env.snapshot(&mut c, 48, &[dev])?;
-        c.req(Request::SnapshotTake { id })?;
-        // first writes copy each chunk; rewrites find it stored
-        let first_seq = pass(&origin, true, false, region, 5)?;
-        let rewrite_seq = pass(&origin, true, false, region, 6)?;
-        rows.push(("taken: first write (seq)".into(), [first_seq, 0.0, 0.0, 0.0]));
-        rows.push(("taken: rewrite (seq)".into(), [rewrite_seq, 0.0, 0.0, 0.0]));
-        rows.push(measure("tracked, taken", &origin, 7)?);
-        rows.push(measure("image", &image_link(dev, false), 9)?);
-        c.req(Request::SnapshotDestroy { id }).map(drop)
-    })();
-    let _ = run("losetup", &["-d", &lo]);
-    run_all?;
-    let base = rows[0].1;
-    println!("    MB/s (ratio to loop)   seq write      rand write     seq read       rand read");
-    for (name, r) in &rows {
-        let cells: Vec<String> = r
-            .iter()
-            .zip(base.iter())
-            .map(|(v, b)| if *v == 0.0 { "-".into() } else { format!("{v:6.1} ({:.2})", v / b) })
-            .collect();
-        println!("    {name:24} {:14} {:14} {:14} {:14}", cells[0], cells[1], cells[2], cells[3]);
-    }
-    Ok(())
 }
 
 // ---------------------------------------------------------------------------------- runner
