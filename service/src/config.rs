@@ -31,6 +31,18 @@ use serde::Deserialize;
 /// Default configuration file.
 pub const DEFAULT_CONFIG: &str = "/etc/blksnap/blksnapd.toml";
 
+/// Who makes the block devices of origins and images.
+#[derive(Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum FrontendKind {
+    /// ublk block devices (`/dev/ublkbN`; needs the `ublk` build feature and `ublk_drv`).
+    #[default]
+    Ublk,
+    /// No block devices: origins and images exist only in the daemon (ids `240:N`, `241:N`);
+    /// clients reach their data through the daemon's other interfaces. For hosts without ublk.
+    None,
+}
+
 /// Image link naming: the upstream clients' two conventions.
 #[derive(Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
@@ -109,6 +121,9 @@ pub struct Config {
     /// Engine parameters by their module names (`Params::NAMES`); the rest keep the defaults.
     #[serde(default)]
     pub params: BTreeMap<String, u64>,
+    /// Who makes the block devices (`ublk`, or `none` on hosts without the driver).
+    #[serde(default)]
+    pub frontend: FrontendKind,
     /// Tracked devices.
     #[serde(default, rename = "device")]
     pub devices: Vec<DeviceConfig>,
@@ -162,6 +177,7 @@ impl Default for Config {
             max_connections: default_max_connections(),
             idle_timeout_secs: default_idle_timeout(),
             params: BTreeMap::new(),
+            frontend: FrontendKind::Ublk,
             devices: Vec::new(),
         }
     }
@@ -280,6 +296,7 @@ mod tests {
             group = "0"
             image_links = ["newest"]
             queues = 2
+            frontend = "none"
             [[device]]
             backing = "/tmp/a.img"
             [[device]]
@@ -294,6 +311,9 @@ mod tests {
         assert_eq!(cfg.image_links, vec![LinkStyle::Newest]);
         assert_eq!(cfg.group_gid().unwrap(), Some(0));
         assert_eq!(cfg.nr_queues(), 2);
+        assert_eq!(cfg.frontend, FrontendKind::None);
+        assert_eq!(Config::default().frontend, FrontendKind::Ublk);
+        assert!(Config::parse("frontend = \"loop\"").is_err());
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use blksnap_engine::{Engine, EngineConfig};
 use blksnap_model::Params;
-use blksnap_service::config::{Config, DeviceConfig, LinkStyle, DEFAULT_CONFIG};
+use blksnap_service::config::{Config, DeviceConfig, FrontendKind, LinkStyle, DEFAULT_CONFIG};
 use blksnap_service::{ControlServer, Daemon, StateDir};
 use clap::Parser;
 
@@ -56,6 +56,10 @@ struct Args {
     /// crash-consistent).
     #[arg(long)]
     no_freeze: bool,
+    /// Who makes the block devices: `ublk` (default) or `none` (no block devices: a host
+    /// without the ublk driver; data is reached through the daemon).
+    #[arg(long, value_enum)]
+    frontend: Option<FrontendKind>,
     /// A module parameter by its kernel name and unit, NAME=VALUE (repeatable; e.g.
     /// diff_storage_minimum=16384, in sectors).
     #[arg(long = "param", value_name = "NAME=VALUE", value_parser = parse_param)]
@@ -119,6 +123,9 @@ fn config(args: &Args) -> Result<Config, String> {
     if args.keep_devices {
         cfg.keep_devices = true;
     }
+    if let Some(f) = args.frontend {
+        cfg.frontend = f;
+    }
     if args.no_freeze {
         cfg.freeze = false;
     }
@@ -132,8 +139,15 @@ fn config(args: &Args) -> Result<Config, String> {
     Ok(cfg)
 }
 
-#[cfg(feature = "ublk")]
 fn frontend(cfg: &Config) -> Result<Box<dyn blksnap_service::Frontend>, String> {
+    match cfg.frontend {
+        FrontendKind::None => Ok(Box::new(blksnap_service::NullFrontend::default())),
+        FrontendKind::Ublk => ublk_frontend(cfg),
+    }
+}
+
+#[cfg(feature = "ublk")]
+fn ublk_frontend(cfg: &Config) -> Result<Box<dyn blksnap_service::Frontend>, String> {
     if !blksnap_service::ublk::available() {
         return Err(
             "/dev/ublk-control missing: load the ublk_drv module (modprobe ublk_drv)".into()
@@ -147,8 +161,8 @@ fn frontend(cfg: &Config) -> Result<Box<dyn blksnap_service::Frontend>, String> 
 }
 
 #[cfg(not(feature = "ublk"))]
-fn frontend(_cfg: &Config) -> Result<Box<dyn blksnap_service::Frontend>, String> {
-    Err("this blksnapd was built without the `ublk` feature (cargo build --features ublk)".into())
+fn ublk_frontend(_cfg: &Config) -> Result<Box<dyn blksnap_service::Frontend>, String> {
+    Err("this blksnapd was built without the `ublk` feature (cargo build --features ublk); --frontend none serves without block devices".into())
 }
 
 /// Blocks SIGINT/SIGTERM in this thread (and so in every thread spawned later) and returns the
