@@ -37,6 +37,7 @@ pub const fn negative(errno: Errno) -> c_int {
         Errno::EOPNOTSUPP => 95,
         Errno::EALREADY => 114,
         Errno::ENOTRECOVERABLE => PANIC_ERRNO,
+        Errno::EACCES => 13,
     };
     -positive
 }
@@ -75,6 +76,7 @@ pub fn message(err: c_int) -> &'static CStr {
         Errno::EOPNOTSUPP => c"Operation not supported",
         Errno::EALREADY => c"Operation already in progress (already done)",
         Errno::ENOTRECOVERABLE => c"State not recoverable (the handle caught a panic)",
+        Errno::EACCES => c"Permission denied",
     }
 }
 

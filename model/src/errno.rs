@@ -48,11 +48,14 @@ pub enum Errno {
     EALREADY,
     /// State not recoverable: a handle poisoned by a caught panic.
     ENOTRECOVERABLE,
+    /// Permission denied: blksnapd refuses a descriptor not open read-write, or the client
+    /// itself cannot open a path with its own credentials (never returned by the engine).
+    EACCES,
 }
 
 impl Errno {
     /// Every variant, in declaration order (for exhaustive table tests).
-    pub const ALL: [Errno; 19] = [
+    pub const ALL: [Errno; 20] = [
         Errno::EPERM,
         Errno::ENOENT,
         Errno::ESRCH,
@@ -72,6 +75,7 @@ impl Errno {
         Errno::EOPNOTSUPP,
         Errno::EALREADY,
         Errno::ENOTRECOVERABLE,
+        Errno::EACCES,
     ];
 
     /// The positive Linux errno value.
@@ -96,6 +100,7 @@ impl Errno {
             Errno::EOPNOTSUPP => 95,
             Errno::EALREADY => 114,
             Errno::ENOTRECOVERABLE => 131,
+            Errno::EACCES => 13,
         }
     }
 
@@ -126,6 +131,7 @@ impl Errno {
             Errno::EOPNOTSUPP => "EOPNOTSUPP",
             Errno::EALREADY => "EALREADY",
             Errno::ENOTRECOVERABLE => "ENOTRECOVERABLE",
+            Errno::EACCES => "EACCES",
         }
     }
 }

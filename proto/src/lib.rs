@@ -14,6 +14,13 @@
 //! with [`WireError`] `{errno: EINVAL, message: "protocol version ..."}` and the version it speaks
 //! in the response frame, then closes the connection.
 //!
+//! Version 3 appended the descriptor-passing requests [`Request::SnapshotCreateFd`],
+//! [`Request::SnapshotAppendFd`] and [`Request::AddDeviceFd`]: their frame carries one
+//! descriptor the client opened itself (`SCM_RIGHTS`, [`fds`]), so the daemon never opens a path
+//! with its own privileges on a client's behalf. A non-root client must use them (the path
+//! variants are EPERM for it); [`client::Client::call`] turns the path variants into them
+//! transparently.
+//!
 //! [`client::Client`] is a small blocking client (one request at a time on one connection).
 //!
 //! Validation: decoding checks the frame length (≤ [`MAX_FRAME_BYTES`]), that the whole payload
@@ -33,9 +40,10 @@ use blksnap_model::{
 use serde::{Deserialize, Serialize};
 
 pub mod client;
+pub mod fds;
 
 /// The protocol version this crate speaks.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 /// The oldest version a daemon of this crate still accepts.
 pub const MIN_PROTOCOL_VERSION: u32 = 1;
 /// Where the daemon listens unless configured otherwise.
@@ -225,6 +233,28 @@ pub enum Request {
     RemoveDevice {
         /// The tracked device.
         dev: Dev,
+    },
+    /// (v3) SNAPSHOT_CREATE with newest-style storage the client opened itself: the frame
+    /// carries one descriptor — a regular file or block device open read-write (a file grows up
+    /// to the limit), or (root only) a directory, in which the daemon creates an unnamed 0600
+    /// file.
+    SnapshotCreateFd {
+        /// Growth limit in sectors.
+        limit_sectors: u64,
+    },
+    /// (v3) SNAPSHOT_APPEND_STORAGE of ranges of the file or block device whose read-write
+    /// descriptor the frame carries.
+    SnapshotAppendFd {
+        /// The snapshot.
+        id: Id,
+        /// Sector ranges of it (≤ `MAX_RANGES_PER_CALL`).
+        ranges: Vec<Range>,
+    },
+    /// (v3) Serve another tracked device in front of the regular file or block device whose
+    /// read-write descriptor the frame carries; answered with [`Reply::Device`].
+    AddDeviceFd {
+        /// Attach the tracker at once.
+        attach: bool,
     },
 }
 
@@ -531,8 +561,31 @@ impl Request {
     pub fn since_version(&self) -> u32 {
         match self {
             Request::AddDevice { .. } | Request::RemoveDevice { .. } => 2,
+            Request::SnapshotCreateFd { .. }
+            | Request::SnapshotAppendFd { .. }
+            | Request::AddDeviceFd { .. } => 3,
             _ => 1,
         }
+    }
+
+    /// How many descriptors this request's frame must carry (0 for all but the `*Fd` ones).
+    pub fn fds_expected(&self) -> usize {
+        match self {
+            Request::SnapshotCreateFd { .. }
+            | Request::SnapshotAppendFd { .. }
+            | Request::AddDeviceFd { .. } => 1,
+            _ => 0,
+        }
+    }
+
+    /// Whether this request names a path for the daemon to open (only root may send these).
+    pub fn names_path(&self) -> bool {
+        matches!(
+            self,
+            Request::SnapshotCreate { storage: Storage::File { .. } }
+                | Request::SnapshotAppend { .. }
+                | Request::AddDevice { .. }
+        )
     }
 
     /// Checks every field; the daemon refuses invalid requests with EINVAL before any work.
@@ -554,6 +607,10 @@ impl Request {
                 check_ranges(ranges)
             }
             Request::AddDevice { backing, .. } => check_path(backing),
+            Request::SnapshotCreateFd { limit_sectors: 0 } => {
+                Err(invalid("storage limit must be positive"))
+            }
+            Request::SnapshotAppendFd { ranges, .. } => check_ranges(ranges),
             _ => Ok(()),
         }
     }
@@ -725,6 +782,9 @@ mod tests {
             Request::StorageStats { id },
             Request::AddDevice { backing: "/tmp/disk.img".into(), attach: true },
             Request::RemoveDevice { dev },
+            Request::SnapshotCreateFd { limit_sectors: 8 },
+            Request::SnapshotAppendFd { id, ranges: vec![Range { offset: 0, count: 8 }] },
+            Request::AddDeviceFd { attach: false },
         ] {
             round_trip_request(req);
         }
@@ -743,8 +803,12 @@ mod tests {
         };
         let bytes = encode(&v1_add).unwrap();
         assert_eq!(decode_request(&bytes[4..]).unwrap_err().errno, Errno::EINVAL);
-        assert!(version_supported(1) && version_supported(2));
-        assert!(!version_supported(0) && !version_supported(3));
+        assert!(version_supported(1) && version_supported(2) && version_supported(3));
+        assert!(!version_supported(0) && !version_supported(4));
+        // a v2 frame may not carry a v3 request
+        let v2_fd = RequestFrame { version: 2, request: Request::AddDeviceFd { attach: true } };
+        let bytes = encode(&v2_fd).unwrap();
+        assert_eq!(decode_request(&bytes[4..]).unwrap_err().errno, Errno::EINVAL);
         let bad = RequestFrame {
             version: PROTOCOL_VERSION,
             request: Request::AddDevice { backing: "relative".into(), attach: false },
@@ -795,6 +859,11 @@ mod tests {
                 storage: Storage::File { path: "/tmp/x".into(), limit_sectors: 0 },
             },
             Request::SnapshotAppend { id: Id([0; 16]), path: "/".repeat(5000), ranges: vec![] },
+            Request::SnapshotCreateFd { limit_sectors: 0 },
+            Request::SnapshotAppendFd {
+                id: Id([0; 16]),
+                ranges: vec![Range { offset: u64::MAX, count: 2 }],
+            },
         ] {
             let frame = RequestFrame { version: PROTOCOL_VERSION, request: req };
             let bytes = encode(&frame).unwrap();
