@@ -25,8 +25,7 @@ use rustix::fs::{Mode, OFlags};
 
 use crate::fds::send_frame;
 use crate::{
-    decode_response, read_frame, Reply, Request, RequestFrame, Storage, WireError,
-    PROTOCOL_VERSION,
+    decode_response, read_frame, Reply, Request, RequestFrame, Storage, WireError, PROTOCOL_VERSION,
 };
 
 /// Opens `path` as the daemon would have, but with this process's credentials: read-write; a

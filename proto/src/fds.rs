@@ -139,21 +139,24 @@ pub fn recv_frame(stream: &UnixStream, limits: RecvLimits) -> Result<Option<Rece
         }
         let timeout = match started {
             None => limits.idle,
+            // Within a frame: every read must progress within the idle timeout, and the
+            // whole frame must be in by its deadline.
             Some(t0) => match limits.frame {
-                None => None,
+                None => limits.idle,
                 Some(f) => {
                     let left = f.saturating_sub(t0.elapsed());
                     if left.is_zero() {
                         return Err(RecvError::PartialFrame);
                     }
-                    Some(left)
+                    Some(limits.idle.map_or(left, |i| i.min(left)))
                 }
             },
         };
-        stream.set_read_timeout(timeout.map(|t| t.max(Duration::from_millis(1)))).map_err(RecvError::Io)?;
+        stream
+            .set_read_timeout(timeout.map(|t| t.max(Duration::from_millis(1))))
+            .map_err(RecvError::Io)?;
         let want = (total - got).min(CHUNK_BYTES);
-        let mut space =
-            [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS_PER_FRAME))];
+        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS_PER_FRAME))];
         let mut control = RecvAncillaryBuffer::new(&mut space);
         let target: &mut [u8] = if got < 4 { &mut len[got..] } else { &mut chunk[..want] };
         let r = match recvmsg(
@@ -165,7 +168,11 @@ pub fn recv_frame(stream: &UnixStream, limits: RecvLimits) -> Result<Option<Rece
             Ok(r) => r,
             Err(rustix::io::Errno::INTR) => continue,
             Err(rustix::io::Errno::AGAIN) => {
-                return Err(if started.is_none() { RecvError::Idle } else { RecvError::PartialFrame });
+                return Err(if started.is_none() {
+                    RecvError::Idle
+                } else {
+                    RecvError::PartialFrame
+                });
             }
             Err(e) => return Err(RecvError::Io(e.into())),
         };

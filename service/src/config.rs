@@ -12,6 +12,14 @@
 //! keep_devices = false              # a clean stop leaves the devices to the next daemon
 //! freeze = true                     # TAKE freezes the filesystems mounted on the origins
 //! freeze_timeout_secs = 30          # a freeze not done by then fails the take (EAGAIN)
+//! max_connections = 64              # control-socket connections at once
+//! idle_timeout_secs = 600           # a client silent this long is disconnected
+//! max_connections_per_user = 16     # per non-root user
+//! max_requests_in_flight_per_user = 8
+//! frame_timeout_secs = 30           # a frame must be complete this long after its first byte
+//! max_frame_bytes = 16777216
+//! max_snapshots = 64                # snapshots at once
+//! max_devices = 256                 # served origins at once
 //!
 //! [params]                          # the module parameters (`modinfo blksnap`), optional
 //! diff_storage_minimum = 2097152   # sectors: storage step, v3 low-space request, newest growth
@@ -118,6 +126,28 @@ pub struct Config {
     /// A client that neither sends nor reads for this long is disconnected.
     #[serde(default = "default_idle_timeout")]
     pub idle_timeout_secs: u32,
+    /// Connections one non-root user may hold at once (root is bound only by
+    /// `max_connections`); the next is answered EAGAIN.
+    #[serde(default = "default_max_connections_per_user")]
+    pub max_connections_per_user: usize,
+    /// Requests one non-root user may have in flight at once, over all its connections; the
+    /// next is answered EAGAIN (a WaitEvent in progress counts).
+    #[serde(default = "default_max_requests_per_user")]
+    pub max_requests_in_flight_per_user: usize,
+    /// A frame must be complete this long after its first byte; a client that stops
+    /// mid-frame is answered EAGAIN and disconnected.
+    #[serde(default = "default_frame_timeout")]
+    pub frame_timeout_secs: u32,
+    /// Largest request frame accepted (bytes, at most the protocol's 16 MiB); a larger one is
+    /// answered EFBIG and the connection closed.
+    #[serde(default = "default_max_frame_bytes")]
+    pub max_frame_bytes: u32,
+    /// Snapshots at once (at most the engine's 1,024); a create over it is ENOMEM.
+    #[serde(default = "default_max_snapshots")]
+    pub max_snapshots: usize,
+    /// Served origin devices at once (at most the engine's 4,096); an add over it is ENOMEM.
+    #[serde(default = "default_max_devices")]
+    pub max_devices: usize,
     /// Engine parameters by their module names (`Params::NAMES`); the rest keep the defaults.
     #[serde(default)]
     pub params: BTreeMap<String, u64>,
@@ -153,6 +183,24 @@ fn default_max_connections() -> usize {
 fn default_idle_timeout() -> u32 {
     600
 }
+fn default_max_connections_per_user() -> usize {
+    16
+}
+fn default_max_requests_per_user() -> usize {
+    8
+}
+fn default_frame_timeout() -> u32 {
+    30
+}
+fn default_max_frame_bytes() -> u32 {
+    blksnap_proto::MAX_FRAME_BYTES
+}
+fn default_max_snapshots() -> usize {
+    64
+}
+fn default_max_devices() -> usize {
+    256
+}
 fn default_depth() -> u16 {
     64
 }
@@ -176,6 +224,12 @@ impl Default for Config {
             freeze_timeout_secs: default_freeze_timeout(),
             max_connections: default_max_connections(),
             idle_timeout_secs: default_idle_timeout(),
+            max_connections_per_user: default_max_connections_per_user(),
+            max_requests_in_flight_per_user: default_max_requests_per_user(),
+            frame_timeout_secs: default_frame_timeout(),
+            max_frame_bytes: default_max_frame_bytes(),
+            max_snapshots: default_max_snapshots(),
+            max_devices: default_max_devices(),
             params: BTreeMap::new(),
             frontend: FrontendKind::Ublk,
             devices: Vec::new(),
@@ -189,6 +243,10 @@ impl Config {
         crate::control::Limits {
             max_connections: self.max_connections,
             idle_timeout: std::time::Duration::from_secs(u64::from(self.idle_timeout_secs)),
+            max_connections_per_user: self.max_connections_per_user,
+            max_requests_in_flight_per_user: self.max_requests_in_flight_per_user,
+            frame_timeout: std::time::Duration::from_secs(u64::from(self.frame_timeout_secs)),
+            max_frame_bytes: self.max_frame_bytes,
         }
     }
 
@@ -225,6 +283,24 @@ impl Config {
         }
         if !(1..=86_400).contains(&self.idle_timeout_secs) {
             return Err("idle_timeout_secs must be 1..=86400".into());
+        }
+        if !(1..=self.max_connections).contains(&self.max_connections_per_user) {
+            return Err("max_connections_per_user must be 1..=max_connections".into());
+        }
+        if !(1..=4096).contains(&self.max_requests_in_flight_per_user) {
+            return Err("max_requests_in_flight_per_user must be 1..=4096".into());
+        }
+        if !(1..=3600).contains(&self.frame_timeout_secs) {
+            return Err("frame_timeout_secs must be 1..=3600".into());
+        }
+        if !(4096..=blksnap_proto::MAX_FRAME_BYTES).contains(&self.max_frame_bytes) {
+            return Err("max_frame_bytes must be 4096..=16777216".into());
+        }
+        if !(1..=blksnap_model::limits::MAX_SNAPSHOTS).contains(&self.max_snapshots) {
+            return Err("max_snapshots must be 1..=1024".into());
+        }
+        if !(1..=blksnap_model::limits::MAX_DISKS).contains(&self.max_devices) {
+            return Err("max_devices must be 1..=4096".into());
         }
         if !(1..=4096).contains(&self.queue_depth) {
             return Err("queue_depth must be 1..=4096".into());

@@ -3,23 +3,30 @@
 //! group), and every connection's peer credentials are checked once, from the kernel, at
 //! connect: `SO_PEERCRED` (uid, gid) and `SO_PEERGROUPS` (supplementary groups) — uid 0, or the
 //! configured group as the peer's primary or supplementary group. Limits ([`Limits`]): a
-//! connection over `max_connections` is answered EAGAIN and closed; a peer that sends nothing
-//! (or reads nothing) for `idle_timeout` is disconnected, so no silent client holds a thread.
+//! connection over `max_connections` (or a non-root user's over `max_connections_per_user`) is
+//! answered EAGAIN and closed; a request over the user's `max_requests_in_flight_per_user` is
+//! answered EAGAIN; a peer that sends nothing (or reads nothing) for `idle_timeout` is
+//! disconnected, and so is one whose frame is not complete `frame_timeout` after its first
+//! byte, or larger than `max_frame_bytes` (EFBIG): no silent or slow client holds a thread.
+//! Frames carry descriptors (`SCM_RIGHTS`, `blksnap_proto::fds`); the daemon checks and uses
+//! them by the connection's [`Principal`] (`crate::daemon` `trust`).
 
+use std::collections::HashMap;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use blksnap_model::Errno;
+use blksnap_proto::fds::{recv_frame, Received, RecvError, RecvLimits, MAX_FDS_PER_FRAME};
 use blksnap_proto::{
-    decode_request, read_frame, write_frame, Reply, RequestFrame, ResponseFrame, WireError,
-    PROTOCOL_VERSION,
+    decode_request, write_frame, Reply, RequestFrame, ResponseFrame, WireError, PROTOCOL_VERSION,
 };
 
-use crate::daemon::Daemon;
+use crate::daemon::{Daemon, Principal};
 
 /// A peer's credentials.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -100,20 +107,35 @@ pub fn allowed(peer: &Peer, groups: &[u32], group: Option<u32>) -> bool {
     }
 }
 
-/// Limits on the control socket's clients (configuration `max_connections`,
-/// `idle_timeout_secs`).
+/// Limits on the control socket's clients (configuration keys of the same names, see
+/// `blksnapd.toml`). Every refusal names the key that was hit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
     /// Connections served at once; the next is answered EAGAIN and closed.
     pub max_connections: usize,
-    /// A connection that neither sends a request nor reads its answer for this long is closed
-    /// (a partial frame included: every read and write must progress within it).
-    pub idle_timeout: std::time::Duration,
+    /// A connection that sends no request (or reads no answer) for this long is closed.
+    pub idle_timeout: Duration,
+    /// Connections one non-root user may hold at once (root: only `max_connections`).
+    pub max_connections_per_user: usize,
+    /// Requests one non-root user may have in flight at once, over all its connections.
+    pub max_requests_in_flight_per_user: usize,
+    /// A frame must be complete this long after its first byte (a client that stops
+    /// mid-frame is dropped after it, however slowly it trickles bytes).
+    pub frame_timeout: Duration,
+    /// Largest request frame (bytes).
+    pub max_frame_bytes: u32,
 }
 
 impl Default for Limits {
     fn default() -> Limits {
-        Limits { max_connections: 64, idle_timeout: std::time::Duration::from_secs(600) }
+        Limits {
+            max_connections: 64,
+            idle_timeout: Duration::from_secs(600),
+            max_connections_per_user: 16,
+            max_requests_in_flight_per_user: 8,
+            frame_timeout: Duration::from_secs(30),
+            max_frame_bytes: blksnap_proto::MAX_FRAME_BYTES,
+        }
     }
 }
 
@@ -125,13 +147,45 @@ pub struct ControlServer {
     limits: Limits,
 }
 
-/// One connection's slot in the connection count; released when the connection ends.
-struct Slot(Arc<std::sync::atomic::AtomicUsize>);
+/// Counts by key (connections or requests in flight per uid), with a bound.
+#[derive(Default)]
+struct Counts(Mutex<HashMap<u32, usize>>);
 
-impl Drop for Slot {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+/// One unit of a [`Counts`] held; released when dropped.
+struct Held(Arc<Counts>, u32);
+
+impl Counts {
+    /// Takes one unit for `key` unless `limit` are already held.
+    fn take(self: &Arc<Self>, key: u32, limit: usize) -> Option<Held> {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let n = m.entry(key).or_default();
+        if *n >= limit {
+            return None;
+        }
+        *n += 1;
+        Some(Held(self.clone(), key))
     }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let mut m = self.0 .0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.1);
+            }
+        }
+    }
+}
+
+/// Shared by every connection of one server.
+#[derive(Default)]
+struct Shared {
+    /// All connections (key 0 of a separate table: the global count).
+    all: Arc<Counts>,
+    per_user: Arc<Counts>,
+    in_flight: Arc<Counts>,
 }
 
 impl ControlServer {
@@ -163,28 +217,45 @@ impl ControlServer {
         &self.path
     }
 
-    /// Accepts connections forever, one thread each, at most `max_connections` at once.
+    /// Accepts connections forever, one thread each, within the connection limits (global,
+    /// then per non-root user). The accept loop only reads the peer's credentials (one
+    /// `getsockopt`), so a flood of connections cannot stall it behind a slow client.
     pub fn serve(self, daemon: Arc<Daemon>) {
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        let active = Arc::new(AtomicUsize::new(0));
+        let shared = Arc::new(Shared::default());
+        let limits = self.limits;
         for conn in self.listener.incoming() {
             let Ok(mut stream) = conn else { continue };
-            if active.fetch_add(1, Ordering::SeqCst) >= self.limits.max_connections {
-                active.fetch_sub(1, Ordering::SeqCst);
-                let msg = format!(
-                    "too many connections (max_connections = {})",
-                    self.limits.max_connections
-                );
-                let _ = stream.set_write_timeout(Some(std::time::Duration::from_secs(1)));
-                let _ = respond(&mut stream, Err(WireError::new(Errno::EAGAIN, msg)));
+            let refuse = |stream: &mut UnixStream, msg: String| {
+                let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
+                let _ = respond(stream, Err(WireError::new(Errno::EAGAIN, msg)));
+            };
+            let Some(all) = shared.all.take(0, limits.max_connections) else {
+                let msg =
+                    format!("too many connections (max_connections = {})", limits.max_connections);
+                refuse(&mut stream, msg);
                 continue;
-            }
-            let slot = Slot(active.clone());
+            };
+            let Ok(peer) = peer_cred(&stream) else { continue };
+            let mine = if peer.uid == 0 {
+                None
+            } else {
+                match shared.per_user.take(peer.uid, limits.max_connections_per_user) {
+                    Some(h) => Some(h),
+                    None => {
+                        let msg = format!(
+                            "too many connections of uid {} (max_connections_per_user = {})",
+                            peer.uid, limits.max_connections_per_user
+                        );
+                        refuse(&mut stream, msg);
+                        continue;
+                    }
+                }
+            };
             let d = daemon.clone();
-            let (group, limits) = (self.group, self.limits);
+            let (group, sh) = (self.group, shared.clone());
             let _ = std::thread::Builder::new().name("blksnapd-conn".into()).spawn(move || {
-                let _slot = slot;
-                serve_connection(stream, &d, group, limits)
+                let _slots = (all, mine);
+                serve_connection_in(stream, &d, group, limits, &sh.in_flight);
             });
         }
     }
@@ -202,17 +273,43 @@ fn respond(stream: &mut UnixStream, result: Result<Reply, WireError>) -> io::Res
     write_frame(stream, &ResponseFrame { version: PROTOCOL_VERSION, result })
 }
 
-/// Serves one connection until it closes, misbehaves or idles past the limit.
-pub fn serve_connection(
+/// Serves one connection until it closes, misbehaves or idles past the limit (with its own
+/// in-flight accounting: for tests and embedders; [`ControlServer::serve`] shares one).
+pub fn serve_connection(stream: UnixStream, daemon: &Daemon, group: Option<u32>, limits: Limits) {
+    serve_connection_in(stream, daemon, group, limits, &Arc::new(Counts::default()));
+}
+
+/// The answer to a frame that could not be received (`None`: just close).
+fn recv_refusal(e: &RecvError, limits: &Limits) -> Option<WireError> {
+    Some(match e {
+        RecvError::Idle | RecvError::Truncated | RecvError::Io(_) => return None,
+        RecvError::PartialFrame => WireError::new(
+            Errno::EAGAIN,
+            format!(
+                "frame not complete within {} s (frame_timeout_secs): disconnected",
+                limits.frame_timeout.as_secs()
+            ),
+        ),
+        RecvError::TooLarge(n) => WireError::new(
+            Errno::EFBIG,
+            format!("frame of {n} bytes over max_frame_bytes = {}", limits.max_frame_bytes),
+        ),
+        RecvError::TooManyFds => WireError::new(
+            Errno::EINVAL,
+            format!("more than {MAX_FDS_PER_FRAME} descriptors with one frame"),
+        ),
+    })
+}
+
+fn serve_connection_in(
     mut stream: UnixStream,
     daemon: &Daemon,
     group: Option<u32>,
     limits: Limits,
+    in_flight: &Arc<Counts>,
 ) {
     let (Ok(peer), Ok(groups)) = (peer_cred(&stream), peer_groups(&stream)) else { return };
-    if stream.set_read_timeout(Some(limits.idle_timeout)).is_err()
-        || stream.set_write_timeout(Some(limits.idle_timeout)).is_err()
-    {
+    if stream.set_write_timeout(Some(limits.idle_timeout)).is_err() {
         return;
     }
     if !allowed(&peer, &groups, group) {
@@ -222,12 +319,20 @@ pub fn serve_connection(
         );
         return;
     }
+    let who = Principal { uid: peer.uid, gid: peer.gid, groups };
+    let recv_limits = RecvLimits {
+        idle: Some(limits.idle_timeout),
+        frame: Some(limits.frame_timeout),
+        max_frame_bytes: limits.max_frame_bytes,
+    };
     loop {
-        let body = match read_frame(&mut stream) {
-            Ok(Some(b)) => b,
+        let Received { body, fds } = match recv_frame(&stream, recv_limits) {
+            Ok(Some(r)) => r,
             Ok(None) => return,
-            Err(_) => {
-                let _ = respond(&mut stream, Err(WireError::new(Errno::EINVAL, "bad frame")));
+            Err(e) => {
+                if let Some(w) = recv_refusal(&e, &limits) {
+                    let _ = respond(&mut stream, Err(w));
+                }
                 return;
             }
         };
@@ -249,11 +354,30 @@ pub fn serve_connection(
             let _ = respond(&mut stream, Err(WireError::new(Errno::EINVAL, msg)));
             return;
         }
+        let held = if who.is_root() {
+            None
+        } else {
+            match in_flight.take(who.uid, limits.max_requests_in_flight_per_user) {
+                Some(h) => Some(h),
+                None => {
+                    let msg = format!(
+                        "too many requests in flight for uid {} \
+                         (max_requests_in_flight_per_user = {})",
+                        who.uid, limits.max_requests_in_flight_per_user
+                    );
+                    if respond(&mut stream, Err(WireError::new(Errno::EAGAIN, msg))).is_err() {
+                        return;
+                    }
+                    continue;
+                }
+            }
+        };
         let waited = match frame.request {
             blksnap_proto::Request::WaitEvent { id, .. } => Some(id),
             _ => None,
         };
-        let result = daemon.handle_for(frame.request, &|| peer_gone(&stream));
+        let result = daemon.handle_from(frame.request, fds, &who, &|| peer_gone(&stream));
+        drop(held);
         if let (Some(id), Ok(Reply::Event(event))) = (waited, &result) {
             // An event taken for a client that hung up meanwhile is kept for the next waiter
             // (a restarted `stretch_snapshot` must still see the low-space event).

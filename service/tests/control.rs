@@ -274,6 +274,7 @@ fn libblksnap_reconnects_after_the_daemon_drops_an_idle_connection() {
     let (_tmp, socket) = served_with(Limits {
         max_connections: 4,
         idle_timeout: std::time::Duration::from_millis(200),
+        ..Limits::default()
     });
     let lib = LibConfig::parse(&format!("socket={}", socket.display())).unwrap();
     let inst = Instance::new(Profile::Newest, lib).unwrap();
@@ -288,6 +289,7 @@ fn connection_limit_and_idle_timeout() {
     let (_tmp, socket) = served_with(Limits {
         max_connections: 2,
         idle_timeout: std::time::Duration::from_millis(300),
+        ..Limits::default()
     });
     let mut first = Client::connect(&socket).unwrap();
     let mut second = Client::connect(&socket).unwrap();

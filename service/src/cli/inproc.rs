@@ -594,6 +594,12 @@ impl<'a> Session<'a> {
                     "in-process devices come from the configuration",
                 ))
             }
+            // The in-process backend opens paths as its caller (no daemon between them).
+            Request::SnapshotCreateFd { .. }
+            | Request::SnapshotAppendFd { .. }
+            | Request::AddDeviceFd { .. } => {
+                return Err(Error::new(Errno::EINVAL, "descriptors go to the daemon only"))
+            }
         })
     }
 

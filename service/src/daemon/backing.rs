@@ -105,3 +105,60 @@ pub fn open_storage(path: &str) -> Result<FileDev, Error> {
         Err(Error::new(Errno::EINVAL, "storage must be a file, block device or directory"))
     }
 }
+
+/// An unnamed private storage file in the directory `dir` (`openat(dir, ".", O_TMPFILE |
+/// O_EXCL | O_RDWR, 0600)`), for a directory descriptor root passed.
+pub(super) fn tmpfile_in(dir: &std::fs::File) -> Result<FileDev, Error> {
+    use rustix::fs::{Mode, OFlags};
+    let fd = rustix::fs::openat(
+        dir,
+        ".",
+        OFlags::TMPFILE | OFlags::EXCL | OFlags::RDWR | OFlags::CLOEXEC,
+        Mode::from_bits_truncate(0o600),
+    )
+    .map_err(|e| {
+        let errno = Errno::from_code(e.raw_os_error()).unwrap_or(Errno::EIO);
+        Error::new(errno, "cannot create a file in the storage directory")
+    })?;
+    FileDev::from_file(std::fs::File::from(fd))
+}
+
+/// The path the kernel gives an open file (its `/proc/self/fd` link: the name at open time,
+/// `... (deleted)` for an unlinked file), for lists and logs; never trusted for access.
+pub(super) fn fd_path(file: &std::fs::File) -> String {
+    use std::os::fd::AsRawFd;
+    let link = format!("/proc/self/fd/{}", file.as_raw_fd());
+    match std::fs::read_link(link) {
+        Ok(p) if p.is_absolute() && p.as_os_str().len() < blksnap_proto::MAX_PATH_BYTES => {
+            p.to_string_lossy().replace('\0', "")
+        }
+        _ => "/(passed descriptor)".to_string(),
+    }
+}
+
+/// A passed backing ready to serve: a block device is reopened through its descriptor with
+/// the kernel's exclusive claim (`O_EXCL`, as [`open_backing`] does: nobody mounts it while
+/// served) — the client proved read-write access by passing it open `O_RDWR`, and the reopen
+/// names that very device; a regular file is used as passed.
+pub(super) fn claimed(file: std::fs::File, key: BackingKey) -> Result<std::fs::File, Error> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let BackingKey::Block(rdev) = key else { return Ok(file) };
+    let again = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_EXCL | libc::O_CLOEXEC)
+        .open(format!("/proc/self/fd/{}", file.as_raw_fd()))
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::EBUSY) => Error::new(
+                Errno::EBUSY,
+                "the backing block device is in use (mounted, or opened exclusively by another)",
+            ),
+            _ => Error::new(Errno::EIO, "cannot claim the passed block device"),
+        })?;
+    let same = again.metadata().map(|m| BackingKey::of(&m).ok() == Some(BackingKey::Block(rdev)));
+    if !matches!(same, Ok(true)) {
+        return Err(Error::new(Errno::EAGAIN, "the passed block device changed while claimed"));
+    }
+    Ok(again)
+}

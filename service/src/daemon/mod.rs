@@ -27,10 +27,12 @@ use crate::state::{Identity, MapEntry, MapRole, SavedCbt, StateDir};
 
 mod backing;
 mod frontend;
+mod trust;
 
 use backing::exclusive_probe;
 pub use backing::{open_backing, open_storage, BackingKey};
 pub use frontend::{Frontend, NullFrontend, Served, Target};
+pub use trust::Principal;
 
 struct Origin {
     served: Box<dyn Served>,
@@ -40,6 +42,8 @@ struct Origin {
     canonical: String,
     /// What the backing is, whatever the path (its claim in [`State::claims`]).
     key: BackingKey,
+    /// Who added it (0: root or the configuration); only root and its owner may change it.
+    owner: u32,
 }
 
 struct Image {
@@ -53,6 +57,8 @@ struct Image {
 struct SnapRec {
     members: Vec<DeviceId>,
     storages: Vec<Dev>,
+    /// Who created it (0: root); only root and its owner may use it.
+    owner: u32,
 }
 
 #[derive(Default)]
@@ -96,6 +102,8 @@ pub struct OriginStart {
     pub cbt: Option<blksnap_engine::cbt::CbtState>,
     /// Recover this frontend device of the previous run instead of adding a new one.
     pub recover: Option<u32>,
+    /// Who adds it (uid; 0 for root and the configuration).
+    pub owner: u32,
 }
 
 /// A backing claimed for an add in progress; released when dropped unless kept (the add
@@ -207,6 +215,25 @@ impl Daemon {
         if opened != key {
             return Err(Error::new(Errno::EAGAIN, "the backing path changed while being added"));
         }
+        self.serve_opened(file, key, claim, backing, canonical, how)
+    }
+
+    /// Serves the opened, claimed backing `file` (named `backing`, `canonical`) as `how` says.
+    fn serve_opened(
+        &self,
+        file: std::fs::File,
+        key: BackingKey,
+        claim: Claim<'_>,
+        backing: &Path,
+        canonical: String,
+        how: OriginStart,
+    ) -> Result<DeviceId, Error> {
+        if self.state().origins.len() >= self.config.max_devices {
+            return Err(Error::new(
+                Errno::ENOMEM,
+                "too many devices (max_devices in blksnapd.toml)",
+            ));
+        }
         let dev: Dev = Arc::new(FileDev::from_file(file)?);
         let target = Arc::new(Target {
             engine: self.engine.clone(),
@@ -218,7 +245,7 @@ impl Daemon {
         });
         let engine = self.engine.clone();
         let t = target.clone();
-        let OriginStart { attach, cbt, recover } = how;
+        let OriginStart { attach, cbt, recover, owner } = how;
         let started = Box::new(move |id: DeviceId| {
             engine.add_disk(id, dev, 1)?;
             let tracked = match &cbt {
@@ -253,7 +280,7 @@ impl Daemon {
         claim.keep();
         st.origins.insert(
             id,
-            Origin { served, target, backing_path: backing.to_path_buf(), canonical, key },
+            Origin { served, target, backing_path: backing.to_path_buf(), canonical, key, owner },
         );
         self.save_map(&st);
         Ok(id)
@@ -415,8 +442,36 @@ impl Daemon {
     /// As [`Daemon::handle`], for a client that `gone` says has hung up: a WaitEvent stops
     /// waiting (within [`WAIT_SLICE_MS`]) once it has, so it takes no event nobody will read.
     pub fn handle_for(&self, req: Request, gone: &dyn Fn() -> bool) -> Result<Reply, WireError> {
-        req.validate().map_err(|e| WireError::from_error(&e))?;
-        self.dispatch(req, gone).map_err(|e| WireError::from_error(&e))
+        self.handle_from(req, Vec::new(), &Principal::root(), gone)
+    }
+
+    /// Carries out one request of `who` with the descriptors its frame carried (`trust`):
+    /// the count must be the request's ([`Request::fds_expected`], else EINVAL), `who` must
+    /// be allowed it (else EPERM); descriptors not kept are closed when this returns.
+    pub fn handle_from(
+        &self,
+        req: Request,
+        mut fds: Vec<std::os::fd::OwnedFd>,
+        who: &Principal,
+        gone: &dyn Fn() -> bool,
+    ) -> Result<Reply, WireError> {
+        let wire = |e: Error| WireError::from_error(&e);
+        req.validate().map_err(wire)?;
+        if fds.len() != req.fds_expected() {
+            return Err(WireError::new(
+                Errno::EINVAL,
+                format!(
+                    "this request takes {} descriptor(s), its frame carried {}",
+                    req.fds_expected(),
+                    fds.len()
+                ),
+            ));
+        }
+        self.authorize(who, &req).map_err(wire)?;
+        match fds.pop() {
+            Some(fd) => self.fd_request(req, fd, who).map_err(wire),
+            None => self.dispatch(req, gone, who.uid).map_err(wire),
+        }
     }
 
     /// An event a WaitEvent took for a client that then could not be given it (hung up): kept
@@ -474,7 +529,8 @@ impl Daemon {
         self.undelivered.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
     }
 
-    fn dispatch(&self, req: Request, gone: &dyn Fn() -> bool) -> Result<Reply, Error> {
+    /// `owner`: the uid the request's new snapshot belongs to.
+    fn dispatch(&self, req: Request, gone: &dyn Fn() -> bool, owner: u32) -> Result<Reply, Error> {
         let e = &self.engine;
         Ok(match req {
             Request::WaitEvent { id, timeout_ms } => {
@@ -504,8 +560,14 @@ impl Daemon {
                     }
                 };
                 let mut st = self.state();
+                if st.snapshots.len() >= self.config.max_snapshots {
+                    return Err(Error::new(
+                        Errno::ENOMEM,
+                        "too many snapshots (max_snapshots in blksnapd.toml)",
+                    ));
+                }
                 let id = e.snapshot_create(spec)?;
-                st.snapshots.insert(id, SnapRec { members: Vec::new(), storages: backends });
+                st.snapshots.insert(id, SnapRec { members: Vec::new(), storages: backends, owner });
                 Reply::Created(id.into())
             }
             Request::SnapshotAppend { id, path, ranges } => {
@@ -527,14 +589,13 @@ impl Daemon {
                     }
                 };
                 let r: Vec<SectorRange> = ranges.into_iter().map(Into::into).collect();
-                e.snapshot_append_storage(id.into(), backend.clone(), &r)?;
-                if let Some(rec) = st.snapshots.get_mut(&id.into()) {
-                    rec.storages.push(backend);
-                    let members = rec.members.clone();
-                    let storages = rec.storages.clone();
-                    set_storages(&st, &members, &storages);
-                }
+                self.append_storage(&mut st, id.into(), backend, &r)?;
                 Reply::Done
+            }
+            Request::SnapshotCreateFd { .. }
+            | Request::SnapshotAppendFd { .. }
+            | Request::AddDeviceFd { .. } => {
+                return Err(Error::new(Errno::EINVAL, "this request needs a descriptor"));
             }
             Request::SnapshotAdd { id, dev } => {
                 let mut st = self.state();
@@ -581,6 +642,25 @@ impl Daemon {
                 Reply::Done
             }
         })
+    }
+
+    /// Appends ranges of `backend` to the snapshot `id` (engine first) and lets its devices
+    /// flush the new storage.
+    fn append_storage(
+        &self,
+        st: &mut State,
+        id: SnapshotId,
+        backend: Dev,
+        ranges: &[SectorRange],
+    ) -> Result<(), Error> {
+        self.engine.snapshot_append_storage(id, backend.clone(), ranges)?;
+        if let Some(rec) = st.snapshots.get_mut(&id) {
+            rec.storages.push(backend);
+            let members = rec.members.clone();
+            let storages = rec.storages.clone();
+            set_storages(st, &members, &storages);
+        }
+        Ok(())
     }
 
     /// Stops serving the origin `dev`: ENODEV if not served; EBUSY — checked before anything
