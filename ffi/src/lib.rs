@@ -301,6 +301,19 @@ fn resolve(inst: &Instance, side: Side, path: &[u8]) -> R<DeviceId> {
     device.map(|d| d.id).ok_or(Errno::ENODEV)
 }
 
+/// Largest length of one `blksnap_{dev,image}_{pread,pwrite}` call (64 MiB): the data is
+/// bounced through a buffer of that length, so a larger (or huge) one is `-EINVAL` before
+/// anything is allocated or the path is looked at. Split larger I/O.
+const MAX_IO_BYTES: usize = 64 << 20;
+
+/// The return value of an I/O of `len` bytes, or EINVAL over [`MAX_IO_BYTES`].
+fn io_len(len: usize) -> R<isize> {
+    if len > MAX_IO_BYTES {
+        return Err(Errno::EINVAL);
+    }
+    isize::try_from(len).map_err(|_| Errno::EINVAL)
+}
+
 /// # Safety
 /// `path` a string or NULL; `buf` NULL or `len` writable bytes.
 unsafe fn pread(
@@ -313,10 +326,10 @@ unsafe fn pread(
 ) -> isize {
     with_instance(handle, |inst| {
         let run = || -> R<isize> {
+            let count = io_len(len)?;
             // SAFETY: contract forwarded.
             let path = unsafe { path_arg(path)? };
             let dev = resolve(inst, side, &path)?;
-            let count = isize::try_from(len).map_err(|_| Errno::EINVAL)?;
             let out = UserAddr::from_ptr(buf);
             if len > 0 {
                 out.check(len, Errno::EFAULT)?;
@@ -347,10 +360,10 @@ unsafe fn pwrite(
 ) -> isize {
     with_instance(handle, |inst| {
         let run = || -> R<isize> {
+            let count = io_len(len)?;
             // SAFETY: contract forwarded.
             let path = unsafe { path_arg(path)? };
             let dev = resolve(inst, side, &path)?;
-            let count = isize::try_from(len).map_err(|_| Errno::EINVAL)?;
             // SAFETY: contract: buf holds len readable bytes.
             let data = unsafe { user::read_bytes(UserAddr::from_ptr(buf), len, Errno::EFAULT)? };
             match side {

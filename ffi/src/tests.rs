@@ -515,6 +515,14 @@ fn data_io_validates_buffers_and_geometry() {
             e(EINVAL)
         );
         assert_eq!(blksnap_dev_pread(h, p, buf.as_mut_ptr().cast(), usize::MAX, 0), e(EINVAL));
+        // A huge length is refused before anything is allocated or read (the buffer is
+        // small: touching it past 4 KiB, or allocating isize::MAX bytes, would abort).
+        for huge in [isize::MAX as usize, (64 << 20) + 512, usize::MAX - 511] {
+            assert_eq!(blksnap_dev_pread(h, p, buf.as_mut_ptr().cast(), huge, 0), e(EINVAL));
+            assert_eq!(blksnap_dev_pwrite(h, p, buf.as_ptr().cast(), huge, 0), e(EINVAL));
+            assert_eq!(blksnap_image_pread(h, p, buf.as_mut_ptr().cast(), huge, 0), e(EINVAL));
+            assert_eq!(blksnap_image_pwrite(h, null(), buf.as_ptr().cast(), huge, 0), e(EINVAL));
+        }
         let unknown = c"/dev/other";
         assert_eq!(
             blksnap_dev_pread(h, unknown.as_ptr(), buf.as_mut_ptr().cast(), 512, 0),

@@ -92,6 +92,11 @@ impl Client {
         closed || self.stream.set_nonblocking(false).is_err()
     }
 
+    /// A client on an already connected stream (a socketpair in tests and fuzzing).
+    pub fn from_stream(stream: UnixStream) -> Client {
+        Client { stream }
+    }
+
     /// Connects to the socket at `path`.
     pub fn connect(path: &Path) -> io::Result<Client> {
         Ok(Client { stream: UnixStream::connect(path)? })

@@ -36,6 +36,38 @@ use std::path::{Path, PathBuf};
 use blksnap_model::{Params, Profile};
 use serde::Deserialize;
 
+/// Whether `meta` is owned by root or by the daemon's own user (the only owners whose files
+/// the daemon trusts as configuration or configured devices).
+pub fn trusted_owner(meta: &std::fs::Metadata) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() != 0 && meta.uid() != me {
+        return Err(format!("owned by uid {}, not by root or the daemon's user", meta.uid()));
+    }
+    Ok(())
+}
+
+/// A configured backing as the daemon opens it: symlinks resolved once here (the
+/// configuration may name `/dev/disk/by-id/...`), then the resolved path must be a regular file
+/// or block device owned by root or the daemon's user (checked on the file itself,
+/// `O_NOFOLLOW`).
+pub fn trusted_backing(path: &Path) -> Result<PathBuf, String> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let real = std::fs::canonicalize(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
+        .open(&real)
+        .map_err(|e| format!("{}: {e}", real.display()))?;
+    let meta = file.metadata().map_err(|e| format!("{}: {e}", real.display()))?;
+    if !(meta.is_file() || meta.file_type().is_block_device()) {
+        return Err(format!("{}: not a regular file or block device", real.display()));
+    }
+    trusted_owner(&meta).map_err(|e| format!("{}: {e}", real.display()))?;
+    Ok(real)
+}
+
 /// Default configuration file.
 pub const DEFAULT_CONFIG: &str = "/etc/blksnap/blksnapd.toml";
 
@@ -257,9 +289,27 @@ impl Config {
         Ok(cfg)
     }
 
-    /// Reads and parses a file.
+    /// Reads and parses a file: opened without following a symlink (`O_NOFOLLOW`), and it
+    /// must be a regular file owned by root (or the daemon's user) that no one else may write
+    /// — whoever can change it decides what the daemon serves.
     pub fn load(path: &Path) -> Result<Config, String> {
-        let text = std::fs::read_to_string(path)
+        use std::io::Read;
+        use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(path)
+            .map_err(|e| format!("cannot read {} (a symlink is refused): {e}", path.display()))?;
+        let meta = file.metadata().map_err(|e| format!("{}: {e}", path.display()))?;
+        if !meta.is_file() {
+            return Err(format!("{}: not a regular file", path.display()));
+        }
+        trusted_owner(&meta).map_err(|e| format!("{}: {e}", path.display()))?;
+        if meta.mode() & 0o022 != 0 {
+            return Err(format!("{}: writable by group or others (chmod go-w)", path.display()));
+        }
+        let mut text = String::new();
+        file.read_to_string(&mut text)
             .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
         Config::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
     }

@@ -309,10 +309,8 @@ fn serve_connection_in(
     in_flight: &Arc<Counts>,
 ) {
     let (Ok(peer), Ok(groups)) = (peer_cred(&stream), peer_groups(&stream)) else { return };
-    if stream.set_write_timeout(Some(limits.idle_timeout)).is_err() {
-        return;
-    }
     if !allowed(&peer, &groups, group) {
+        let _ = stream.set_write_timeout(Some(limits.idle_timeout));
         let _ = respond(
             &mut stream,
             Err(WireError::new(Errno::EPERM, "only root or the configured group may connect")),
@@ -320,6 +318,26 @@ fn serve_connection_in(
         return;
     }
     let who = Principal { uid: peer.uid, gid: peer.gid, groups };
+    serve_admitted(stream, daemon, &who, limits, in_flight);
+}
+
+/// Serves one connection as `who` (its admission already decided): for tests and fuzzing of
+/// the non-root rules on one uid.
+pub fn serve_connection_as(stream: UnixStream, daemon: &Daemon, who: &Principal, limits: Limits) {
+    serve_admitted(stream, daemon, who, limits, &Arc::new(Counts::default()));
+}
+
+fn serve_admitted(
+    mut stream: UnixStream,
+    daemon: &Daemon,
+    who: &Principal,
+    limits: Limits,
+    in_flight: &Arc<Counts>,
+) {
+    let who = who.clone();
+    if stream.set_write_timeout(Some(limits.idle_timeout)).is_err() {
+        return;
+    }
     let recv_limits = RecvLimits {
         idle: Some(limits.idle_timeout),
         frame: Some(limits.frame_timeout),

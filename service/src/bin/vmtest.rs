@@ -52,6 +52,8 @@ mod destroy_mounted;
 mod exclusive_claim;
 #[path = "vmtest/fs_image.rs"]
 mod fs_image;
+#[path = "vmtest/hostile_clients.rs"]
+mod hostile_clients;
 #[path = "vmtest/offline_write.rs"]
 mod offline_write;
 #[path = "vmtest/overflow.rs"]
@@ -177,6 +179,11 @@ const SCENARIOS: &[Scenario] = &[
         name: "recovery",
         about: "kill -9 during writes to a mounted fs, restart recovers the device: data intact",
         run: recovery::recovery,
+    },
+    Scenario {
+        name: "hostile-clients",
+        about: "a group member and an outsider: every escalation fails (errno, targets intact); abuse vs a well-behaved client",
+        run: hostile_clients::hostile_clients,
     },
 ];
 
@@ -629,7 +636,9 @@ fn sizes_for(name: &str) -> Vec<u64> {
         "remove-busy" => vec![32 * MIB, 16 * MIB],
         "cbt" => vec![64 * MIB],
         "daemon-process" | "restart" | "recovery" | "c-clients" | "cli-backup"
-        | "preload-daemon" | "stretch" | "take-freezes" | "exclusive-claim" => vec![],
+        | "preload-daemon" | "stretch" | "take-freezes" | "exclusive-claim" | "hostile-clients" => {
+            vec![]
+        }
         _ => vec![64 * MIB],
     }
 }
@@ -642,6 +651,11 @@ fn run_one(name: &str) -> R {
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if let [flag, role, rest @ ..] = &args[..] {
+        if flag == "--hostile-child" {
+            std::process::exit(hostile_clients::child(role, rest));
+        }
+    }
     if let [flag, name] = &args[..] {
         if flag == "--scenario" {
             match run_one(name) {

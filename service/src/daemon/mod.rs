@@ -337,12 +337,14 @@ impl Daemon {
         let mut ids = Vec::new();
         let mut recovered = Vec::new();
         for d in &self.config.devices {
-            let how = self.start_plan(&d.backing, d.attach, &map);
+            // What the configuration names must be the administrator's (see `trusted_backing`).
+            let real = crate::config::trusted_backing(&d.backing)?;
+            let how = self.start_plan(&real, d.attach, &map);
             if let Some(h) = how.recover {
                 recovered.push(h);
             }
             let id = self
-                .add_origin_with(&d.backing, how)
+                .add_origin_with(&real, how)
                 .map_err(|e| format!("{}: {e:?}", d.backing.display()))?;
             ids.push(id);
         }
