@@ -334,8 +334,9 @@ impl Config {
         if !(1..=86_400).contains(&self.idle_timeout_secs) {
             return Err("idle_timeout_secs must be 1..=86400".into());
         }
-        if !(1..=self.max_connections).contains(&self.max_connections_per_user) {
-            return Err("max_connections_per_user must be 1..=max_connections".into());
+        // (over max_connections it simply never binds first)
+        if !(1..=4096).contains(&self.max_connections_per_user) {
+            return Err("max_connections_per_user must be 1..=4096".into());
         }
         if !(1..=4096).contains(&self.max_requests_in_flight_per_user) {
             return Err("max_requests_in_flight_per_user must be 1..=4096".into());
@@ -450,6 +451,29 @@ mod tests {
     }
 
     #[test]
+    fn load_refuses_symlinks_and_writable_files() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("good.toml");
+        std::fs::write(&good, "max_snapshots = 3\n").unwrap();
+        std::fs::set_permissions(&good, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert_eq!(Config::load(&good).unwrap().max_snapshots, 3);
+        let link = dir.path().join("link.toml");
+        std::os::unix::fs::symlink(&good, &link).unwrap();
+        assert!(Config::load(&link).unwrap_err().contains("symlink"));
+        std::fs::set_permissions(&good, std::fs::Permissions::from_mode(0o664)).unwrap();
+        assert!(Config::load(&good).unwrap_err().contains("writable"));
+        assert!(Config::load(dir.path()).is_err(), "a directory");
+        // configured backings: resolved once, must be a file or block device of ours
+        let img = dir.path().join("d.img");
+        std::fs::write(&img, [0u8; 512]).unwrap();
+        let alias = dir.path().join("alias.img");
+        std::os::unix::fs::symlink(&img, &alias).unwrap();
+        assert_eq!(trusted_backing(&alias).unwrap(), std::fs::canonicalize(&img).unwrap());
+        assert!(trusted_backing(dir.path()).is_err(), "a directory");
+    }
+
+    #[test]
     fn refuses_bad_values() {
         assert!(Config::parse("unknown = 1").is_err());
         assert!(Config::parse("queues = 0").is_err());
@@ -460,6 +484,25 @@ mod tests {
         let limits = Config::parse("max_connections = 8\nidle_timeout_secs = 30").unwrap();
         assert_eq!(limits.control_limits().max_connections, 8);
         assert_eq!(limits.control_limits().idle_timeout.as_secs(), 30);
+        for bad in [
+            "max_connections_per_user = 0",
+            "max_requests_in_flight_per_user = 0",
+            "frame_timeout_secs = 0",
+            "max_frame_bytes = 100",
+            "max_frame_bytes = 16777217",
+            "max_snapshots = 0",
+            "max_snapshots = 1025",
+            "max_devices = 4097",
+        ] {
+            assert!(Config::parse(bad).is_err(), "{bad}");
+        }
+        let l = Config::parse(
+            "frame_timeout_secs = 3
+max_frame_bytes = 65536",
+        )
+        .unwrap();
+        assert_eq!(l.control_limits().frame_timeout.as_secs(), 3);
+        assert_eq!(l.control_limits().max_frame_bytes, 65536);
         assert!(!Config::parse("freeze = false").unwrap().freeze);
         assert!(Config::default().freeze, "freezing is on by default");
         assert!(Config::parse("[[device]]\nbacking = \"rel.img\"").is_err());

@@ -282,7 +282,7 @@ fn attempts(a: &Args) -> R {
         let tmp = l2.with_extension("new");
         let mut i = 0u64;
         while !s2.load(Ordering::SeqCst) {
-            let target = if i % 2 == 0 { PathBuf::from(&secret2) } else { own2.clone() };
+            let target = if i.is_multiple_of(2) { PathBuf::from(&secret2) } else { own2.clone() };
             let _ = std::fs::remove_file(&tmp);
             let _ = std::os::unix::fs::symlink(&target, &tmp);
             let _ = std::fs::rename(&tmp, &l2);
