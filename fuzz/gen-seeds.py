@@ -280,7 +280,19 @@ def proto_seeds():
     write("control_protocol", "invalid-requests", s)
 
 
+def sequence_seeds():
+    # control_sequences: bytes drive fuzz/src/lib.rs's reader: client count, each client's
+    # principal (even: root, odd: uid 4242), then steps (client, action 0-5 = a request: kind,
+    # fields, descriptor count and kinds; 6 junk; 7 truncated frame + reconnect; 8-9 reconnect).
+    write("control_sequences", "root-lifecycle",
+          [0, 0, 0, 7, 0, 0, 0, 19, 0, 0, 0, 200, 0, 11, 0, 0, 12, 0, 0, 9, 0])
+    write("control_sequences", "user-fds", [1, 1, 0, 21, 0, 6, 0, 19, 5, 0, 0, 1, 0, 0, 0, 0, 0])
+    write("control_sequences", "junk-and-reconnect",
+          [2, 0, 1, 0, 6, 1, 30, 1, 2, 3, 4, 5, 7, 0, 8, 1, 0, 1, 0])
+
+
 if __name__ == "__main__":
+    sequence_seeds()
     ops_seeds()
     abi_seeds()
     cbt_seeds()
