@@ -403,10 +403,24 @@ fn abuse(a: &Args) -> R {
     let mut held = Vec::new();
     let mut refused = 0;
     for _ in 0..40 {
-        let mut c = Client::connect(&a.sock).map_err(|e| e.to_string())?;
-        match c.call(Request::Version) {
-            Ok(Ok(_)) => held.push(c),
-            Ok(Err(e)) if e.errno == libc::EAGAIN => refused += 1,
+        // A refused connection is answered at once, before any request (and closed).
+        let mut s = UnixStream::connect(&a.sock).map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(Duration::from_millis(300))).map_err(|e| e.to_string())?;
+        match blksnap_proto::read_frame(&mut s) {
+            Ok(Some(body)) => {
+                let f = blksnap_proto::decode_response(&body).map_err(|e| e.to_string())?;
+                ensure!(
+                    f.result.as_ref().err().map(|e| e.errno) == Some(libc::EAGAIN),
+                    "flood: {f:?}"
+                );
+                refused += 1;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                s.set_read_timeout(None).map_err(|e| e.to_string())?;
+                let mut c = Client::from_stream(s);
+                ensure!(matches!(c.call(Request::Version), Ok(Ok(_))), "flood: a held connection");
+                held.push(c);
+            }
             other => return Err(format!("flood: {other:?}")),
         }
     }
