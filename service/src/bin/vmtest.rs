@@ -193,20 +193,18 @@ const MIB: u64 = 1 << 20;
 
 impl Env {
     fn new(name: &str, sizes: &[u64]) -> R<Env> {
+        Env::with(name, sizes, |_| {})
+    }
+
+    /// As `new`, with the daemon's configuration adjusted by `tweak`.
+    fn with(name: &str, sizes: &[u64], tweak: impl FnOnce(&mut Config)) -> R<Env> {
         let dir = PathBuf::from(format!("/tmp/{name}"));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
         let socket = dir.join("control");
         let mut cfg = Config { socket: socket.clone(), queues: Some(2), ..Config::default() };
         cfg.queue_depth = 32;
-        // overrides for measuring the data path's steps apart (scenario datapath)
-        if let Some(w) = std::env::var("BLKSNAP_QUEUE_WORKERS").ok().and_then(|v| v.parse().ok()) {
-            cfg.queue_workers = w;
-        }
-        if let Ok(v) = std::env::var("BLKSNAP_BACKING_DIRECT_IO") {
-            cfg.backing_direct_io =
-                Config::parse(&format!("backing_direct_io = {v:?}"))?.backing_direct_io;
-        }
+        tweak(&mut cfg);
         let engine = Arc::new(Engine::new(EngineConfig::default()).map_err(|e| format!("{e:?}"))?);
         let frontend = UblkFrontend {
             queues: 2,

@@ -10,10 +10,15 @@
 //! chunk, then rewrites of copied chunks), and the image. Without null_blk the raw device is a
 //! loop device over a tmpfs file (said in the output).
 //!
-//! Short by default (CI: 1 s per run, 50 µs only); `BLKSNAP_DATAPATH_FULL=1` (or
-//! `BLKSNAP_DATAPATH_RUNTIME_SECS`) for the README table.
+//! Two daemons in the same boot, measured in turn: "before" (one request at a time per queue,
+//! buffered backing: the data path as it was) and "now" (the defaults).
+//!
+//! Short by default (CI: 1 s per run, 50 µs only, tracking and taken rows only);
+//! `BLKSNAP_DATAPATH_FULL=1` (`BLKSNAP_DATAPATH_RUNTIME_SECS` to change the 5 s per run) for the
+//! README table.
 
 use super::*;
+use blksnap_service::daemon::backing_io::DirectIo;
 
 /// The raw device's size and the regions the workloads use (all within it).
 const DEV_MIB: u64 = 160;
@@ -24,7 +29,7 @@ const FIRST1_AT_MIB: u64 = 64;
 const FIRST32_AT_MIB: u64 = 96;
 /// The verify run's region.
 const VERIFY_AT_MIB: u64 = 40;
-const VERIFY_MIB: u64 = 16;
+const VERIFY_MIB: u64 = 8;
 /// Chunk size the engine picks for a 160 MiB disk (256 KiB: `chunk_minimum_shift` 18).
 const CHUNK_BYTES: u64 = 256 << 10;
 
@@ -225,8 +230,66 @@ fn metric(l: Load, r: (f64, f64)) -> f64 {
     }
 }
 
-/// One pass of the benchmark over a raw device with `completion_nsec`.
-fn pass(env: &Env, fio: &Fio, completion_nsec: u64) -> R {
+/// The daemons compared in one boot: the data path as it was (one request at a time per queue,
+/// buffered backing) and as configured now (defaults).
+struct Variant<'a> {
+    name: &'static str,
+    env: &'a Env,
+}
+
+/// What one variant measured: its rows, first-write IOPS at QD1 and QD32.
+struct Served {
+    rows: Vec<Row>,
+    first1: f64,
+    first32: f64,
+}
+
+/// The blksnapd rows of one variant over `raw` (snapshot storage on `storage_dev`).
+fn served(v: &Variant, fio: &Fio, raw: &str, storage_dev: &str, full: bool) -> R<Served> {
+    let env = v.env;
+    let dev_id = env.daemon.add_origin(Path::new(raw), false).map_err(|e| format!("{e:?}"))?;
+    let dev = Dev { major: dev_id.major, minor: dev_id.minor };
+    let origin = env
+        .origins()?
+        .into_iter()
+        .find(|(_, d)| *d == dev)
+        .map(|(p, _)| p)
+        .ok_or("origin missing")?;
+    let mut c = env.client()?;
+    let mut rows: Vec<Row> = Vec::new();
+    let measure = |file: &str| -> R<Vec<Option<f64>>> {
+        LOADS.iter().map(|l| fio.load(file, *l).map(|r| Some(metric(*l, r)))).collect()
+    };
+    if full {
+        rows.push(("pass-through".into(), measure(&origin)?));
+    }
+    c.req(Request::Attach { dev })?;
+    rows.push(("tracking".into(), measure(&origin)?));
+    let Reply::Created(id) = c.req(Request::SnapshotCreate {
+        storage: Storage::File { path: storage_dev.into(), limit_sectors: DEV_MIB * MIB / 512 },
+    })?
+    else {
+        return Err("SnapshotCreate: unexpected reply".into());
+    };
+    c.req(Request::SnapshotAdd { id, dev })?;
+    c.req(Request::SnapshotTake { id })?;
+    let scale = if full { 1 } else { 2 };
+    let first1 = fio.first_writes(&origin, FIRST1_AT_MIB, 16 / scale, 1)?;
+    let first32 = fio.first_writes(&origin, FIRST32_AT_MIB, 32 / scale, 32)?;
+    // every chunk of the region copied: what follows are rewrites
+    fio.fill(&origin, 0, REGION_MIB)?;
+    rows.push(("taken: rewrites".into(), measure(&origin)?));
+    if full {
+        rows.push(("image".into(), measure(&image_link(dev, false))?));
+    }
+    c.req(Request::SnapshotDestroy { id })?;
+    c.req(Request::RemoveDevice { dev })?;
+    Ok(Served { rows, first1, first32 })
+}
+
+/// One pass of the benchmark over a raw device with `completion_nsec`, every variant in turn.
+fn pass(variants: &[Variant], fio: &Fio, completion_nsec: u64, full: bool) -> R {
+    let env = variants[0].env;
     let (raw, storage_dev) = if nullb_available() {
         (nullb_create("nullb0", DEV_MIB, completion_nsec)?, nullb_create("nullb1", DEV_MIB, 0)?)
     } else {
@@ -242,55 +305,14 @@ fn pass(env: &Env, fio: &Fio, completion_nsec: u64) -> R {
     fio.fill(&raw, 0, DEV_MIB)?;
     let lo = loop_dio(&raw)?;
     let result = (|| -> R {
-        let dev_id = env.daemon.add_origin(Path::new(&raw), false).map_err(|e| format!("{e:?}"))?;
-        let dev = Dev { major: dev_id.major, minor: dev_id.minor };
-        let origin = env
-            .origins()?
-            .into_iter()
-            .find(|(_, d)| *d == dev)
-            .map(|(p, _)| p)
-            .ok_or("origin missing")?;
-        let mut c = env.client()?;
         let n = LOADS.len();
-        let mut rows: Vec<Row> = ["raw", "kernel loop (dio)", "blksnapd pass-through"]
-            .iter()
-            .map(|s| (s.to_string(), vec![None; n]))
-            .collect();
+        let mut base: Vec<Row> =
+            ["raw", "kernel loop (dio)"].iter().map(|s| (s.to_string(), vec![None; n])).collect();
         for (i, l) in LOADS.iter().enumerate() {
-            for (row, file) in [(0, &raw), (1, &lo), (2, &origin)] {
-                rows[row].1[i] = Some(metric(*l, fio.load(file, *l)?));
+            for (row, file) in [(0, &raw), (1, &lo)] {
+                base[row].1[i] = Some(metric(*l, fio.load(file, *l)?));
             }
         }
-        c.req(Request::Attach { dev })?;
-        let mut tracking = vec![None; n];
-        for (i, l) in LOADS.iter().enumerate() {
-            tracking[i] = Some(metric(*l, fio.load(&origin, *l)?));
-        }
-        rows.push(("blksnapd tracking".into(), tracking));
-        let Reply::Created(id) = c.req(Request::SnapshotCreate {
-            storage: Storage::File {
-                path: storage_dev.clone(),
-                limit_sectors: DEV_MIB * MIB / 512,
-            },
-        })?
-        else {
-            return Err("SnapshotCreate: unexpected reply".into());
-        };
-        c.req(Request::SnapshotAdd { id, dev })?;
-        c.req(Request::SnapshotTake { id })?;
-        let first1 = fio.first_writes(&origin, FIRST1_AT_MIB, 16, 1)?;
-        let first32 = fio.first_writes(&origin, FIRST32_AT_MIB, 32, 32)?;
-        // every chunk of the region copied: what follows are rewrites
-        fio.fill(&origin, 0, REGION_MIB)?;
-        let (mut taken, mut image) = (vec![None; n], vec![None; n]);
-        let img = image_link(dev, false);
-        for (i, l) in LOADS.iter().enumerate() {
-            taken[i] = Some(metric(*l, fio.load(&origin, *l)?));
-            image[i] = Some(metric(*l, fio.load(&img, *l)?));
-        }
-        rows.push(("taken: rewrites".into(), taken));
-        rows.push(("image".into(), image));
-        c.req(Request::SnapshotDestroy { id })?;
         let heads: Vec<&str> =
             LOADS.iter().map(|l| if l.bs == "1M" { "MB/s" } else { "IOPS" }).collect();
         println!(
@@ -299,13 +321,19 @@ fn pass(env: &Env, fio: &Fio, completion_nsec: u64) -> R {
             heads.join("/"),
             LOADS.map(|l| l.name).join(", ")
         );
-        print_table("data path", &rows, &heads);
-        println!(
-            "    taken: first writes (4 KiB into each 256 KiB chunk): QD1 {first1:.0} IOPS, \
-             QD32 {first32:.0} IOPS"
-        );
-        goals(&rows, first1, first32);
-        c.req(Request::RemoveDevice { dev }).map(drop)
+        for v in variants {
+            let got = served(v, fio, &raw, &storage_dev, full)?;
+            let mut rows = base.clone();
+            rows.extend(got.rows.into_iter().map(|(name, r)| (format!("blksnapd {name}"), r)));
+            print_table(&format!("data path, {}", v.name), &rows, &heads);
+            println!(
+                "    taken: first writes (4 KiB into each 256 KiB chunk): QD1 {:.0} IOPS, \
+                 QD32 {:.0} IOPS",
+                got.first1, got.first32
+            );
+            goals(&rows, got.first1, got.first32);
+        }
+        Ok(())
     })();
     let _ = run("losetup", &["-d", &lo]);
     if raw.starts_with("/dev/loop") {
@@ -320,18 +348,20 @@ fn pass(env: &Env, fio: &Fio, completion_nsec: u64) -> R {
 
 /// The issue's goals next to the measured ratios (targets, not assertions).
 fn goals(rows: &[Row], first1: f64, first32: f64) {
+    let row = |name: &str| rows.iter().position(|(n, _)| n == name).unwrap_or(0);
+    let (tracking, taken) = (row("blksnapd tracking"), row("blksnapd taken: rewrites"));
     let v = |row: usize, col: usize| rows[row].1[col].unwrap_or(0.0);
     let ratio = |row: usize, col: usize| v(row, col) / v(0, col).max(f64::MIN_POSITIVE);
     let show = |what: &str, got: f64, goal: f64| {
         let mark = if got >= goal { "met" } else { "NOT met" };
         println!("    goal {what:52} >= {goal:4.2}: {got:5.2} ({mark})");
     };
-    show("tracking 4k randwrite QD32 / raw", ratio(3, 1), 0.8);
-    show("taken (rewrites) 4k randwrite QD32 / raw", ratio(4, 1), 0.8);
-    show("tracking 4k randread QD32 cold / raw", ratio(3, 2), 0.8);
-    show("tracking 1M seqwrite QD8 / raw", ratio(3, 3), 0.7);
+    show("tracking 4k randwrite QD32 / raw", ratio(tracking, 1), 0.8);
+    show("taken (rewrites) 4k randwrite QD32 / raw", ratio(taken, 1), 0.8);
+    show("tracking 4k randread QD32 cold / raw", ratio(tracking, 2), 0.8);
+    show("tracking 1M seqwrite QD8 / raw", ratio(tracking, 3), 0.7);
     let gain = |row: usize| v(row, 1) / v(row, 0).max(f64::MIN_POSITIVE);
-    show("tracking QD32/QD1 randwrite gain / raw's gain", gain(3) / gain(0), 0.8);
+    show("tracking QD32/QD1 randwrite gain / raw's gain", gain(tracking) / gain(0), 0.8);
     show("first writes QD32 / QD1", first32 / first1.max(f64::MIN_POSITIVE), 4.0);
 }
 
@@ -369,7 +399,7 @@ fn verify_across_take(env: &Env, fio: &Fio) -> R {
     };
     c.req(Request::SnapshotAdd { id, dev })?;
     let mut args = common("randwrite");
-    args.extend(["--loops=3".to_string(), "--randrepeat=0".into()]);
+    args.extend(["--loops=2".to_string(), "--randrepeat=0".into()]);
     let mut all = vec![
         "--name=verify".to_string(),
         format!("--filename={origin}"),
@@ -444,9 +474,88 @@ pub(crate) fn datapath(env: &Env) -> R {
          blksnapd in-process with 2 queues of depth 32",
         fio.engine
     );
+    // the data path as it was, in the same boot: one request at a time per queue, buffered
+    let before = Env::with("datapath-before", &[], |cfg| {
+        cfg.queue_workers = 0;
+        cfg.backing_direct_io = DirectIo::Never;
+    })?;
+    let variants = [
+        Variant { name: "before (1 request per queue, buffered backing)", env: &before },
+        Variant { name: "now (defaults)", env },
+    ];
     let latencies: &[u64] = if full { &[0, 50_000] } else { &[50_000] };
     for ns in latencies {
-        pass(env, &fio, *ns)?;
+        pass(&variants, &fio, *ns, full)?;
     }
-    verify_across_take(env, &fio)
+    verify_across_take(env, &fio)?;
+    sparse_backing(env)
+}
+
+/// Bytes allocated to a file (`st_blocks`).
+fn allocated_bytes(path: &Path) -> R<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).map(|m| m.blocks() * 512).map_err(|e| e.to_string())
+}
+
+/// `FITRIM` over the whole filesystem mounted at `dir` (busybox has no fstrim); bytes trimmed.
+fn fitrim(dir: &Path) -> R<u64> {
+    #[repr(C)]
+    struct FstrimRange {
+        start: u64,
+        len: u64,
+        minlen: u64,
+    }
+    const FITRIM: libc::c_ulong = 0xC018_5879; // _IOWR('X', 121, struct fstrim_range)
+    let f = File::open(dir).map_err(|e| e.to_string())?;
+    let mut r = FstrimRange { start: 0, len: u64::MAX, minlen: 0 };
+    // SAFETY: FITRIM reads and writes the struct through the valid pointer.
+    let rc = unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&f), FITRIM, &mut r) };
+    ensure!(rc == 0, "FITRIM: {}", std::io::Error::last_os_error());
+    Ok(r.len)
+}
+
+/// A sparse 4 GiB backing file served by blksnapd (tracking) stays sparse: mkfs.ext4 (which
+/// discards the device first), a 64 MiB file written and deleted, fstrim — the backing's
+/// allocated bytes printed after each step; asserted: mkfs allocates under 256 MiB, and the
+/// trim gives back the deleted file's blocks.
+pub(crate) fn sparse_backing(env: &Env) -> R {
+    let backing = env.path("sparse4g.img");
+    sparse_file(&backing, 4 << 30)?;
+    let dev_id = env.daemon.add_origin(&backing, true).map_err(|e| format!("{e:?}"))?;
+    let dev = Dev { major: dev_id.major, minor: dev_id.minor };
+    let (node, _) = env.origins()?.into_iter().find(|(_, d)| *d == dev).ok_or("no origin")?;
+    let mib = |b: u64| b as f64 / MIB as f64;
+    let fresh = allocated_bytes(&backing)?;
+    let fstype = super::take_freezes::mkfs_journaled(&node)?;
+    let after_mkfs = allocated_bytes(&backing)?;
+    let mnt = env.path("sparse-mnt");
+    super::take_freezes::mount_as(fstype, &node, &mnt, "rw")?;
+    let mut data = vec![0u8; 64 << 20];
+    fill(7, &mut data);
+    std::fs::write(mnt.join("big"), &data).map_err(|e| e.to_string())?;
+    sync();
+    let after_write = allocated_bytes(&backing)?;
+    std::fs::remove_file(mnt.join("big")).map_err(|e| e.to_string())?;
+    sync();
+    let trimmed = fitrim(&mnt)?;
+    let after_trim = allocated_bytes(&backing)?;
+    umount(&mnt)?;
+    env.client()?.req(Request::RemoveDevice { dev })?;
+    println!(
+        "    sparse 4 GiB backing, allocated MiB: new {:.1}, after mkfs.{fstype} {:.1}, after a \
+         64 MiB file {:.1}, after rm + fstrim ({:.0} MiB trimmed) {:.1}",
+        mib(fresh),
+        mib(after_mkfs),
+        mib(after_write),
+        mib(trimmed),
+        mib(after_trim)
+    );
+    ensure!(after_mkfs < 256 * MIB, "mkfs allocated {:.0} MiB of the backing", mib(after_mkfs));
+    ensure!(
+        after_trim + 32 * MIB < after_write,
+        "fstrim gave back too little: {:.1} -> {:.1} MiB",
+        mib(after_write),
+        mib(after_trim)
+    );
+    Ok(())
 }
