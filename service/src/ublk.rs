@@ -23,9 +23,10 @@
 //! Images are not recoverable (a snapshot does not survive the daemon): they fail and are
 //! deleted by the next run.
 
+use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -155,12 +156,42 @@ fn arm_wake(q: &UblkQueue, efd: i32) {
     }
 }
 
-fn worker(t: &Target, jobs: &Mutex<mpsc::Receiver<Job>>, done: &Completions) {
-    loop {
-        let job = match jobs.lock().unwrap_or_else(|p| p.into_inner()).recv() {
-            Ok(j) => j,
-            Err(_) => return, // the queue ended
-        };
+/// The queue's jobs for its workers: a list and a condition variable, so that each job wakes
+/// one idle worker (no worker sleeps holding a lock the others queue behind).
+#[derive(Default)]
+struct Jobs {
+    list: Mutex<(VecDeque<Job>, bool)>,
+    ready: Condvar,
+}
+
+impl Jobs {
+    fn push(&self, job: Job) {
+        self.list.lock().unwrap_or_else(|p| p.into_inner()).0.push_back(job);
+        self.ready.notify_one();
+    }
+
+    /// No more jobs: the workers end once the list is empty.
+    fn close(&self) {
+        self.list.lock().unwrap_or_else(|p| p.into_inner()).1 = true;
+        self.ready.notify_all();
+    }
+
+    fn next(&self) -> Option<Job> {
+        let mut l = self.list.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(job) = l.0.pop_front() {
+                return Some(job);
+            }
+            if l.1 {
+                return None;
+            }
+            l = self.ready.wait(l).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+fn worker(t: &Target, jobs: &Jobs, done: &Completions) {
+    while let Some(job) = jobs.next() {
         // SAFETY: see `TagBuf`: this worker is the buffer's only user until it pushes the
         // completion below.
         let buf = unsafe { std::slice::from_raw_parts_mut(job.buf.ptr, job.buf.len) };
@@ -217,14 +248,13 @@ fn queue_fn(qid: u16, dev: &UblkDev, target: &Arc<Target>, workers: u16) {
     // SAFETY: a new descriptor this function owns from now on.
     let efd = unsafe { OwnedFd::from_raw_fd(raw) };
     let done = Arc::new(Completions { done: Mutex::new(Vec::new()), efd });
-    let (tx, rx) = mpsc::channel::<Job>();
-    let rx = Arc::new(Mutex::new(rx));
+    let jobs = Arc::new(Jobs::default());
     let mut threads = Vec::new();
     for i in 0..workers.min(queue.get_depth() as u16).max(1) {
-        let (t, rx, done) = (t.clone(), rx.clone(), done.clone());
+        let (t, jobs, done) = (t.clone(), jobs.clone(), done.clone());
         match std::thread::Builder::new()
             .name(format!("blksnapd-q{qid}w{i}"))
-            .spawn(move || worker(&t, &rx, &done))
+            .spawn(move || worker(&t, &jobs, &done))
         {
             Ok(h) => threads.push(h),
             Err(e) => eprintln!("blksnapd: queue {qid}: worker {i}: {e}"),
@@ -236,25 +266,33 @@ fn queue_fn(qid: u16, dev: &UblkDev, target: &Arc<Target>, workers: u16) {
     }
     let efd = done.efd.as_raw_fd();
     arm_wake(&queue, efd);
+    // requests handed to the workers and not completed yet
+    let in_flight = std::cell::Cell::new(0u32);
     queue.wait_and_handle_io(|q: &UblkQueue, tag: u16, ctx: &UblkIOCtx| {
         if ctx.is_tgt_io() {
             if tag == WAKE_TAG {
                 for (tag, res) in done.take() {
+                    in_flight.set(in_flight.get().saturating_sub(1));
                     complete(q, tag, res);
                 }
                 arm_wake(q, efd);
             }
             return;
         }
-        let (ptr, len) = tag_bufs[tag as usize];
-        let job =
-            Job { tag, req: request_of(q.get_iod(tag)), buf: TagBuf { ptr: ptr as *mut u8, len } };
-        if let Err(mpsc::SendError(job)) = tx.send(job) {
-            complete(q, job.tag, neg(Errno::EIO));
+        let req = request_of(q.get_iod(tag));
+        // A lone request while nothing else is in flight (queue depth 1) is served here: a
+        // hand-off to a worker would only add two thread switches to its latency.
+        if in_flight.get() == 0 && ctx.is_first_cqe() && ctx.is_last_cqe() {
+            let res = handle(&t, req, slice(tag));
+            complete(q, tag, res);
+            return;
         }
+        let (ptr, len) = tag_bufs[tag as usize];
+        in_flight.set(in_flight.get() + 1);
+        jobs.push(Job { tag, req, buf: TagBuf { ptr: ptr as *mut u8, len } });
     });
     // the queue is down: the workers finish what they hold (its completion is moot) and end
-    drop(tx);
+    jobs.close();
     for h in threads {
         let _ = h.join();
     }

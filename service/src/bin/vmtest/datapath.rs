@@ -474,15 +474,25 @@ pub(crate) fn datapath(env: &Env) -> R {
          blksnapd in-process with 2 queues of depth 32",
         fio.engine
     );
-    // the data path as it was, in the same boot: one request at a time per queue, buffered
+    // the data path as it was, in the same boot: one request at a time per queue, buffered;
+    // BLKSNAP_DATAPATH_VARIANTS=1 adds the steps apart (workers only, direct I/O only)
     let before = Env::with("datapath-before", &[], |cfg| {
         cfg.queue_workers = 0;
         cfg.backing_direct_io = DirectIo::Never;
     })?;
-    let variants = [
-        Variant { name: "before (1 request per queue, buffered backing)", env: &before },
-        Variant { name: "now (defaults)", env },
-    ];
+    let mut variants =
+        vec![Variant { name: "before (1 request per queue, buffered backing)", env: &before }];
+    let steps = std::env::var("BLKSNAP_DATAPATH_VARIANTS").is_ok_and(|v| v == "1");
+    let (workers_only, direct_only);
+    if steps {
+        workers_only = Env::with("datapath-workers", &[], |cfg| {
+            cfg.backing_direct_io = DirectIo::Never;
+        })?;
+        direct_only = Env::with("datapath-direct", &[], |cfg| cfg.queue_workers = 0)?;
+        variants.push(Variant { name: "queue workers, buffered backing", env: &workers_only });
+        variants.push(Variant { name: "1 request per queue, direct backing", env: &direct_only });
+    }
+    variants.push(Variant { name: "now (defaults)", env });
     let latencies: &[u64] = if full { &[0, 50_000] } else { &[50_000] };
     for ns in latencies {
         pass(&variants, &fio, *ns, full)?;
