@@ -8,7 +8,7 @@
 //! queues = 2                        # per ublk device; default: one per core
 //! queue_depth = 64
 //! io_buf_bytes = 524288
-//! queue_workers = 16                # threads per queue serving its requests at once (0: one
+//! queue_workers = 8                 # threads per queue serving its requests at once (0: one
 //!                                   # request at a time on the queue thread)
 //! backing_direct_io = "auto"        # O_DIRECT on backings: "auto" (block devices), "always",
 //!                                   # "never"
@@ -168,7 +168,7 @@ fn default_depth() -> u16 {
     64
 }
 fn default_queue_workers() -> u16 {
-    16
+    8
 }
 fn default_io_buf() -> u32 {
     512 << 10

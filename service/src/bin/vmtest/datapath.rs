@@ -10,10 +10,10 @@
 //! chunk, then rewrites of copied chunks), and the image. Without null_blk the raw device is a
 //! loop device over a tmpfs file (said in the output).
 //!
-//! Two daemons in the same boot, measured in turn: "before" (one request at a time per queue,
-//! buffered backing: the data path as it was) and "now" (the defaults).
+//! Full runs measure two daemons in the same boot, in turn: "before" (one request at a time per
+//! queue, buffered backing: the data path as it was) and "now" (the defaults).
 //!
-//! Short by default (CI: 1 s per run, 50 µs only, tracking and taken rows only);
+//! Short by default (CI: the defaults only, 1 s per run, 50 µs only, tracking and taken rows);
 //! `BLKSNAP_DATAPATH_FULL=1` (`BLKSNAP_DATAPATH_RUNTIME_SECS` to change the 5 s per run) for the
 //! README table.
 
@@ -233,7 +233,7 @@ fn metric(l: Load, r: (f64, f64)) -> f64 {
 /// The daemons compared in one boot: the data path as it was (one request at a time per queue,
 /// buffered backing) and as configured now (defaults).
 struct Variant<'a> {
-    name: &'static str,
+    name: &'a str,
     env: &'a Env,
 }
 
@@ -474,24 +474,31 @@ pub(crate) fn datapath(env: &Env) -> R {
          blksnapd in-process with 2 queues of depth 32",
         fio.engine
     );
-    // the data path as it was, in the same boot: one request at a time per queue, buffered;
-    // BLKSNAP_DATAPATH_VARIANTS=1 adds the steps apart (workers only, direct I/O only)
-    let before = Env::with("datapath-before", &[], |cfg| {
-        cfg.queue_workers = 0;
-        cfg.backing_direct_io = DirectIo::Never;
-    })?;
-    let mut variants =
-        vec![Variant { name: "before (1 request per queue, buffered backing)", env: &before }];
+    // The data path as it was, in the same boot (full runs): one request at a time per queue,
+    // buffered. BLKSNAP_DATAPATH_VARIANTS=1 adds the steps apart (workers only, direct only).
+    // The CI's short run measures the defaults only.
     let steps = std::env::var("BLKSNAP_DATAPATH_VARIANTS").is_ok_and(|v| v == "1");
-    let (workers_only, direct_only);
-    if steps {
-        workers_only = Env::with("datapath-workers", &[], |cfg| {
-            cfg.backing_direct_io = DirectIo::Never;
-        })?;
-        direct_only = Env::with("datapath-direct", &[], |cfg| cfg.queue_workers = 0)?;
-        variants.push(Variant { name: "queue workers, buffered backing", env: &workers_only });
-        variants.push(Variant { name: "1 request per queue, direct backing", env: &direct_only });
+    let mut envs = Vec::new();
+    if full || steps {
+        envs.push((
+            "before (1 request per queue, buffered backing)",
+            Env::with("datapath-before", &[], |cfg| {
+                cfg.queue_workers = 0;
+                cfg.backing_direct_io = DirectIo::Never;
+            })?,
+        ));
     }
+    if steps {
+        envs.push((
+            "queue workers, buffered backing",
+            Env::with("datapath-workers", &[], |cfg| cfg.backing_direct_io = DirectIo::Never)?,
+        ));
+        envs.push((
+            "1 request per queue, direct backing",
+            Env::with("datapath-direct", &[], |cfg| cfg.queue_workers = 0)?,
+        ));
+    }
+    let mut variants: Vec<Variant> = envs.iter().map(|(name, env)| Variant { name, env }).collect();
     variants.push(Variant { name: "now (defaults)", env });
     let latencies: &[u64] = if full { &[0, 50_000] } else { &[50_000] };
     for ns in latencies {
