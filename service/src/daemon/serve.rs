@@ -130,3 +130,115 @@ fn image_io(t: &Target, origin: DeviceId, req: &DataRequest, buf: &mut [u8]) -> 
         DataOp::Flush => t.flush(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex, RwLock};
+
+    use blksnap_engine::io::{BlockDev, Dev, MemDev};
+    use blksnap_engine::{Engine, EngineConfig};
+
+    /// A memory device that logs writes, zeroings and flushes in order.
+    struct Logged {
+        mem: MemDev,
+        log: Mutex<Vec<&'static str>>,
+    }
+
+    impl BlockDev for Logged {
+        fn len_bytes(&self) -> u64 {
+            self.mem.len_bytes()
+        }
+        fn read_at(&self, buf: &mut [u8], offset_bytes: u64) -> blksnap_model::Result<()> {
+            self.mem.read_at(buf, offset_bytes)
+        }
+        fn write_at(&self, buf: &[u8], offset_bytes: u64) -> blksnap_model::Result<()> {
+            self.log.lock().unwrap().push("write");
+            self.mem.write_at(buf, offset_bytes)
+        }
+        fn write_zeroes_at(&self, offset_bytes: u64, len_bytes: u64) -> blksnap_model::Result<()> {
+            self.log.lock().unwrap().push("zeroes");
+            self.mem.write_zeroes_at(offset_bytes, len_bytes)
+        }
+        fn flush(&self) -> blksnap_model::Result<()> {
+            self.log.lock().unwrap().push("flush");
+            Ok(())
+        }
+    }
+
+    fn target(attached: bool) -> (Arc<Target>, Arc<Logged>) {
+        let engine = Arc::new(Engine::new(EngineConfig::default()).unwrap());
+        let logged = Arc::new(Logged { mem: MemDev::new(1 << 20), log: Mutex::new(Vec::new()) });
+        let backing: Dev = logged.clone();
+        let origin = DeviceId::new(240, 0);
+        if attached {
+            engine.add_disk(origin, backing.clone(), 1).unwrap();
+            engine.attach(origin).unwrap();
+        }
+        let t = Target {
+            engine,
+            origin: RwLock::new(attached.then_some(origin)),
+            backing,
+            storages: Mutex::new(Vec::new()),
+            image_of: None,
+            failed: AtomicBool::new(false),
+        };
+        (Arc::new(t), logged)
+    }
+
+    fn req(op: DataOp, offset_bytes: u64, len_bytes: u64, fua: bool) -> DataRequest {
+        DataRequest { op, offset_bytes, len_bytes, fua }
+    }
+
+    #[test]
+    fn fua_write_is_flushed_before_completion_and_flush_flushes() {
+        for attached in [false, true] {
+            let (t, log) = target(attached);
+            let mut data = vec![7u8; 4096];
+            serve(&t, &req(DataOp::Write, 8192, 4096, false), &mut data).unwrap();
+            assert_eq!(*log.log.lock().unwrap(), ["write"], "attached {attached}");
+            serve(&t, &req(DataOp::Write, 8192, 4096, true), &mut data).unwrap();
+            assert_eq!(*log.log.lock().unwrap(), ["write", "write", "flush"]);
+            serve(&t, &req(DataOp::Flush, 0, 0, false), &mut []).unwrap();
+            assert_eq!(*log.log.lock().unwrap(), ["write", "write", "flush", "flush"]);
+            // a FUA read flushes nothing
+            let mut back = vec![0u8; 4096];
+            serve(&t, &req(DataOp::Read, 8192, 4096, true), &mut back).unwrap();
+            assert_eq!(back, data);
+            assert_eq!(log.log.lock().unwrap().len(), 4);
+        }
+    }
+
+    #[test]
+    fn discard_and_write_zeroes_zero_the_backing_range() {
+        for attached in [false, true] {
+            let (t, log) = target(attached);
+            let mut data = vec![9u8; 16384];
+            serve(&t, &req(DataOp::Write, 0, 16384, false), &mut data).unwrap();
+            serve(&t, &req(DataOp::Discard, 4096, 4096, false), &mut []).unwrap();
+            serve(&t, &req(DataOp::WriteZeroes, 12288, 4096, true), &mut []).unwrap();
+            assert_eq!(*log.log.lock().unwrap(), ["write", "zeroes", "zeroes", "flush"]);
+            let mut back = vec![1u8; 16384];
+            serve(&t, &req(DataOp::Read, 0, 16384, false), &mut back).unwrap();
+            assert!(back[..4096].iter().all(|b| *b == 9));
+            assert!(back[4096..8192].iter().all(|b| *b == 0));
+            assert!(back[8192..12288].iter().all(|b| *b == 9));
+            assert!(back[12288..].iter().all(|b| *b == 0));
+        }
+    }
+
+    #[test]
+    fn oversized_request_and_past_the_end_fail_without_io() {
+        let (t, log) = target(true);
+        let mut small = vec![0u8; 512];
+        assert_eq!(serve(&t, &req(DataOp::Write, 0, 4096, false), &mut small), Err(Errno::EINVAL));
+        // the engine's range check: EINVAL past the end
+        assert_eq!(
+            serve(&t, &req(DataOp::Discard, 1 << 20, 4096, false), &mut []),
+            Err(Errno::EINVAL)
+        );
+        assert!(log.log.lock().unwrap().is_empty());
+        assert!(!t.failed.load(Ordering::Acquire));
+    }
+}
