@@ -201,7 +201,7 @@ fn worker(t: &Target, jobs: &Jobs, done: &Completions) {
 }
 
 /// The buffer of `tag`, from the addresses of the queue's buffers.
-fn tag_slice(tag_bufs: &[(usize, usize)], tag: u16) -> &mut [u8] {
+fn tag_slice<'b>(tag_bufs: &[(usize, usize)], tag: u16) -> &'b mut [u8] {
     let (p, len) = tag_bufs[tag as usize];
     // SAFETY: a live buffer of the queue's `bufs` (kept until `queue_fn` returns, after every
     // use) of `len` bytes, used by one party at a time (see `TagBuf`).

@@ -32,8 +32,28 @@ const BLKZEROOUT: libc::c_ulong = 0x127f;
 const ZERO_STEP_BYTES: u64 = 1 << 20;
 /// Buffer address alignment direct I/O gets (the page size covers every logical block size).
 const DIRECT_ALIGN_BYTES: usize = 4096;
-/// Largest bounce buffer allocated at once (larger unaligned requests go in steps).
-const BOUNCE_STEP_BYTES: usize = 1 << 20;
+/// The bounce buffer's size (larger unaligned requests go in steps): one per thread, kept for
+/// the thread's life, so a copy-on-write's chunk read (256 KiB by default, into the engine's
+/// unaligned buffer) does not map and fault in fresh pages every time.
+const BOUNCE_STEP_BYTES: usize = 256 << 10;
+
+thread_local! {
+    static BOUNCE: std::cell::RefCell<Option<Aligned>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `f` with this thread's bounce buffer (made on first use).
+fn with_bounce<T>(f: impl FnOnce(&mut Aligned) -> Result<T>) -> Result<T> {
+    BOUNCE.with(|b| {
+        let mut b = b.borrow_mut();
+        if b.is_none() {
+            *b = Some(Aligned::new(BOUNCE_STEP_BYTES)?);
+        }
+        match b.as_mut() {
+            Some(a) => f(a),
+            None => Err(Error::new(Errno::ENOMEM, "no bounce buffer")),
+        }
+    })
+}
 
 /// Whether the backing is opened for direct I/O (config `backing_direct_io`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
@@ -162,7 +182,10 @@ impl BackingDev {
     /// The direct descriptor when this range may use it.
     fn direct_for(&self, offset_bytes: u64, len_bytes: usize) -> Option<&File> {
         let (f, align) = self.direct.as_ref()?;
-        (offset_bytes % align == 0 && len_bytes as u64 % align == 0 && len_bytes > 0).then_some(f)
+        (offset_bytes.is_multiple_of(*align)
+            && (len_bytes as u64).is_multiple_of(*align)
+            && len_bytes > 0)
+            .then_some(f)
     }
 
     fn check(&self, offset_bytes: u64, len_bytes: u64) -> Result<()> {
@@ -253,7 +276,7 @@ fn direct_write(f: &File, buf: &[u8], offset_bytes: u64) -> Result<()> {
 }
 
 fn aligned(buf: &[u8]) -> bool {
-    buf.as_ptr() as usize % DIRECT_ALIGN_BYTES == 0
+    (buf.as_ptr() as usize).is_multiple_of(DIRECT_ALIGN_BYTES)
 }
 
 impl BlockDev for BackingDev {
@@ -269,13 +292,14 @@ impl BlockDev for BackingDev {
         if aligned(buf) {
             return direct_read(f, buf, offset_bytes);
         }
-        let mut bounce = Aligned::new(buf.len().min(BOUNCE_STEP_BYTES))?;
-        for (i, part) in buf.chunks_mut(BOUNCE_STEP_BYTES).enumerate() {
-            let b = bounce.slice(part.len());
-            direct_read(f, b, offset_bytes + (i * BOUNCE_STEP_BYTES) as u64)?;
-            part.copy_from_slice(b);
-        }
-        Ok(())
+        with_bounce(|bounce| {
+            for (i, part) in buf.chunks_mut(BOUNCE_STEP_BYTES).enumerate() {
+                let b = bounce.slice(part.len());
+                direct_read(f, b, offset_bytes + (i * BOUNCE_STEP_BYTES) as u64)?;
+                part.copy_from_slice(b);
+            }
+            Ok(())
+        })
     }
 
     fn write_at(&self, buf: &[u8], offset_bytes: u64) -> Result<()> {
@@ -286,13 +310,14 @@ impl BlockDev for BackingDev {
         if aligned(buf) {
             return direct_write(f, buf, offset_bytes);
         }
-        let mut bounce = Aligned::new(buf.len().min(BOUNCE_STEP_BYTES))?;
-        for (i, part) in buf.chunks(BOUNCE_STEP_BYTES).enumerate() {
-            let b = bounce.slice(part.len());
-            b.copy_from_slice(part);
-            direct_write(f, b, offset_bytes + (i * BOUNCE_STEP_BYTES) as u64)?;
-        }
-        Ok(())
+        with_bounce(|bounce| {
+            for (i, part) in buf.chunks(BOUNCE_STEP_BYTES).enumerate() {
+                let b = bounce.slice(part.len());
+                b.copy_from_slice(part);
+                direct_write(f, b, offset_bytes + (i * BOUNCE_STEP_BYTES) as u64)?;
+            }
+            Ok(())
+        })
     }
 
     /// A hole, else a zeroed range, else written zeroes (see the module documentation).
