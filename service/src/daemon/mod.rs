@@ -26,11 +26,14 @@ use crate::freeze;
 use crate::state::{Identity, MapEntry, MapRole, SavedCbt, StateDir};
 
 mod backing;
+pub mod backing_io;
 mod frontend;
+pub mod serve;
 mod trust;
 
 use backing::exclusive_probe;
 pub use backing::{open_backing, open_storage, BackingKey};
+use backing_io::BackingDev;
 pub use frontend::{Frontend, NullFrontend, Served, Target};
 pub use trust::Principal;
 
@@ -234,7 +237,7 @@ impl Daemon {
                 "too many devices (max_devices in blksnapd.toml)",
             ));
         }
-        let dev: Dev = Arc::new(FileDev::from_file(file)?);
+        let dev: Dev = Arc::new(BackingDev::new(file, self.config.backing_direct_io, &canonical)?);
         let target = Arc::new(Target {
             engine: self.engine.clone(),
             origin: RwLock::new(None),
