@@ -1,0 +1,229 @@
+//! Crashes, clean stops, faults on the state directory while no daemon runs, and restarts
+//! with the checks of each configured device's restored map.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use blksnap_engine::cbt::CbtState;
+use blksnap_engine::{Clock, Engine, EngineConfig};
+use blksnap_model::Params;
+
+use crate::daemon::{Daemon, NullFrontend};
+use crate::state::StateDir;
+
+use super::checker::{check_marks, ODev, Oracle};
+use super::{backing_path, dir_names, file_name, Res, Sim, BACKING_BYTES, CONFIGURED};
+
+/// Why a restart happens, and what the oracle expects of each device's map.
+pub(super) enum RestartCause {
+    First,
+    /// The daemon was dropped (or its state-directory writes stopped at a crash fault).
+    Crash,
+    /// A clean stop; `failed` are backings whose state file could not be written (ENOSPC),
+    /// `dirty` backings whose map cannot be trusted (offline write, torn file).
+    Clean {
+        failed: BTreeSet<usize>,
+        dirty: BTreeSet<usize>,
+    },
+}
+
+impl Sim {
+    pub(super) fn crash_and_restart(&mut self) -> Res {
+        drop(self.daemon.take());
+        self.o = Oracle::default();
+        self.while_down(false, &mut BTreeSet::new())?;
+        self.restart(&BTreeMap::new(), &RestartCause::Crash)
+    }
+
+    /// A clean stop (possibly hit by a fault), a gap, a restart.
+    pub(super) fn stop_and_restart(&mut self, plain: bool) -> Res {
+        let mut before: BTreeMap<usize, (ODev, CbtState)> = BTreeMap::new();
+        for (id, od) in &self.o.devs {
+            if od.track.is_some() {
+                let st = self.d().engine().cbt_export(*id).map_err(|e| format!("export: {e:?}"))?;
+                before.insert(od.backing, (od.clone(), st));
+            }
+        }
+        // Faults: ENOSPC at one change of the stop, or a crash at one.
+        let changes = self.o.snaps.len() as u64 + before.len() as u64 + 2;
+        let fault = if plain { 0 } else { self.rng.below(10) };
+        let at = self.rng.below(changes);
+        let keep = self.rng.below(200) as usize;
+        match fault {
+            0..=1 => {
+                self.faults.arm(at, false, keep);
+            }
+            2 => self.faults.arm(at, true, keep),
+            _ => {}
+        }
+        self.trace(|| format!("clean stop (fault {fault}, at change {at})"));
+        let d = self.daemon.take().expect("running");
+        d.shutdown();
+        drop(d);
+        let hit = self.faults.hit();
+        let dead = self.faults.dead();
+        let mut failed = BTreeSet::new();
+        if let Some(p) = &hit {
+            if dead {
+                self.report.crashes_in_stop += 1;
+            } else {
+                self.report.enospc += 1;
+            }
+            for b in before.keys() {
+                if *p == self.cbt_file(*b) {
+                    failed.insert(*b);
+                }
+            }
+        }
+        self.faults.reset();
+        self.o = Oracle::default();
+        if dead {
+            self.while_down(false, &mut BTreeSet::new())?;
+            return self.restart(&BTreeMap::new(), &RestartCause::Crash);
+        }
+        self.report.clean_stops += 1;
+        // What a clean stop leaves: the saved trackers (those not failed), nothing else.
+        let names = dir_names(&self.state_dir)?;
+        let want: BTreeSet<String> = before
+            .keys()
+            .filter(|b| !failed.contains(b))
+            .map(|b| file_name(&self.cbt_file(*b)))
+            .collect();
+        let names: BTreeSet<String> =
+            names.into_iter().filter(|n| !self.lingering.contains(n) || want.contains(n)).collect();
+        if names != want {
+            return Err(format!(
+                "after a clean stop the state directory holds {names:?}, expected {want:?}"
+            ));
+        }
+        let mut dirty = BTreeSet::new();
+        if !plain {
+            self.while_down(true, &mut dirty)?;
+        }
+        let saved: BTreeMap<usize, (ODev, CbtState)> =
+            before.into_iter().filter(|(b, _)| !failed.contains(b)).collect();
+        self.restart(&saved, &RestartCause::Clean { failed, dirty })
+    }
+
+    pub(super) fn cbt_file(&self, b: usize) -> PathBuf {
+        let canonical = std::fs::canonicalize(backing_path(&self.root, b)).unwrap_or_default();
+        StateDir::cbt_path_in(&self.state_dir, &canonical.display().to_string())
+    }
+
+    /// While no daemon runs: maybe write a backing directly, maybe tear a saved state file.
+    pub(super) fn while_down(&mut self, clean: bool, dirty: &mut BTreeSet<usize>) -> Res {
+        if self.rng.chance(25) {
+            let b = self.rng.below(CONFIGURED as u64) as usize;
+            let off = self.rng.below(BACKING_BYTES - 4096);
+            let byte = self.rng.next() as u8;
+            use std::os::unix::fs::FileExt;
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(backing_path(&self.root, b))
+                .map_err(|e| format!("offline write: {e}"))?;
+            f.write_all_at(&[byte; 4096], off).map_err(|e| format!("offline write: {e}"))?;
+            self.trace(|| format!("offline write of backing {b} at {off}"));
+            self.report.offline_writes += 1;
+            dirty.insert(b);
+        }
+        if clean && self.rng.chance(15) {
+            let b = self.rng.below(CONFIGURED as u64) as usize;
+            let path = self.cbt_file(b);
+            if let Ok(mut bytes) = std::fs::read(&path) {
+                if self.rng.chance(50) {
+                    let n = self.rng.below(bytes.len() as u64) as usize;
+                    bytes.truncate(n);
+                } else {
+                    let i = self.rng.below(bytes.len() as u64) as usize;
+                    bytes[i] ^= 1 << self.rng.below(8);
+                }
+                std::fs::write(&path, &bytes).map_err(|e| format!("tear: {e}"))?;
+                self.trace(|| format!("tore the state file of backing {b}"));
+                self.report.torn_files += 1;
+                dirty.insert(b);
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts a daemon on the state directory and checks each configured device's map against
+    /// what was saved.
+    pub(super) fn restart(
+        &mut self,
+        saved: &BTreeMap<usize, (ODev, CbtState)>,
+        cause: &RestartCause,
+    ) -> Res {
+        self.faults.reset(); // a new process
+                             // Sometimes the disk is full when the daemon starts: the marker cannot be written, the
+                             // start is refused (and retried, as systemd would).
+        if self.rng.chance(5) {
+            self.faults.arm(0, false, self.rng.below(8) as usize);
+            if StateDir::open_with_faults(&self.state_dir, Some(self.faults.clone())).is_ok() {
+                return Err("a start whose marker could not be written was not refused".into());
+            }
+            self.report.enospc += 1;
+            self.report.starts_refused += 1;
+            self.faults.reset();
+        }
+        self.incarnation += 1;
+        let sd = StateDir::open_with_faults(&self.state_dir, Some(self.faults.clone()))
+            .map_err(|e| format!("state dir: {e}"))?;
+        let params = Params::default();
+        let engine = Engine::new(EngineConfig::new(
+            params,
+            Some(self.cfg.seed.wrapping_mul(1000).wrapping_add(self.incarnation)),
+            Clock::manual(true),
+        ))
+        .map_err(|e| format!("engine: {e:?}"))?;
+        let frontend = NullFrontend::failing_images(self.fail_images.clone());
+        let d = Daemon::with_state(Arc::new(engine), Box::new(frontend), self.config.clone(), sd);
+        let ids = d.add_configured().map_err(|e| format!("start: {e}"))?;
+        self.daemon = Some(d);
+        self.report.restarts += 1;
+        self.trace(|| format!("restart {} devices", ids.len()));
+        for (b, id) in ids.into_iter().enumerate() {
+            let attach = self.config.devices[b].attach;
+            let st = self.d().engine().cbt_export(id).ok();
+            let prev = saved.get(&b);
+            let expect_restored = match cause {
+                RestartCause::Clean { failed, dirty } => {
+                    prev.is_some() && !failed.contains(&b) && !dirty.contains(&b)
+                }
+                _ => false,
+            };
+            let what = format!("restart: configured device {b}");
+            let track = match (st, prev) {
+                (None, _) if expect_restored || attach => {
+                    return Err(format!("{what}: not tracked"));
+                }
+                (None, _) => None,
+                (Some(st), Some((od, then))) if st.generation == then.generation => {
+                    // The same generation: the saved state, exactly (which marks every block
+                    // written since the last take), and only when nothing can have changed it.
+                    let t = od.track.clone().expect("tracked");
+                    if st != *then {
+                        return Err(format!("{what}: same generation, another map:\n  saved {then:?}\n  now   {st:?}"));
+                    }
+                    check_marks(id, &t, &st)?;
+                    if !expect_restored {
+                        return Err(format!("{what}: the saved map came back after a gap that may have changed the backing"));
+                    }
+                    self.report.maps_restored += 1;
+                    Some(t)
+                }
+                (Some(_), _) => {
+                    if expect_restored {
+                        return Err(format!(
+                            "{what}: a new generation after a clean stop with nothing changed"
+                        ));
+                    }
+                    self.report.new_generations += 1;
+                    Some(self.fresh_track(id, &what)?)
+                }
+            };
+            self.o.devs.insert(id, ODev { backing: b, track });
+        }
+        Ok(())
+    }
+}
