@@ -30,7 +30,7 @@ mod frontend;
 
 use backing::exclusive_probe;
 pub use backing::{open_backing, open_storage, BackingKey};
-pub use frontend::{Frontend, NullFrontend, Served, Target};
+pub use frontend::{Frontend, NullDevices, NullFrontend, Served, Target};
 
 struct Origin {
     served: Box<dyn Served>,
@@ -307,23 +307,30 @@ impl Daemon {
                 }
             }
         }
-        let mut ids = Vec::new();
-        let mut recovered = Vec::new();
-        for d in &self.config.devices {
-            let how = self.start_plan(&d.backing, d.attach, &map);
-            if let Some(h) = how.recover {
-                recovered.push(h);
+        // Every device of the previous run that is not taken over is deleted before any new
+        // device is served: a new device may get the number of a deleted one (ublk hands out
+        // the lowest free id), and a deletion after it would delete the new device (found by
+        // the daemon simulation, after a crash that left a stale device map).
+        let plans: Vec<OriginStart> = self
+            .config
+            .devices
+            .iter()
+            .map(|d| self.start_plan(&d.backing, d.attach, &map))
+            .collect();
+        let recovered: Vec<u32> = plans.iter().filter_map(|how| how.recover).collect();
+        for e in &map {
+            if matches!(e.role, MapRole::Origin(_)) && !recovered.contains(&e.handle) {
+                // A device of the previous run that is not configured any more (or could not
+                // be recovered: `start_plan` deleted it already).
+                self.frontend.remove_stale(e.handle);
             }
+        }
+        let mut ids = Vec::new();
+        for (d, how) in self.config.devices.iter().zip(plans) {
             let id = self
                 .add_origin_with(&d.backing, how)
                 .map_err(|e| format!("{}: {e:?}", d.backing.display()))?;
             ids.push(id);
-        }
-        for e in &map {
-            if matches!(e.role, MapRole::Origin(_)) && !recovered.contains(&e.handle) {
-                // A device of the previous run that is not configured any more.
-                self.frontend.remove_stale(e.handle);
-            }
         }
         Ok(ids)
     }
@@ -343,7 +350,8 @@ impl Daemon {
                 return how;
             }
         };
-        // A device the previous run left (crash, or a clean stop with `keep_devices`).
+        // A device the previous run left (a clean stop keeps them unless
+        // `remove_devices_on_stop`; a crash leaves them too).
         if !map.is_empty() {
             let handle = map.iter().find_map(|e| match &e.role {
                 MapRole::Origin(b) if *b == identity.backing => Some(e.handle),
@@ -748,19 +756,23 @@ impl Daemon {
         Ok(())
     }
 
-    /// Clean stop: destroys every snapshot (removing images), then stops every origin device —
-    /// or, with `keep_devices` and a state directory, leaves each origin device to the next
-    /// daemon (see below). With a state directory, each origin's tracker is saved once no write
-    /// can reach its backing any more and the backing is flushed; the marker goes last.
+    /// Clean stop: destroys every snapshot (the engine first, so image I/O fails with EIO from
+    /// then on; then the image devices are removed — snapshots never survive a stop), then
+    /// leaves each origin device to the next daemon (the default; see below) — or stops it,
+    /// with `remove_devices_on_stop`, without a state directory (nothing would tell the next
+    /// daemon which device is which), or when the front end cannot recover devices. With a
+    /// state directory, each origin's tracker is saved once no write can reach its backing any
+    /// more and the backing is flushed; the marker goes last.
     ///
     /// Keeping a device: the data path's lock ([`Target::origin`]) is taken for writing and
     /// never released — requests in flight finish first (they hold it for reading), later ones
     /// wait in their queue thread — so the saved CBT has every write that reached the backing.
-    /// The device is not stopped: when the process exits the kernel quiesces it (ublk user
-    /// recovery), keeps `/dev/ublkbN` and what is mounted on it, and reissues the waiting and
-    /// new requests to the next daemon, which takes the device over with the saved CBT (same
-    /// generation; the device map in the state directory says which device was which). The
-    /// caller must exit the process right after.
+    /// The device is not stopped ([`Served::keep`]): when the process exits the kernel
+    /// quiesces it (ublk user recovery), keeps `/dev/ublkbN` and what is mounted on it, and
+    /// reissues the waiting and new requests to the next daemon, which takes the device over
+    /// with the saved CBT (same generation; the device map in the state directory says which
+    /// device was which) — the recovery path of a crash, with the map carried over. The caller
+    /// must exit the process right after.
     pub fn shutdown(&self) {
         for id in self.engine.snapshot_collect() {
             if let Err(e) = self.destroy(id) {
@@ -773,7 +785,7 @@ impl Daemon {
             std::mem::take(&mut st.origins)
         };
         let persist = self.persist().take();
-        let keep = self.config.keep_devices && persist.is_some();
+        let keep = self.config.keeps_devices() && persist.is_some();
         let mut kept = 0;
         for (id, o) in origins {
             if keep && o.served.handle().is_some() {
@@ -787,8 +799,8 @@ impl Daemon {
                     o.backing_path.display(),
                     o.served.path()
                 );
-                // No drop: dropping the served device would stop it.
-                std::mem::forget(o);
+                // Not stopped: left for the next daemon.
+                o.served.keep();
                 kept += 1;
             } else {
                 let Origin { served, target, backing_path, .. } = o;

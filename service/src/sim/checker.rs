@@ -107,6 +107,16 @@ impl Sim {
         if images != want_images {
             return Err(format!("images of {images:?}, expected of {want_images:?}"));
         }
+        // The front end holds exactly the daemon's devices: none leaked (by a failed request,
+        // a rollback, a restart that neither took over nor deleted a device of the last run).
+        let served: BTreeSet<(DeviceId, bool)> = list
+            .iter()
+            .map(|e| (DeviceId::from(e.dev), matches!(e.role, Role::Image { .. })))
+            .collect();
+        let existing: BTreeSet<(DeviceId, bool)> = self.devices.list().into_values().collect();
+        if existing != served {
+            return Err(format!("devices that exist {existing:?}, served {served:?}"));
+        }
         let mut snaps = d.engine().snapshot_collect();
         snaps.sort();
         let mut want_snaps: Vec<SnapshotId> = self.o.snaps.iter().map(|s| s.id).collect();

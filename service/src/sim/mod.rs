@@ -22,7 +22,11 @@
 //!   since the last take — or has a generation never seen before (fresh, `changes_number` 0);
 //!   it must be the saved one when nothing could have changed it (clean stop, no fault, no
 //!   offline write);
-//! * an event taken by a client that hung up is given to the next waiter of its snapshot.
+//! * an event taken by a client that hung up is given to the next waiter of its snapshot;
+//! * the front end's devices, which outlive a daemon as ublk devices do (the null front end's
+//!   [`NullDevices`]), are exactly the daemon's: a clean stop leaves every origin device (by
+//!   default) or none (`remove_devices_on_stop`) and never an image, and the next start takes
+//!   each configured one over as the same device (after a crash too) and deletes the rest.
 //!
 //! Parts: the generator of clients' requests and origin writes with the oracle's bookkeeping
 //! ([`workload`]), the oracle and the checks after every step ([`checker`]), and crashes, clean
@@ -40,7 +44,7 @@ use std::sync::Arc;
 use blksnap_model::{DeviceId, Uuid};
 
 use crate::config::{Config, DeviceConfig};
-use crate::daemon::Daemon;
+use crate::daemon::{Daemon, NullDevices};
 use crate::state::Faults;
 
 use checker::{Oracle, Track};
@@ -105,6 +109,12 @@ pub struct Report {
     pub maps_restored: u64,
     /// New generations after a restart.
     pub new_generations: u64,
+    /// Clean stops that left the origin devices for the next daemon (the default).
+    pub stops_keeping: u64,
+    /// Devices a restarted daemon took over (left by a clean stop or a crash).
+    pub devices_taken_over: u64,
+    /// Devices left by a crash at a state-directory write, not in the device map (deleted).
+    pub orphans: u64,
     /// Takes rolled back (an image device could not be served).
     pub takes_rolled_back: u64,
     /// Events requeued for a client that hung up, and later delivered to the next waiter.
@@ -125,7 +135,16 @@ impl std::fmt::Display for Report {
             "  crashes          {} between requests, {} in a request, {} in a clean stop",
             self.crashes, self.crashes_in_request, self.crashes_in_stop
         )?;
-        writeln!(f, "  clean stops      {}", self.clean_stops)?;
+        writeln!(
+            f,
+            "  clean stops      {} ({} keeping the devices)",
+            self.clean_stops, self.stops_keeping
+        )?;
+        writeln!(
+            f,
+            "  devices          {} taken over by the next daemon, {} orphans deleted",
+            self.devices_taken_over, self.orphans
+        )?;
         writeln!(
             f,
             "  restarts         {} ({} starts refused and retried)",
@@ -159,6 +178,10 @@ struct Sim {
     config: Config,
     faults: Arc<Faults>,
     fail_images: Arc<AtomicBool>,
+    /// The front end's devices, which outlive a daemon (ublk user recovery's model).
+    devices: Arc<NullDevices>,
+    /// The devices of configured backings the last daemon left, which the next must take over.
+    left: BTreeMap<usize, DeviceId>,
     daemon: Option<Daemon>,
     incarnation: u64,
     o: Oracle,
@@ -233,6 +256,8 @@ fn run_in(cfg: &SimConfig, root: &Path) -> Result<Report, String> {
         config,
         faults: Arc::new(Faults::default()),
         fail_images: Arc::new(AtomicBool::new(false)),
+        devices: Arc::new(NullDevices::default()),
+        left: BTreeMap::new(),
         daemon: None,
         incarnation: 0,
         o: Oracle::default(),
@@ -314,7 +339,7 @@ impl Sim {
             0..=14 => {
                 self.trace(|| "crash".into());
                 self.report.crashes += 1;
-                self.crash_and_restart()
+                self.crash_and_restart(false)
             }
             15..=24 => {
                 // A crash during the next request that changes the state directory.
@@ -323,7 +348,7 @@ impl Sim {
                 if self.faults.dead() {
                     self.trace(|| "crash in the request".into());
                     self.report.crashes_in_request += 1;
-                    self.crash_and_restart()
+                    self.crash_and_restart(true)
                 } else {
                     self.faults.reset();
                     Ok(())

@@ -7,19 +7,23 @@ use std::sync::Arc;
 
 use blksnap_engine::cbt::CbtState;
 use blksnap_engine::{Clock, Engine, EngineConfig};
-use blksnap_model::Params;
+use blksnap_model::{DeviceId, Params};
 
 use crate::daemon::{Daemon, NullFrontend};
 use crate::state::StateDir;
 
 use super::checker::{check_marks, ODev, Oracle};
 use super::{backing_path, dir_names, file_name, Res, Sim, BACKING_BYTES, CONFIGURED};
+use crate::state::DEVICES;
 
 /// Why a restart happens, and what the oracle expects of each device's map.
 pub(super) enum RestartCause {
     First,
-    /// The daemon was dropped (or its state-directory writes stopped at a crash fault).
-    Crash,
+    /// The daemon was dropped (`torn`: its state-directory writes stopped at a crash fault,
+    /// perhaps between serving a device and recording it in the device map).
+    Crash {
+        torn: bool,
+    },
     /// A clean stop; `failed` are backings whose state file could not be written (ENOSPC),
     /// `dirty` backings whose map cannot be trusted (offline write, torn file).
     Clean {
@@ -29,11 +33,22 @@ pub(super) enum RestartCause {
 }
 
 impl Sim {
-    pub(super) fn crash_and_restart(&mut self) -> Res {
+    /// A crash (`torn`: at a state-directory write of a request): the process state is gone,
+    /// its devices stay (as ublk devices stay for user recovery).
+    pub(super) fn crash_and_restart(&mut self, torn: bool) -> Res {
         drop(self.daemon.take());
+        // Between requests, every device is in the device map: each configured one must come
+        // back as the same device.
+        self.left = if torn { BTreeMap::new() } else { self.configured_ids() };
         self.o = Oracle::default();
         self.while_down(false, &mut BTreeSet::new())?;
-        self.restart(&BTreeMap::new(), &RestartCause::Crash)
+        self.restart(&BTreeMap::new(), &RestartCause::Crash { torn })
+    }
+
+    /// The devices of configured backings: backing → device.
+    fn configured_ids(&self) -> BTreeMap<usize, DeviceId> {
+        let configured = self.o.devs.iter().filter(|(_, d)| d.backing < CONFIGURED);
+        configured.map(|(id, d)| (d.backing, *id)).collect()
     }
 
     /// A clean stop (possibly hit by a fault), a gap, a restart.
@@ -59,6 +74,8 @@ impl Sim {
         }
         self.trace(|| format!("clean stop (fault {fault}, at change {at})"));
         let d = self.daemon.take().expect("running");
+        let keeps = d.config().keeps_devices();
+        let origins: BTreeSet<DeviceId> = self.o.devs.keys().copied().collect();
         d.shutdown();
         drop(d);
         let hit = self.faults.hit();
@@ -77,19 +94,42 @@ impl Sim {
             }
         }
         self.faults.reset();
-        self.o = Oracle::default();
         if dead {
+            self.left = BTreeMap::new();
+            self.o = Oracle::default();
             self.while_down(false, &mut BTreeSet::new())?;
-            return self.restart(&BTreeMap::new(), &RestartCause::Crash);
+            return self.restart(&BTreeMap::new(), &RestartCause::Crash { torn: true });
         }
         self.report.clean_stops += 1;
-        // What a clean stop leaves: the saved trackers (those not failed), nothing else.
+        // The devices a clean stop leaves: every origin (by default), or none
+        // (`remove_devices_on_stop`); never an image (snapshots do not survive a stop).
+        let left: BTreeSet<(DeviceId, bool)> = self.devices.list().into_values().collect();
+        let want_left: BTreeSet<(DeviceId, bool)> =
+            if keeps { origins.iter().map(|id| (*id, false)).collect() } else { BTreeSet::new() };
+        if left != want_left {
+            return Err(format!(
+                "a clean stop (keeping devices: {keeps}) left the devices {left:?}, expected \
+                 {want_left:?}"
+            ));
+        }
+        if keeps {
+            self.report.stops_keeping += 1;
+            self.left = self.configured_ids();
+        } else {
+            self.left = BTreeMap::new();
+        }
+        self.o = Oracle::default();
+        // What a clean stop leaves in the directory: the saved trackers (those not failed),
+        // and the device map when it left devices; nothing else.
         let names = dir_names(&self.state_dir)?;
-        let want: BTreeSet<String> = before
+        let mut want: BTreeSet<String> = before
             .keys()
             .filter(|b| !failed.contains(b))
             .map(|b| file_name(&self.cbt_file(*b)))
             .collect();
+        if keeps && !origins.is_empty() {
+            want.insert(DEVICES.to_string());
+        }
         let names: BTreeSet<String> =
             names.into_iter().filter(|n| !self.lingering.contains(n) || want.contains(n)).collect();
         if names != want {
@@ -176,12 +216,46 @@ impl Sim {
             Clock::manual(true),
         ))
         .map_err(|e| format!("engine: {e:?}"))?;
-        let frontend = NullFrontend::failing_images(self.fail_images.clone());
-        let d = Daemon::with_state(Arc::new(engine), Box::new(frontend), self.config.clone(), sd);
+        let frontend = NullFrontend::lasting(self.fail_images.clone(), self.devices.clone());
+        // Mostly the default (a clean stop keeps the devices), sometimes the old behaviour.
+        let mut config = self.config.clone();
+        config.remove_devices_on_stop = self.rng.chance(20);
+        let d = Daemon::with_state(Arc::new(engine), Box::new(frontend), config, sd);
         let ids = d.add_configured().map_err(|e| format!("start: {e}"))?;
         self.daemon = Some(d);
         self.report.restarts += 1;
         self.trace(|| format!("restart {} devices", ids.len()));
+        // The devices the previous run left: each configured one is taken over (the same
+        // device), the others deleted. Only a crash at a state-directory write can leave a
+        // device the map does not name (served, not yet recorded): nothing can find it again
+        // (an orphan, as a ublk device would be); the simulation deletes it, as an
+        // administrator would, and counts it.
+        for (b, id) in ids.iter().enumerate() {
+            if let Some(old) = self.left.get(&b) {
+                if old != id {
+                    return Err(format!(
+                        "restart: configured device {b} was {old}, left for this daemon, and is \
+                         now {id}: not taken over"
+                    ));
+                }
+                self.report.devices_taken_over += 1;
+            }
+        }
+        self.left = BTreeMap::new();
+        let torn = matches!(cause, RestartCause::Crash { torn: true });
+        for (handle, (dev, image)) in self.devices.list() {
+            if !ids.contains(&dev) || image {
+                if !torn {
+                    return Err(format!(
+                        "restart: device {dev} (handle {handle}, image: {image}) of the previous \
+                         run neither taken over nor deleted"
+                    ));
+                }
+                self.trace(|| format!("orphan device {dev} deleted"));
+                self.report.orphans += 1;
+                self.devices.remove(handle);
+            }
+        }
         for (b, id) in ids.into_iter().enumerate() {
             let attach = self.config.devices[b].attach;
             let st = self.d().engine().cbt_export(id).ok();
