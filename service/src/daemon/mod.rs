@@ -3,13 +3,16 @@
 //! (`crate::ublk`, feature `ublk`), or [`NullFrontend`] (no block devices, synthetic ids) for
 //! tests of the control plane on hosts without the driver.
 //!
-//! Lock order: `state` → engine (the engine's own order below it). The data path never takes
+//! Lock order: `state` → engine (the engine's own order below it). The daemon's locks come from
+//! [`crate::sync`] (shuttle's under `--cfg blksnap_shuttle`: `tests/shuttle_daemon.rs`). The data path never takes
 //! `state`: each served device holds an [`Arc<Target>`] with what it needs (engine id, backing,
 //! the storage backends to flush).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
+
+use crate::sync;
 use std::time::Duration;
 
 use blksnap_engine::io::{BlockDev, Dev, FileDev};
@@ -23,7 +26,7 @@ use blksnap_proto::{
 
 use crate::config::Config;
 use crate::freeze;
-use crate::state::{Identity, MapEntry, MapRole, SavedCbt, StateDir};
+use crate::state::{MapEntry, MapRole, SavedCbt, StateDir};
 
 mod backing;
 mod frontend;
@@ -74,13 +77,13 @@ pub struct Daemon {
     engine: Arc<Engine>,
     frontend: Box<dyn Frontend>,
     config: Config,
-    state: Mutex<State>,
-    persist: Mutex<Option<StateDir>>,
+    state: sync::Mutex<State>,
+    persist: sync::Mutex<Option<StateDir>>,
     /// Events taken from a snapshot's queue for a client that hung up before it got them, by
     /// snapshot: the next WaitEvent of that snapshot gets them first (older than anything
     /// still queued in the engine, so the order is kept). Cleared when the snapshot goes.
     /// Bounded like the engine's queue ([`EVENT_QUEUE_CAPACITY`]).
-    undelivered: Mutex<HashMap<SnapshotId, std::collections::VecDeque<EventW>>>,
+    undelivered: sync::Mutex<HashMap<SnapshotId, std::collections::VecDeque<EventW>>>,
 }
 
 /// How long one slice of a WaitEvent waits in the engine before the daemon looks at its
@@ -127,9 +130,9 @@ impl Daemon {
             engine,
             frontend,
             config,
-            state: Mutex::new(State::default()),
-            persist: Mutex::new(None),
-            undelivered: Mutex::new(HashMap::new()),
+            state: sync::Mutex::new(State::default()),
+            persist: sync::Mutex::new(None),
+            undelivered: sync::Mutex::new(HashMap::new()),
         }
     }
 
@@ -146,7 +149,7 @@ impl Daemon {
         d
     }
 
-    fn persist(&self) -> std::sync::MutexGuard<'_, Option<StateDir>> {
+    fn persist(&self) -> sync::MutexGuard<'_, Option<StateDir>> {
         self.persist.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -180,7 +183,7 @@ impl Daemon {
         &self.config
     }
 
-    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+    fn state(&self) -> sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -343,7 +346,7 @@ impl Daemon {
         let Some(sd) = persist.as_ref() else { return how };
         let name = backing.display();
         let capacity = FileDev::open(backing, false).map(|f| f.len_bytes()).unwrap_or(0);
-        let identity = match Identity::of(backing, capacity) {
+        let identity = match sd.identity(backing, capacity) {
             Ok(i) => i,
             Err(e) => {
                 eprintln!("blksnapd: {name}: {e}: CBT not restored");
@@ -826,7 +829,7 @@ fn save_tracker(engine: &Engine, sd: &StateDir, id: DeviceId, target: &Target, b
         .backing
         .flush()
         .map_err(|e| format!("flush: {e:?}"))
-        .and_then(|()| Identity::of(backing, target.capacity_bytes()).map_err(|e| e.to_string()))
+        .and_then(|()| sd.identity(backing, target.capacity_bytes()).map_err(|e| e.to_string()))
         .and_then(|identity| sd.save_cbt(&SavedCbt::new(identity, cbt)));
     match saved {
         Ok(path) => eprintln!("blksnapd: {}: CBT saved to {}", backing.display(), path.display()),

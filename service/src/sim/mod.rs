@@ -22,6 +22,9 @@
 //!   since the last take — or has a generation never seen before (fresh, `changes_number` 0);
 //!   it must be the saved one when nothing could have changed it (clean stop, no fault, no
 //!   offline write);
+//! * one configured backing is presented as a block device (its identity only the write
+//!   witness: kernel counters moved by offline writes, a boot id changed by a reboot, a diskseq
+//!   by a re-attached loop device): its map comes back only when the witness is unchanged;
 //! * an event taken by a client that hung up is given to the next waiter of its snapshot;
 //! * the front end's devices, which outlive a daemon as ublk devices do (the null front end's
 //!   [`NullDevices`]), are exactly the daemon's: a clean stop leaves every origin device (by
@@ -45,7 +48,7 @@ use blksnap_model::{DeviceId, Uuid};
 
 use crate::config::{Config, DeviceConfig};
 use crate::daemon::{Daemon, NullDevices};
-use crate::state::Faults;
+use crate::state::{Faults, Witness};
 
 use checker::{Oracle, Track};
 use restart::RestartCause;
@@ -55,6 +58,10 @@ use workload::Rng;
 /// only at run time (AddDevice).
 const BACKINGS: usize = 5;
 const CONFIGURED: usize = 4;
+/// The configured backing presented as a block device (`Faults::set_block_witness`): its
+/// identity has no times, only the write witness — kernel counters, diskseq, boot id — can show
+/// it was not written while no daemon ran.
+const BLOCK_BACKING: usize = 3;
 /// Backing size: 64 CBT blocks of 64 KiB.
 const BACKING_BYTES: u64 = 4 << 20;
 const BLOCK_SHIFT: u32 = 16;
@@ -105,6 +112,9 @@ pub struct Report {
     pub torn_files: u64,
     /// Backings written while no daemon ran.
     pub offline_writes: u64,
+    /// Reboots and re-attached loop devices (the block device's witness reset) while no daemon
+    /// ran.
+    pub witness_resets: u64,
     /// Maps restored after a restart (same generation, checked equal to the saved state).
     pub maps_restored: u64,
     /// New generations after a restart.
@@ -152,8 +162,9 @@ impl std::fmt::Display for Report {
         )?;
         writeln!(
             f,
-            "  faults           {} ENOSPC, {} torn state files, {} offline writes",
-            self.enospc, self.torn_files, self.offline_writes
+            "  faults           {} ENOSPC, {} torn state files, {} offline writes, {} \
+             block-device witness resets",
+            self.enospc, self.torn_files, self.offline_writes, self.witness_resets
         )?;
         writeln!(
             f,
@@ -273,6 +284,8 @@ fn run_in(cfg: &SimConfig, root: &Path) -> Result<Report, String> {
         let f = file_name(&sim.cbt_file(b));
         sim.lingering.insert(f);
     }
+    let witness = Witness { boot_id: "sim-boot".into(), diskseq: 1, counters: vec![0; 4] };
+    sim.faults.set_block_witness(&sim.canonical(BLOCK_BACKING), witness);
     sim.restart(&BTreeMap::new(), &RestartCause::First)?;
     sim.check()?;
     for step in 1..=cfg.steps {

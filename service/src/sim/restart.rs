@@ -10,10 +10,12 @@ use blksnap_engine::{Clock, Engine, EngineConfig};
 use blksnap_model::{DeviceId, Params};
 
 use crate::daemon::{Daemon, NullFrontend};
-use crate::state::StateDir;
+use crate::state::{StateDir, Witness};
 
 use super::checker::{check_marks, ODev, Oracle};
-use super::{backing_path, dir_names, file_name, Res, Sim, BACKING_BYTES, CONFIGURED};
+use super::{
+    backing_path, dir_names, file_name, Res, Sim, BACKING_BYTES, BLOCK_BACKING, CONFIGURED,
+};
 use crate::state::DEVICES;
 
 /// Why a restart happens, and what the oracle expects of each device's map.
@@ -146,6 +148,20 @@ impl Sim {
         self.restart(&saved, &RestartCause::Clean { failed, dirty })
     }
 
+    /// Changes the simulated witness of the backing presented as a block device.
+    pub(super) fn change_witness(&mut self, f: impl FnOnce(&mut Witness)) {
+        let canonical = self.canonical(BLOCK_BACKING);
+        let mut w = self.faults.block_witness(&canonical).expect("a simulated block device");
+        f(&mut w);
+        self.faults.set_block_witness(&canonical, w);
+    }
+
+    /// The canonical path of backing `b` (its identity's name).
+    pub(super) fn canonical(&self, b: usize) -> String {
+        let canonical = std::fs::canonicalize(backing_path(&self.root, b)).unwrap_or_default();
+        canonical.display().to_string()
+    }
+
     pub(super) fn cbt_file(&self, b: usize) -> PathBuf {
         let canonical = std::fs::canonicalize(backing_path(&self.root, b)).unwrap_or_default();
         StateDir::cbt_path_in(&self.state_dir, &canonical.display().to_string())
@@ -165,7 +181,32 @@ impl Sim {
             f.write_all_at(&[byte; 4096], off).map_err(|e| format!("offline write: {e}"))?;
             self.trace(|| format!("offline write of backing {b} at {off}"));
             self.report.offline_writes += 1;
+            if b == BLOCK_BACKING {
+                // The kernel counts the write (one I/O, 8 sectors): only the witness can tell,
+                // the block device's identity has no times.
+                self.change_witness(|w| {
+                    w.counters[0] += 1;
+                    w.counters[1] += 8;
+                });
+            }
             dirty.insert(b);
+        }
+        // The block device's witness moved by something else than a write: a reboot (new boot
+        // id, counters from zero) or the loop device re-attached (new diskseq). Either forces a
+        // new generation for it, and only for it.
+        if clean && self.rng.chance(4) {
+            let reboot = self.rng.chance(50);
+            self.change_witness(|w| {
+                if reboot {
+                    w.boot_id.push('+');
+                    w.counters = vec![0; 4];
+                } else {
+                    w.diskseq += 1;
+                }
+            });
+            self.trace(|| if reboot { "reboot".into() } else { "loop device re-attached".into() });
+            self.report.witness_resets += 1;
+            dirty.insert(BLOCK_BACKING);
         }
         if clean && self.rng.chance(15) {
             let b = self.rng.below(CONFIGURED as u64) as usize;
