@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use blksnap_engine::{Engine, EngineConfig};
 use blksnap_model::{DeviceId, Uuid};
-use blksnap_proto::{Reply, Request, Role, Storage};
+use blksnap_proto::{Range, Reply, Request, Role, Storage};
 use blksnap_service::config::DeviceConfig;
 use blksnap_service::daemon::NullDevices;
 use blksnap_service::sim::{self, SimConfig};
@@ -239,6 +239,11 @@ fn a_clean_stop_keeps_the_devices_and_the_next_daemon_takes_them_over() {
         panic!("create");
     };
     d.handle(Request::SnapshotAdd { id: s, dev: ids[1].into() }).unwrap();
+    let storage = h.state.with_file_name("storage.img");
+    std::fs::File::create(&storage).unwrap().set_len(4 << 20).unwrap();
+    let ranges = vec![Range { offset: 0, count: 8192 }];
+    let path = storage.display().to_string();
+    d.handle(Request::SnapshotAppend { id: s, path, ranges }).unwrap();
     d.handle(Request::SnapshotTake { id: s }).unwrap();
     assert!(d.list().iter().any(|e| matches!(e.role, Role::Image { .. })), "an image");
     write(&d, ids[1], 9);

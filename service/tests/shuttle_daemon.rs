@@ -21,7 +21,7 @@ use std::sync::Arc;
 
 use blksnap_engine::{Clock, Engine, EngineConfig};
 use blksnap_model::{DeviceId, Params};
-use blksnap_proto::{Dev, Id, Reply, Request, Role, Storage};
+use blksnap_proto::{Dev, Id, Range, Reply, Request, Role, Storage};
 use blksnap_service::{Config, Daemon, NullFrontend};
 
 const BACKING_BYTES: u64 = 1 << 20;
@@ -35,6 +35,8 @@ struct Files {
     b0_link: PathBuf,
     b0_sym: PathBuf,
     b1_link: PathBuf,
+    /// Difference storage appended to S.
+    storage: PathBuf,
     root: PathBuf,
 }
 
@@ -50,7 +52,9 @@ fn files() -> Files {
     std::os::unix::fs::symlink(&b0, &b0_sym).expect("symlink");
     let b1_link = root.join("b1.link");
     std::fs::hard_link(&b1, &b1_link).expect("hard link");
-    Files { _dir: dir, b0, b1, b0_link, b0_sym, b1_link, root }
+    let storage = root.join("storage.img");
+    std::fs::File::create(&storage).and_then(|f| f.set_len(4 << 20)).expect("storage");
+    Files { _dir: dir, b0, b1, b0_link, b0_sym, b1_link, storage, root }
 }
 
 /// A request of a case, by what it names in the starting state.
@@ -80,8 +84,9 @@ enum Op {
     Wait,
 }
 
-/// A starting state: D0 (b0) served, tracked, member of the snapshot S (ranges storage: its
-/// low-space event is queued); with `d1`, D1 (b1) served and tracked and the empty snapshot E.
+/// A starting state: D0 (b0) served, tracked, member of the snapshot S (ranges storage, 4 MiB
+/// of a file appended; its low-space event of the create is queued); with `d1`, D1 (b1) served
+/// and tracked and the empty snapshot E.
 struct Start {
     d1: bool,
     /// Image devices fail to start (a take is rolled back).
@@ -123,6 +128,12 @@ fn start(f: &Files, how: &Start) -> World {
     };
     let s = created(&daemon);
     daemon.handle(Request::SnapshotAdd { id: s, dev: d0 }).unwrap();
+    let append = Request::SnapshotAppend {
+        id: s,
+        path: f.storage.display().to_string(),
+        ranges: vec![Range { offset: 0, count: 8192 }],
+    };
+    daemon.handle(append).unwrap();
     let (mut e, mut d1) = (None, None);
     if how.d1 {
         d1 = Some(daemon.add_origin(&f.b1, true).unwrap().into());
@@ -247,6 +258,18 @@ fn sequential(f: &Files, how: &Start, ops: &[Op]) -> Vec<Outcome> {
 /// One schedule: the requests at once, the outcome one of the sequential orders'.
 fn race(f: &Arc<Files>, how: &Start, ops: &[Op]) {
     let expected = sequential(f, how, ops);
+    // The cases mean what they say: run first, a take takes (or is rolled back with the
+    // image's ENOMEM), a wait gets the queued event.
+    for (i, op) in ops.iter().enumerate() {
+        let want = match op {
+            Op::Take if how.failing_images => "errno 12",
+            Op::Take => "Done",
+            Op::Wait => "event",
+            _ => continue,
+        };
+        let seen = expected.iter().any(|(r, _)| r[i].starts_with(want));
+        assert!(seen, "{ops:?}: no sequential order where {op:?} gives {want}: {expected:?}");
+    }
     let w = Arc::new(start(f, how));
     let mut threads = Vec::new();
     for op in ops.iter().skip(1).copied() {

@@ -698,8 +698,13 @@ impl Daemon {
             self.save_map(&st);
             return Ok(());
         }
-        let err = failed
-            .unwrap_or(Error::new(Errno::ESRCH, "the snapshot was destroyed during the take"));
+        // A destroy that reached the snapshot first wins, whatever else failed: the take fails
+        // with ESRCH as if the destroy had come before it (the outcome of one sequential order;
+        // reporting the image's error here was not, found by tests/shuttle_daemon.rs).
+        let err = match failed {
+            Some(e) if alive => e,
+            _ => Error::new(Errno::ESRCH, "the snapshot was destroyed during the take"),
+        };
         if alive {
             // Engine first, as in destroy: image I/O fails from here on.
             if let Err(e) = self.engine.snapshot_destroy(id) {
