@@ -13,7 +13,7 @@
 //! backing_direct_io = "auto"        # O_DIRECT on backings: "auto" (block devices), "always",
 //!                                   # "never"
 //! state_dir = "/var/lib/blksnap"  # CBT kept across clean restarts; crash marker; device map
-//! keep_devices = false              # a clean stop leaves the devices to the next daemon
+//! remove_devices_on_stop = false    # a clean stop leaves the devices to the next daemon
 //! freeze = true                     # TAKE freezes the filesystems mounted on the origins
 //! freeze_timeout_secs = 30          # a freeze not done by then fails the take (EAGAIN)
 //!
@@ -113,10 +113,15 @@ pub struct Config {
     /// State directory (`crate::state`): saved CBT, the running marker, the device map.
     #[serde(default = "default_state_dir")]
     pub state_dir: PathBuf,
-    /// A clean stop leaves the origin devices (and what is mounted on them) to the next daemon,
-    /// which takes them over with the saved CBT; otherwise a clean stop removes them.
+    /// A clean stop removes the origin devices (what is mounted on them then fails) instead of
+    /// leaving them, and what is mounted on them, to the next daemon, which takes them over
+    /// with the saved CBT (the default).
     #[serde(default)]
-    pub keep_devices: bool,
+    pub remove_devices_on_stop: bool,
+    /// Deprecated (keeping the devices is the default now): `keep_devices = false` is the same
+    /// as `remove_devices_on_stop = true`, `true` changes nothing.
+    #[serde(default)]
+    pub keep_devices: Option<bool>,
     /// TAKE freezes the filesystems mounted on the snapshot's origins (`crate::freeze`).
     #[serde(default = "yes")]
     pub freeze: bool,
@@ -187,7 +192,8 @@ impl Default for Config {
             queue_workers: default_queue_workers(),
             backing_direct_io: Default::default(),
             state_dir: default_state_dir(),
-            keep_devices: false,
+            remove_devices_on_stop: false,
+            keep_devices: None,
             freeze: true,
             freeze_timeout_secs: default_freeze_timeout(),
             max_connections: default_max_connections(),
@@ -206,6 +212,12 @@ impl Config {
             max_connections: self.max_connections,
             idle_timeout: std::time::Duration::from_secs(u64::from(self.idle_timeout_secs)),
         }
+    }
+
+    /// Whether a clean stop leaves the origin devices to the next daemon (the default; see
+    /// [`Config::remove_devices_on_stop`]).
+    pub fn keeps_devices(&self) -> bool {
+        !self.remove_devices_on_stop && self.keep_devices != Some(false)
     }
 
     /// Parses TOML text.
@@ -229,6 +241,9 @@ impl Config {
             || !self.state_dir.is_absolute()
         {
             return Err("socket, link_dir and state_dir must be absolute paths".into());
+        }
+        if self.remove_devices_on_stop && self.keep_devices == Some(true) {
+            return Err("keep_devices = true contradicts remove_devices_on_stop = true".into());
         }
         if self.queues == Some(0) || self.queues.is_some_and(|q| q > 64) {
             return Err("queues must be 1..=64".into());
@@ -355,6 +370,12 @@ mod tests {
         assert_eq!(limits.control_limits().idle_timeout.as_secs(), 30);
         assert!(!Config::parse("freeze = false").unwrap().freeze);
         assert!(Config::default().freeze, "freezing is on by default");
+        assert!(Config::default().keeps_devices(), "a clean stop keeps the devices by default");
+        assert!(!Config::parse("remove_devices_on_stop = true").unwrap().keeps_devices());
+        // the deprecated key: `false` asks for the old behaviour, `true` is the default
+        assert!(!Config::parse("keep_devices = false").unwrap().keeps_devices());
+        assert!(Config::parse("keep_devices = true").unwrap().keeps_devices());
+        assert!(Config::parse("keep_devices = true\nremove_devices_on_stop = true").is_err());
         assert!(Config::parse("[[device]]\nbacking = \"rel.img\"").is_err());
         assert_eq!(Config::parse("").unwrap(), Config::default());
         let e = Config::parse("[params]\nno_such_param = 1").unwrap_err();

@@ -15,6 +15,7 @@ pub mod freeze;
 #[doc(hidden)]
 pub mod sim;
 pub mod state;
+pub mod sync;
 #[cfg(feature = "ublk")]
 pub mod ublk;
 

@@ -1,9 +1,10 @@
 //! `blksnapd`: serves tracked devices and snapshot images as ublk block devices and takes
 //! control requests on a Unix socket. Runs in the foreground (systemd `Type=simple`); SIGTERM or
-//! SIGINT stops it cleanly (snapshots destroyed, images and devices removed, each tracker's CBT
-//! saved in the state directory, socket unlinked); a restart after a clean stop restores the
-//! CBT (same generation), one after a crash recovers the ublk devices (user recovery) and starts
-//! new generations.
+//! SIGINT stops it cleanly: snapshots destroyed and their image devices removed, each origin
+//! flushed and its tracker's CBT saved in the state directory, the origin devices left (with
+//! what is mounted on them) for the next daemon — or removed with `--remove-devices-on-stop` —,
+//! socket unlinked. The next start takes the devices over with the saved CBT (same
+//! generation); one after a crash recovers them too (user recovery) and starts new generations.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -48,9 +49,14 @@ struct Args {
     /// Do not attach trackers of devices given with --device.
     #[arg(long)]
     no_attach: bool,
-    /// A clean stop (SIGTERM/SIGINT) leaves the origin devices, and what is mounted on them,
-    /// for the next blksnapd to take over (same devices, same CBT generation).
-    #[arg(long)]
+    /// A clean stop (SIGTERM/SIGINT) removes the origin devices (what is mounted on them
+    /// fails) instead of leaving them, and what is mounted on them, for the next blksnapd to
+    /// take over with the same CBT generation (the default).
+    #[arg(long, conflicts_with = "keep_devices")]
+    remove_devices_on_stop: bool,
+    /// The default (kept for scripts written for earlier versions): a clean stop leaves the
+    /// origin devices for the next blksnapd.
+    #[arg(long, hide = true)]
     keep_devices: bool,
     /// Do not freeze the filesystems mounted on the origins at TAKE (images are then only
     /// crash-consistent).
@@ -120,8 +126,12 @@ fn config(args: &Args) -> Result<Config, String> {
     if let Some(d) = &args.state_dir {
         cfg.state_dir = std::path::absolute(d).map_err(|e| format!("{}: {e}", d.display()))?;
     }
+    if args.remove_devices_on_stop {
+        cfg.remove_devices_on_stop = true;
+    }
     if args.keep_devices {
-        cfg.keep_devices = true;
+        cfg.remove_devices_on_stop = false;
+        cfg.keep_devices = None;
     }
     if let Some(f) = args.frontend {
         cfg.frontend = f;
@@ -184,6 +194,13 @@ fn block_signals() -> libc::sigset_t {
 fn run() -> Result<(), String> {
     let args = Args::parse();
     let cfg = config(&args)?;
+    if let Some(keep) = cfg.keep_devices {
+        eprintln!(
+            "blksnapd: keep_devices = {keep} is deprecated: a clean stop keeps the devices by \
+             default; remove_devices_on_stop = true removes them{}",
+            if keep { "" } else { " (what keep_devices = false asks for: applied)" }
+        );
+    }
     let set = block_signals();
     let frontend = frontend(&cfg)?;
     let params = cfg.engine_params()?;
