@@ -26,10 +26,12 @@ use crate::freeze;
 use crate::state::{Identity, MapEntry, MapRole, SavedCbt, StateDir};
 
 mod backing;
+mod data;
 mod frontend;
 
 use backing::exclusive_probe;
 pub use backing::{open_backing, open_storage, BackingKey};
+pub use data::DataOp;
 pub use frontend::{Frontend, NullFrontend, Served, Target};
 
 struct Origin {
@@ -580,6 +582,11 @@ impl Daemon {
                 self.remove_origin(dev.into())?;
                 Reply::Done
             }
+            req @ (Request::DevRead { .. }
+            | Request::DevWrite { .. }
+            | Request::DevDiscard { .. }
+            | Request::DevWriteZeroes { .. }
+            | Request::DevFlush { .. }) => self.data(req)?,
         })
     }
 
