@@ -355,6 +355,12 @@ mod tests {
         let no_effect = Config::parse(no_effect).unwrap().engine_params().unwrap();
         assert_eq!(no_effect, Params::default(), "accepted, documented as without effect");
         assert_eq!(p.chunk_minimum_shift, Params::default().chunk_minimum_shift);
+        // every kernel parameter of both generations, by its kernel name, in [params]
+        for (name, value) in Params::KERNEL_DEFAULTS {
+            let cfg = Config::parse(&format!("[params]\n{name} = {value}"))
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert!(cfg.engine_params().is_ok(), "{name}");
+        }
         // sanitised as the module does: the step is at least two minimum chunks
         let cfg = Config::parse("[params]\ndiff_storage_minimum_sectors = 1").unwrap();
         assert_eq!(cfg.engine_params().unwrap().diff_storage_minimum_sectors, 1024);
