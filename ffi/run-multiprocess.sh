@@ -27,10 +27,12 @@ cd "$(dirname "$0")/.."
 
 # BLKSNAP_MP_RELEASE=1: release builds (for the throughput numbers); CI uses the shared debug ones.
 if [ "${BLKSNAP_MP_RELEASE:-0}" = 1 ]; then
-  cargo build -q --release -p blksnap-service --bin blksnapd --bin blksnap -p blksnap-preload
+  cargo build -q --release -p blksnap-service --bin blksnapd --bin blksnap
+  cargo build -q --release -p blksnap-preload
   BIN=${CARGO_TARGET_DIR:-target}/release
 else
-  cargo build -q -p blksnap-service --bin blksnapd --bin blksnap -p blksnap-preload
+  cargo build -q -p blksnap-service --bin blksnapd --bin blksnap
+  cargo build -q -p blksnap-preload
   BIN=${CARGO_TARGET_DIR:-target}/debug
 fi
 SHIM=$PWD/$BIN/libblksnap_preload.so
