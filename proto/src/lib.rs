@@ -738,15 +738,38 @@ pub fn snapshot_info(error_code: i32, image: Option<Dev>) -> SnapshotInfo {
     SnapshotInfo { error_code, image: image.map(Into::into) }
 }
 
+/// A postcard output that appends to a vector sized beforehand (runs of bytes are one copy).
+struct FrameBuf(Vec<u8>);
+
+impl postcard::ser_flavors::Flavor for FrameBuf {
+    type Output = Vec<u8>;
+    fn try_push(&mut self, byte: u8) -> postcard::Result<()> {
+        self.0.push(byte);
+        Ok(())
+    }
+    fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
+        self.0.extend_from_slice(data);
+        Ok(())
+    }
+    fn finalize(self) -> postcard::Result<Vec<u8>> {
+        Ok(self.0)
+    }
+}
+
 /// Encodes a message as one frame (length prefix + postcard).
 pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, Error> {
-    let body = postcard::to_stdvec(msg).map_err(|_| invalid("cannot encode message"))?;
-    if body.len() > MAX_FRAME_BYTES as usize {
+    // Sized first, then written once into a buffer of exactly that size: a 1 MiB data reply
+    // costs one copy, not a growing vector's reallocations plus a copy behind the length.
+    let len = postcard::experimental::serialized_size(msg)
+        .map_err(|_| invalid("cannot encode message"))?;
+    if len > MAX_FRAME_BYTES as usize {
         return Err(Error::new(Errno::EFBIG, "message larger than a frame"));
     }
-    let mut out = Vec::with_capacity(4 + body.len());
-    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
-    out.extend_from_slice(&body);
+    let mut out = Vec::with_capacity(4 + len);
+    out.extend_from_slice(&(len as u32).to_le_bytes());
+    let out = postcard::serialize_with_flavor(msg, FrameBuf(out))
+        .map_err(|_| invalid("cannot encode message"))?;
+    debug_assert_eq!(out.len(), 4 + len);
     Ok(out)
 }
 
