@@ -95,6 +95,9 @@ pub struct Remote {
     /// No devices were configured: the handle sees every origin the daemon serves, and a
     /// device the daemon starts serving later is found by re-reading its list.
     follows_daemon: bool,
+    /// The last image looked up, by origin (daemon number): node, capacity, image number. Data
+    /// requests use it; an existence check (an empty request) and a failed request look again.
+    image: Mutex<Option<(Dev, (String, u64, Dev))>>,
 }
 
 impl std::fmt::Debug for Remote {
@@ -122,6 +125,7 @@ impl Remote {
             devices: RwLock::new(Vec::new()),
             added: Vec::new(),
             follows_daemon: devices.is_empty(),
+            image: Mutex::new(None),
         };
         if remote.follows_daemon {
             *devices = remote.refresh().map_err(|e| e.errno)?.unwrap_or_default();
@@ -258,8 +262,26 @@ impl Remote {
     /// Data I/O on the origin `id` or its image: on the daemon's block device when this host
     /// has it (ublk), else over the socket (protocol v3 data requests: a daemon with no block
     /// devices, `--frontend none`). Either way CBT and copy-on-write happen in the daemon.
-    fn data_io(&self, id: DeviceId, image: bool, offset: u64, data: Io<'_>) -> Res<()> {
-        let (node, capacity, dev) = self.node(id, image)?;
+    fn data_io(&self, id: DeviceId, image: bool, offset: u64, mut data: Io<'_>) -> Res<()> {
+        if !image || data.len() == 0 {
+            return self.data_io_on(self.node(id, image)?, offset, data);
+        }
+        // Image data: the image's node from the last lookup, if it is this origin's; looked up
+        // again when the request fails (the image was destroyed, maybe taken again since).
+        let origin = self.to_daemon(id);
+        let cached = self.image.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        if let Some((_, node)) = cached.filter(|(of, _)| *of == origin) {
+            if self.data_io_on(node, offset, data.reborrow()).is_ok() {
+                return Ok(());
+            }
+        }
+        let node = self.node(id, true)?;
+        *self.image.lock().unwrap_or_else(PoisonError::into_inner) = Some((origin, node.clone()));
+        self.data_io_on(node, offset, data)
+    }
+
+    fn data_io_on(&self, found: (String, u64, Dev), offset: u64, data: Io<'_>) -> Res<()> {
+        let (node, capacity, dev) = found;
         let len = data.len() as u64;
         if !offset.is_multiple_of(512) || !len.is_multiple_of(512) {
             return Err(Error::new(Errno::EINVAL, "offset and length must be multiples of 512"));
@@ -380,6 +402,14 @@ enum Io<'a> {
 }
 
 impl Io<'_> {
+    /// The same buffer, for one more attempt.
+    fn reborrow(&mut self) -> Io<'_> {
+        match self {
+            Io::Read(b) => Io::Read(b),
+            Io::Write(b) => Io::Write(b),
+        }
+    }
+
     fn len(&self) -> usize {
         match self {
             Io::Read(b) => b.len(),
