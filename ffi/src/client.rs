@@ -84,6 +84,9 @@ struct Mapped {
     capacity: u64,
 }
 
+/// A served device as looked up: its node, capacity in bytes and the daemon's number for it.
+type Found = (String, u64, Dev);
+
 /// A connection pool to one daemon and the device mapping of one handle family.
 pub struct Remote {
     socket: PathBuf,
@@ -97,7 +100,7 @@ pub struct Remote {
     follows_daemon: bool,
     /// The last image looked up, by origin (daemon number): node, capacity, image number. Data
     /// requests use it; an existence check (an empty request) and a failed request look again.
-    image: Mutex<Option<(Dev, (String, u64, Dev))>>,
+    image: Mutex<Option<(Dev, Found)>>,
 }
 
 impl std::fmt::Debug for Remote {
@@ -240,7 +243,7 @@ impl Remote {
 
     /// The served device of the origin `id` or of its image: its node, capacity and the
     /// daemon's number for it.
-    fn node(&self, id: DeviceId, image: bool) -> Res<(String, u64, Dev)> {
+    fn node(&self, id: DeviceId, image: bool) -> Res<Found> {
         let dev = self.to_daemon(id);
         if !image {
             if let Some(m) = self.mapped(id) {
@@ -280,7 +283,7 @@ impl Remote {
         self.data_io_on(node, offset, data)
     }
 
-    fn data_io_on(&self, found: (String, u64, Dev), offset: u64, data: Io<'_>) -> Res<()> {
+    fn data_io_on(&self, found: Found, offset: u64, data: Io<'_>) -> Res<()> {
         let (node, capacity, dev) = found;
         let len = data.len() as u64;
         if !offset.is_multiple_of(512) || !len.is_multiple_of(512) {
