@@ -83,7 +83,8 @@ for PASS in v3/config newest/config newest/daemon; do
 
   step attach "$DEV"
   cli device list | grep -q "$DISK" || fail "the daemon does not serve $DISK after the attach process exited"
-  read -r GEN0 CH0 _ < <(step cbtinfo $DEV)
+  INFO=$(step cbtinfo "$DEV")
+  read -r GEN0 CH0 _ <<<"$INFO"
   step write "$DEV" 0 65536 0xaa                      # before the take: block 0
   shim dd if="$DEV" of="$T/pre.img" bs=1M iflag=direct status=none || fail "dd pre-take copy"
   cmp -s "$T/pre.img" "$DISK" || fail "the pre-take copy read through the daemon is not the backing"
@@ -92,7 +93,7 @@ for PASS in v3/config newest/config newest/daemon; do
   ID=$(step create "$STORE" $((32 << 20)))
   step add "$ID" "$DEV"
   step take "$ID"
-  IMG=$(step image $DEV)
+  IMG=$(step image "$DEV")
   echo "snapshot $ID, image $IMG"
   step write "$DEV" $((4 << 20)) 65536 0x55          # after the take, from other processes
   shim dd if=/dev/zero of="$DEV" bs=64K count=1 seek=128 conv=notrunc oflag=direct status=none \
@@ -113,10 +114,12 @@ for PASS in v3/config newest/config newest/daemon; do
   echo "read throughput, dd bs=1M of $DISK_MIB MiB: image over the socket $img_mbps MB/s" \
     "(first pass $(mbps $((DISK_MIB << 20)) "$t0" "$t1") MB/s), backing file $file_mbps MB/s (page cache)"
 
-  read -r GEN1 CH1 BLOCKS BS < <(step cbtinfo $DEV)
-  [ "$GEN1" = "$GEN0" ] || fail "generation changed across processes: $GEN0 -> $GEN1"
+  INFO=$(step cbtinfo "$DEV")
+  read -r GEN1 CH1 BLOCKS BS <<<"$INFO"
+  [ -n "$GEN0" ] && [ "$GEN1" = "$GEN0" ] || fail "generation changed across processes: $GEN0 -> $GEN1"
+  [ "${CH1#changes=}" = $(( ${CH0#changes=} + 1 )) ] || fail "the take did not count: $CH0 -> $CH1"
   BS=${BS#block_size=}
-  MAP1=$(step cbtmap $DEV)
+  MAP1=$(step cbtmap "$DEV")
   echo "after take 1: $GEN1 $CH1 $BLOCKS, map: $(echo "$MAP1" | tr '\n' ' ')"
   echo "$MAP1" | grep -q '^0 ' || fail "block 0, written before the take, is not in the map"
   echo "$MAP1" | grep -q "^$(( (4 << 20) / BS )) " && fail "a block written after the take is in the first map"
@@ -132,9 +135,10 @@ for PASS in v3/config newest/config newest/daemon; do
   ID2=$(step create "$ID2_STORE" $((32 << 20)))
   step add "$ID2" "$DEV"
   step take "$ID2"
-  read -r GEN2 _ < <(step cbtinfo $DEV)
+  INFO=$(step cbtinfo "$DEV")
+  read -r GEN2 _ <<<"$INFO"
   [ "$GEN2" = "$GEN0" ] || fail "generation changed at the second take"
-  MAP2=$(step cbtmap $DEV)
+  MAP2=$(step cbtmap "$DEV")
   v0=$(echo "$MAP2" | awk '$1 == 0 {print $2}')
   v4=$(echo "$MAP2" | awk -v b=$(( (4 << 20) / BS )) '$1 == b {print $2}')
   v8=$(echo "$MAP2" | awk -v b=$(( (8 << 20) / BS )) '$1 == b {print $2}')
