@@ -39,7 +39,8 @@ pub enum FrontendKind {
     #[default]
     Ublk,
     /// No block devices: origins and images exist only in the daemon (ids `240:N`, `241:N`);
-    /// clients reach their data through the daemon's other interfaces. For hosts without ublk.
+    /// clients reach their data over the control socket (protocol v3 data requests: libblksnap,
+    /// the LD_PRELOAD shim). For hosts without ublk.
     None,
 }
 
