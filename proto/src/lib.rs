@@ -41,7 +41,10 @@ use blksnap_model::{
 };
 use serde::{Deserialize, Serialize};
 
+mod bytes;
 pub mod client;
+
+pub use bytes::Bytes;
 
 /// The protocol version this crate speaks.
 pub const PROTOCOL_VERSION: u32 = 3;
@@ -65,42 +68,6 @@ pub const MAX_DATA_BYTES: u32 = 1 << 20;
 pub const MAX_ZERO_BYTES: u64 = 64 << 20;
 /// Sector size: data requests' offsets and lengths are multiples of it.
 pub const SECTOR_BYTES: u64 = 512;
-
-/// A byte buffer encoded as one length-prefixed run of bytes (postcard's `bytes`), not as a
-/// sequence of `u8` values: a 1 MiB data request decodes with one copy.
-#[derive(Clone, PartialEq, Eq, Default)]
-pub struct Bytes(pub Vec<u8>);
-
-impl std::fmt::Debug for Bytes {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Bytes({} bytes)", self.0.len())
-    }
-}
-
-impl Serialize for Bytes {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_bytes(&self.0)
-    }
-}
-
-impl<'de> Deserialize<'de> for Bytes {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Bytes, D::Error> {
-        struct V;
-        impl<'de> serde::de::Visitor<'de> for V {
-            type Value = Bytes;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("bytes")
-            }
-            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Bytes, E> {
-                Ok(Bytes(v.to_vec()))
-            }
-            fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Bytes, E> {
-                Ok(Bytes(v))
-            }
-        }
-        d.deserialize_byte_buf(V)
-    }
-}
 
 /// A block device number (`MAJOR:MINOR`).
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -982,27 +949,6 @@ mod tests {
         };
         let bytes = encode(&bad).unwrap();
         assert!(decode_response(&bytes[4..]).is_err());
-    }
-
-    #[test]
-    fn data_is_one_run_of_bytes() {
-        // postcard `bytes`: a varint length, then the bytes (not one value per byte)
-        let data = Bytes((0..=255u8).cycle().take(4096).collect());
-        let body = postcard::to_stdvec(&data).unwrap();
-        assert_eq!(body.len(), 2 + 4096);
-        assert_eq!(&body[2..], &data.0[..]);
-        assert_eq!(decode::<Bytes>(&body).unwrap(), data);
-        // a largest read reply fits a frame
-        let frame = ResponseFrame {
-            version: PROTOCOL_VERSION,
-            result: Ok(Reply::Data(Bytes(vec![0; MAX_DATA_BYTES as usize]))),
-        };
-        assert!(encode(&frame).unwrap().len() < MAX_FRAME_BYTES as usize);
-        let too_long = ResponseFrame {
-            version: PROTOCOL_VERSION,
-            result: Ok(Reply::Data(Bytes(vec![0; MAX_DATA_BYTES as usize + 1]))),
-        };
-        assert!(decode_response(&encode(&too_long).unwrap()[4..]).is_err());
     }
 
     #[test]
