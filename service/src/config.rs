@@ -43,7 +43,8 @@ pub enum FrontendKind {
     #[default]
     Ublk,
     /// No block devices: origins and images exist only in the daemon (ids `240:N`, `241:N`);
-    /// clients reach their data through the daemon's other interfaces. For hosts without ublk.
+    /// clients reach their data over the control socket (protocol v3 data requests: libblksnap,
+    /// the LD_PRELOAD shim). For hosts without ublk.
     None,
 }
 
@@ -395,6 +396,12 @@ mod tests {
         let no_effect = Config::parse(no_effect).unwrap().engine_params().unwrap();
         assert_eq!(no_effect, Params::default(), "accepted, documented as without effect");
         assert_eq!(p.chunk_minimum_shift, Params::default().chunk_minimum_shift);
+        // every kernel parameter of both generations, by its kernel name, in [params]
+        for (name, value) in Params::KERNEL_DEFAULTS {
+            let cfg = Config::parse(&format!("[params]\n{name} = {value}"))
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert!(cfg.engine_params().is_ok(), "{name}");
+        }
         // sanitised as the module does: the step is at least two minimum chunks
         let cfg = Config::parse("[params]\ndiff_storage_minimum_sectors = 1").unwrap();
         assert_eq!(cfg.engine_params().unwrap().diff_storage_minimum_sectors, 1024);

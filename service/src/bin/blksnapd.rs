@@ -268,6 +268,17 @@ mod tests {
             [("diff_storage_minimum".to_string(), 8192), ("chunk_maximum_in_queue".into(), 256)]
         );
         assert_eq!(args.params, [("chunk_minimum_shift".to_string(), 16)]);
+        // every kernel parameter of both generations, by its kernel name, both ways
+        let kernel = blksnap_model::Params::KERNEL_DEFAULTS;
+        let list: Vec<String> = kernel.iter().map(|(n, v)| format!("{n}={v}")).collect();
+        let mut argv = vec!["blksnapd".to_string(), "--module-params".into(), list.join(" ")];
+        for item in &list {
+            argv.extend(["--param".to_string(), item.clone()]);
+        }
+        let args = Args::try_parse_from(argv).unwrap();
+        let cfg = config(&args).unwrap();
+        assert!(cfg.engine_params().is_ok());
+        assert_eq!(args.params.len(), kernel.len());
         let bad = Args::try_parse_from(["blksnapd", "--module-params", "a=1 b"]).unwrap_err();
         assert!(bad.to_string().contains("b: expected name=value"), "{bad}");
     }

@@ -30,6 +30,7 @@ use crate::state::{MapEntry, MapRole, SavedCbt, StateDir};
 
 mod backing;
 pub mod backing_io;
+mod data;
 mod frontend;
 pub mod serve;
 
@@ -594,6 +595,11 @@ impl Daemon {
                 self.remove_origin(dev.into())?;
                 Reply::Done
             }
+            req @ (Request::DevRead { .. }
+            | Request::DevWrite { .. }
+            | Request::DevDiscard { .. }
+            | Request::DevWriteZeroes { .. }
+            | Request::DevFlush { .. }) => self.data(req)?,
         })
     }
 
