@@ -124,6 +124,9 @@ pub struct Config {
     /// Who makes the block devices (`ublk`, or `none` on hosts without the driver).
     #[serde(default)]
     pub frontend: FrontendKind,
+    /// NBD exports of images and writable origins (`crate::nbd`; off unless a listener is set).
+    #[serde(default)]
+    pub nbd: crate::nbd::NbdConfig,
     /// Tracked devices.
     #[serde(default, rename = "device")]
     pub devices: Vec<DeviceConfig>,
@@ -178,6 +181,7 @@ impl Default for Config {
             idle_timeout_secs: default_idle_timeout(),
             params: BTreeMap::new(),
             frontend: FrontendKind::Ublk,
+            nbd: crate::nbd::NbdConfig::default(),
             devices: Vec::new(),
         }
     }
@@ -238,6 +242,7 @@ impl Config {
                 return Err(format!("{}: backing must be an absolute path", d.backing.display()));
             }
         }
+        self.nbd.validate()?;
         self.engine_params().map(drop)
     }
 
