@@ -186,7 +186,7 @@ fn info(
     opt: u32,
     data: &[u8],
     exports: &Exports,
-    _st: &State,
+    st: &State,
 ) -> io::Result<Option<(Arc<Export>, ExportSlot, String)>> {
     let mut c = Cursor::new(data);
     let parsed = (|| {
@@ -225,7 +225,7 @@ fn info(
     let mut m = Vec::new();
     m.put_u16(INFO_EXPORT);
     m.put_u64(export.size_bytes());
-    m.put_u16(transmission_flags(&export, _st.structured));
+    m.put_u16(transmission_flags(&export, st.structured));
     opt_reply(s, opt, REP_INFO, &m)?;
     if wanted.contains(&INFO_NAME) {
         let mut m = Vec::new();
@@ -239,11 +239,11 @@ fn info(
         m.extend_from_slice(export.description.as_bytes());
         opt_reply(s, opt, REP_INFO, &m)?;
     }
-    // Always: any byte offset works (the engine splits), 4 KiB is the natural unit, and the
-    // payload limit is the configured one.
+    // Always: the engine works in 512-byte sectors (writes must be aligned to them; reads
+    // need not be), 4 KiB is the natural unit, and the payload limit is the configured one.
     let mut m = Vec::new();
     m.put_u16(INFO_BLOCK_SIZE);
-    m.put_u32(1);
+    m.put_u32(512);
     m.put_u32(4096);
     m.put_u32(exports.config().max_request_bytes);
     opt_reply(s, opt, REP_INFO, &m)?;

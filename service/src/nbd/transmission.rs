@@ -197,6 +197,9 @@ fn one(
             if let Err(e) = in_range(export, req.offset, len) {
                 return c.engine_err(cookie, &e);
             }
+            if !req.offset.is_multiple_of(SECTOR) || !len.is_multiple_of(SECTOR) {
+                return c.err(cookie, EINVAL, "writes must be in whole 512-byte blocks");
+            }
             let done = write(export, req.kind, req.offset, len, payload).and_then(|()| {
                 if req.flags & CMD_FLAG_FUA != 0 {
                     export.target.flush()
@@ -228,7 +231,25 @@ fn image_gone(export: &Export, e: Error) -> Error {
     e
 }
 
+/// The engine's I/O unit: its requests are in whole sectors.
+const SECTOR: u64 = 512;
+
+/// Reads `buf` at `offset`; a range not in whole sectors is read through an aligned bounce
+/// buffer (clients are told the minimum block is 512 bytes, but a read is harmless to serve).
 fn read(export: &Export, offset: u64, buf: &mut [u8]) -> Result<(), Error> {
+    let end = offset + buf.len() as u64;
+    if offset.is_multiple_of(SECTOR) && end.is_multiple_of(SECTOR) {
+        return read_aligned(export, offset, buf);
+    }
+    let start = offset - offset % SECTOR;
+    let mut bounce = vec![0u8; (end.next_multiple_of(SECTOR) - start) as usize];
+    read_aligned(export, start, &mut bounce)?;
+    let skip = (offset - start) as usize;
+    buf.copy_from_slice(&bounce[skip..skip + buf.len()]);
+    Ok(())
+}
+
+fn read_aligned(export: &Export, offset: u64, buf: &mut [u8]) -> Result<(), Error> {
     let t = &export.target;
     match t.image_of {
         Some(origin) => t.engine.image_read(origin, offset, buf),
