@@ -494,7 +494,8 @@ fn commands_on_image_and_origin() {
     let bs = 64 << 10; // the default CBT block
     assert_eq!(dirty, vec![(1 << 20, bs), (3 << 20, bs), (4 << 20, bs)]);
     // One extent with REQ_ONE, starting mid-block.
-    let Rep::Chunks(chunks) = r.cmd(CMD_BLOCK_STATUS, CMD_FLAG_REQ_ONE, (1 << 20) + 512, 1 << 22, &[])
+    let Rep::Chunks(chunks) =
+        r.cmd(CMD_BLOCK_STATUS, CMD_FLAG_REQ_ONE, (1 << 20) + 512, 1 << 22, &[])
     else {
         panic!()
     };
@@ -600,8 +601,10 @@ fn certificates(dir: &Path, ca_name: &str) -> PathBuf {
         .signed_by(&server_key, &issuer)
         .unwrap();
     let client_key = KeyPair::generate().unwrap();
-    let client =
-        CertificateParams::new(vec!["client".into()]).unwrap().signed_by(&client_key, &issuer).unwrap();
+    let client = CertificateParams::new(vec!["client".into()])
+        .unwrap()
+        .signed_by(&client_key, &issuer)
+        .unwrap();
     std::fs::write(dir.join("ca-cert.pem"), ca.pem()).unwrap();
     std::fs::write(dir.join("server-cert.pem"), server.pem()).unwrap();
     std::fs::write(dir.join("server-key.pem"), server_key.serialize_pem()).unwrap();
@@ -652,7 +655,8 @@ fn tcp_with_tls_and_client_certificates() {
     // A client certificate from another CA is refused in the TLS handshake.
     let other = certificates(&f.dir.join("other"), "someone else");
     std::fs::copy(pki.join("ca-cert.pem"), other.join("ca-cert.pem")).unwrap();
-    let uri2 = format!("nbds://127.0.0.1:{port}/{}?tls-certificates={}", f.image(), other.display());
+    let uri2 =
+        format!("nbds://127.0.0.1:{port}/{}?tls-certificates={}", f.image(), other.display());
     let e = Client::connect(&NbdUri::parse(&uri2).unwrap(), &[], Duration::from_secs(10))
         .map(drop)
         .unwrap_err();

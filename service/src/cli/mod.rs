@@ -825,7 +825,7 @@ pub fn execute(cmd: Command, b: &mut dyn Backend, p: &Printer) -> Result<Report,
                 pull::backup_nbd(uri, &target, full, p.json)
             }
             _ => backup::backup(b, &image, &target, device.as_deref(), full, p.json),
-        }
+        },
         Command::Restore { target, point, output } => backup::restore(&target, point, &output),
         Command::Verify { image, target, point } => backup::verify(&image, &target, point),
     }

@@ -21,7 +21,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::json;
 
-use super::backup::{copy_full, load_manifest, progress, save_manifest, write_delta, CbtMark, Point, Source};
+use super::backup::{
+    copy_full, load_manifest, progress, save_manifest, write_delta, CbtMark, Point, Source,
+};
 use super::error::CliError;
 use super::Report;
 use crate::nbd::client::{Client, NbdError, NbdUri};
@@ -82,10 +84,16 @@ fn dirty_units(client: &mut Client, ctx: &str, size: u64) -> Result<Vec<u64>, Cl
 }
 
 /// `blksnap backup --image NBD-URI`.
-pub fn backup_nbd(uri_text: &str, dir: &Path, force_full: bool, json: bool) -> Result<Report, CliError> {
+pub fn backup_nbd(
+    uri_text: &str,
+    dir: &Path,
+    force_full: bool,
+    json: bool,
+) -> Result<Report, CliError> {
     let started = Instant::now();
     let uri = NbdUri::parse(uri_text).map_err(nbd_err)?;
-    std::fs::create_dir_all(dir).map_err(|e| CliError::io(format!("create {}", dir.display()), &e))?;
+    std::fs::create_dir_all(dir)
+        .map_err(|e| CliError::io(format!("create {}", dir.display()), &e))?;
     let mut manifest = load_manifest(dir)?;
     let last = manifest.points.last().cloned();
     let incremental = !force_full && last.is_some();
@@ -131,34 +139,33 @@ pub fn backup_nbd(uri_text: &str, dir: &Path, force_full: bool, json: bool) -> R
     let size = client.size_bytes();
     let mark = mark_of(client.listed_contexts());
     let pb = progress(size, json);
-    let (kind, file, bytes_read, bytes_written, blocks_changed, blocks_total) = if let Some(ctx) =
-        &since_ctx
-    {
-        let last = last.as_ref().expect("incremental");
-        if last.image_size != size {
-            return Err(CliError::new(
-                libc::ESTALE,
-                format!(
-                    "the export is {size} bytes, the last backup {} bytes: a full backup is \
+    let (kind, file, bytes_read, bytes_written, blocks_changed, blocks_total) =
+        if let Some(ctx) = &since_ctx {
+            let last = last.as_ref().expect("incremental");
+            if last.image_size != size {
+                return Err(CliError::new(
+                    libc::ESTALE,
+                    format!(
+                        "the export is {size} bytes, the last backup {} bytes: a full backup is \
                      needed (--full)",
-                    last.image_size
-                ),
-            ));
-        }
-        let units = dirty_units(&mut client, ctx, size)?;
-        let bs = NBD_DELTA_BLOCK_BYTES;
-        let changed_bytes: u64 = units.iter().map(|i| bs.min(size - i * bs)).sum();
-        pb.set_length(changed_bytes);
-        let file = format!("point-{n:04}.delta");
-        let written = write_delta(&mut client, &dir.join(&file), bs, size, &units, &pb)?;
-        let total = size.div_ceil(bs);
-        ("incremental", file, changed_bytes, written, units.len() as u64, total as u32)
-    } else {
-        let file = format!("point-{n:04}.img");
-        let (read, written) = copy_full(&mut client, &dir.join(&file), size, &pb)?;
-        let total = size.div_ceil(NBD_DELTA_BLOCK_BYTES) as u32;
-        ("full", file, read, written, u64::from(total), total)
-    };
+                        last.image_size
+                    ),
+                ));
+            }
+            let units = dirty_units(&mut client, ctx, size)?;
+            let bs = NBD_DELTA_BLOCK_BYTES;
+            let changed_bytes: u64 = units.iter().map(|i| bs.min(size - i * bs)).sum();
+            pb.set_length(changed_bytes);
+            let file = format!("point-{n:04}.delta");
+            let written = write_delta(&mut client, &dir.join(&file), bs, size, &units, &pb)?;
+            let total = size.div_ceil(bs);
+            ("incremental", file, changed_bytes, written, units.len() as u64, total as u32)
+        } else {
+            let file = format!("point-{n:04}.img");
+            let (read, written) = copy_full(&mut client, &dir.join(&file), size, &pb)?;
+            let total = size.div_ceil(NBD_DELTA_BLOCK_BYTES) as u32;
+            ("full", file, read, written, u64::from(total), total)
+        };
     pb.finish_and_clear();
     // The snapshot must still be intact after the last read (a snapshot that failed during the
     // pull fails image reads from then on, and a destroyed one has no export): one more read.

@@ -83,8 +83,12 @@ fn percent_decode(s: &str) -> Result<String, NbdError> {
     let mut i = 0;
     while i < b.len() {
         if b[i] == b'%' {
-            let hex = s.get(i + 1..i + 3).ok_or_else(|| NbdError::new(libc::EINVAL, "bad % escape"))?;
-            out.push(u8::from_str_radix(hex, 16).map_err(|_| NbdError::new(libc::EINVAL, "bad % escape"))?);
+            let hex =
+                s.get(i + 1..i + 3).ok_or_else(|| NbdError::new(libc::EINVAL, "bad % escape"))?;
+            out.push(
+                u8::from_str_radix(hex, 16)
+                    .map_err(|_| NbdError::new(libc::EINVAL, "bad % escape"))?,
+            );
             i += 3;
         } else {
             out.push(b[i]);
@@ -235,7 +239,11 @@ impl Client {
     /// Connects, negotiates (TLS if the URI says so, structured replies, the contexts in
     /// `contexts`) and enters transmission on the URI's export. `timeout` bounds every read
     /// and write.
-    pub fn connect(uri: &NbdUri, contexts: &[String], timeout: Duration) -> Result<Client, NbdError> {
+    pub fn connect(
+        uri: &NbdUri,
+        contexts: &[String],
+        timeout: Duration,
+    ) -> Result<Client, NbdError> {
         let mut s: Box<dyn Socket> = match &uri.endpoint {
             Endpoint::Tcp { host, port } => {
                 let t = TcpStream::connect((host.as_str(), *port)).map_err(io_err("connect"))?;
@@ -341,10 +349,19 @@ impl Client {
         &self.listed
     }
 
-    fn request(&mut self, kind: u16, flags: u16, offset: u64, length: u32) -> Result<u64, NbdError> {
+    fn request(
+        &mut self,
+        kind: u16,
+        flags: u16,
+        offset: u64,
+        length: u32,
+    ) -> Result<u64, NbdError> {
         self.cookie += 1;
         let h = RequestHeader { flags, kind, cookie: self.cookie, offset, length };
-        self.s.write_all(&h.encode()).and_then(|()| self.s.flush()).map_err(io_err("send request"))?;
+        self.s
+            .write_all(&h.encode())
+            .and_then(|()| self.s.flush())
+            .map_err(io_err("send request"))?;
         Ok(self.cookie)
     }
 
@@ -380,7 +397,8 @@ impl Client {
                 let mut c = Cursor::new(&d);
                 let errno = c.u32().unwrap_or(EIO);
                 let n = c.u16().unwrap_or(0) as usize;
-                let msg = c.take(n).map(|m| String::from_utf8_lossy(m).into_owned()).unwrap_or_default();
+                let msg =
+                    c.take(n).map(|m| String::from_utf8_lossy(m).into_owned()).unwrap_or_default();
                 NbdError::new(errno as i32, format!("server error {errno}: {msg}"))
             }
             Err(e) => e,
@@ -406,7 +424,9 @@ impl Client {
                     let off = get_u64(&mut self.s).map_err(io_err("reply"))?;
                     let n = u64::from(len.checked_sub(8).ok_or_else(|| proto("short data chunk"))?);
                     let start = off.checked_sub(offset).filter(|s| s + n <= buf.len() as u64);
-                    let Some(start) = start else { return Err(proto("data chunk outside the request")) };
+                    let Some(start) = start else {
+                        return Err(proto("data chunk outside the request"));
+                    };
                     let dst = &mut buf[start as usize..(start + n) as usize];
                     self.s.read_exact(dst).map_err(io_err("reply"))?;
                     got += n;
@@ -415,9 +435,14 @@ impl Client {
                     let d = self.payload(len)?;
                     let mut c = Cursor::new(&d);
                     let (off, n) = (c.u64(), c.u32());
-                    let (Some(off), Some(n)) = (off, n) else { return Err(proto("short hole chunk")) };
-                    let start = off.checked_sub(offset).filter(|s| s + u64::from(n) <= buf.len() as u64);
-                    let Some(start) = start else { return Err(proto("hole chunk outside the request")) };
+                    let (Some(off), Some(n)) = (off, n) else {
+                        return Err(proto("short hole chunk"));
+                    };
+                    let start =
+                        off.checked_sub(offset).filter(|s| s + u64::from(n) <= buf.len() as u64);
+                    let Some(start) = start else {
+                        return Err(proto("hole chunk outside the request"));
+                    };
                     buf[start as usize..start as usize + n as usize].fill(0);
                     got += u64::from(n);
                 }
@@ -439,13 +464,16 @@ impl Client {
 
     /// Block status of the selected context `name` over `[offset, offset + len)`: extents
     /// `(offset, length, flags)` from `offset` on (they may cover less than asked).
-    pub fn block_status(&mut self, name: &str, offset: u64, len: u32) -> Result<Vec<(u64, u32, u32)>, NbdError> {
-        let id = self
-            .selected
-            .iter()
-            .find(|(_, n)| n == name)
-            .map(|(id, _)| *id)
-            .ok_or_else(|| NbdError::new(libc::EINVAL, format!("context {name} not selected")))?;
+    pub fn block_status(
+        &mut self,
+        name: &str,
+        offset: u64,
+        len: u32,
+    ) -> Result<Vec<(u64, u32, u32)>, NbdError> {
+        let id =
+            self.selected.iter().find(|(_, n)| n == name).map(|(id, _)| *id).ok_or_else(|| {
+                NbdError::new(libc::EINVAL, format!("context {name} not selected"))
+            })?;
         let cookie = self.request(CMD_BLOCK_STATUS, 0, offset, len)?;
         let mut out = Vec::new();
         loop {

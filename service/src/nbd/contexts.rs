@@ -111,7 +111,8 @@ pub fn select(query: &str, engine: &Engine, dev: DeviceId) -> Result<Context, St
         return Err(format!("{query}: no such context"));
     };
     if let Context::Dirty { generation, since } = ctx {
-        let info = engine.cbt_info(dev).map_err(|_| format!("{query}: the device has no tracker"))?;
+        let info =
+            engine.cbt_info(dev).map_err(|_| format!("{query}: the device has no tracker"))?;
         if info.generation_id != generation {
             return Err(format!(
                 "{query}: stale generation (the tracker is now at generation {}): a full \
@@ -158,26 +159,33 @@ pub fn extents(
             let mut map = Vec::new();
             engine.cbt_map(dev, first as u32, count as u32, &mut map)?;
             let mut out: Vec<(u32, u32)> = Vec::new();
+            let limit = if req_one { 1 } else { MAX_EXTENTS };
+            let push = |out: &mut Vec<(u32, u32)>, n: u32, flags: u32| -> bool {
+                if let Some((l, f)) = out.last_mut() {
+                    if *f == flags {
+                        *l += n;
+                        return true;
+                    }
+                }
+                if out.len() == limit {
+                    return false;
+                }
+                out.push((n, flags));
+                true
+            };
             let mut pos = offset;
             for (i, v) in map.iter().enumerate() {
                 let block_end = ((first + i as u64 + 1) * bs).min(end);
                 let flags = if *v > since { STATE_DIRTY } else { 0 };
-                let n = (block_end - pos) as u32;
-                match out.last_mut() {
-                    Some((l, f)) if *f == flags => *l += n,
-                    _ => {
-                        if out.len() == MAX_EXTENTS || (req_one && !out.is_empty()) {
-                            break;
-                        }
-                        out.push((n, flags));
-                    }
+                if !push(&mut out, (block_end - pos) as u32, flags) {
+                    return Ok(out);
                 }
                 pos = block_end;
             }
-            if pos < end && out.len() < MAX_EXTENTS && !(req_one && !out.is_empty()) {
-                // Past the map's coverage (capacity not a whole number of blocks is covered;
-                // this is only a device that grew): nothing is known to have changed there.
-                out.push(((end - pos) as u32, STATE_DIRTY));
+            if pos < end {
+                // Not covered by the map (only a device that grew after the tracker was made):
+                // reported dirty, so that a backup copies it rather than trusting nothing.
+                push(&mut out, (end - pos) as u32, STATE_DIRTY);
             }
             Ok(out)
         }
@@ -192,7 +200,10 @@ mod tests {
     fn names_round_trip() {
         let g: Uuid = "01234567-89ab-cdef-0123-456789abcdef".parse().unwrap();
         let c = Context::Dirty { generation: g, since: 7 };
-        assert_eq!(c.name(), "qemu:dirty-bitmap:blksnap-01234567-89ab-cdef-0123-456789abcdef-since-7");
+        assert_eq!(
+            c.name(),
+            "qemu:dirty-bitmap:blksnap-01234567-89ab-cdef-0123-456789abcdef-since-7"
+        );
         assert_eq!(Context::parse(&c.name()), Some(c));
         assert_eq!(Context::parse("base:allocation"), Some(Context::Allocation));
         for bad in [

@@ -106,7 +106,8 @@ impl Exports {
     /// Exports as `config` says (none until the daemon publishes some).
     pub fn new(config: &NbdConfig) -> Exports {
         let mut writable = config.writable_origins.clone();
-        writable.extend(config.writable_origins.iter().filter_map(|p| std::fs::canonicalize(p).ok()));
+        writable
+            .extend(config.writable_origins.iter().filter_map(|p| std::fs::canonicalize(p).ok()));
         Exports { config: config.clone(), writable, map: Mutex::new(BTreeMap::new()) }
     }
 
@@ -216,11 +217,16 @@ impl Listeners {
         config.validate()?;
         let tls = if config.tcp_tls() { Some(tls::server_config(config)?) } else { None };
         let unix = match &config.socket {
-            Some(path) => Some((bind_unix(path, group).map_err(|e| format!("{}: {e}", path.display()))?, path.clone())),
+            Some(path) => Some((
+                bind_unix(path, group).map_err(|e| format!("{}: {e}", path.display()))?,
+                path.clone(),
+            )),
             None => None,
         };
         let tcp = match config.tcp {
-            Some(addr) => Some(TcpListener::bind(addr).map_err(|e| format!("nbd tcp {addr}: {e}"))?),
+            Some(addr) => {
+                Some(TcpListener::bind(addr).map_err(|e| format!("nbd tcp {addr}: {e}"))?)
+            }
             None => None,
         };
         Ok(Listeners { unix, tcp, tls, group, config: config.clone() })
@@ -323,7 +329,12 @@ fn serve_unix(s: UnixStream, exports: &Exports, group: Option<u32>, idle: Durati
     serve(Box::new(s), exports, None);
 }
 
-fn serve_tcp(s: TcpStream, exports: &Exports, tls: Option<&Arc<rustls::ServerConfig>>, idle: Duration) {
+fn serve_tcp(
+    s: TcpStream,
+    exports: &Exports,
+    tls: Option<&Arc<rustls::ServerConfig>>,
+    idle: Duration,
+) {
     let _ = s.set_nodelay(true);
     if s.set_read_timeout(Some(idle)).is_err() || s.set_write_timeout(Some(idle)).is_err() {
         return;

@@ -50,9 +50,10 @@ pub fn server_config(cfg: &NbdConfig) -> Result<Arc<rustls::ServerConfig>, Strin
     let (Some(cert), Some(key_path), Some(ca)) = (&cfg.tls_cert, &cfg.tls_key, &cfg.tls_ca) else {
         return Err("nbd: TLS needs tls_cert, tls_key and tls_ca".into());
     };
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(roots(ca)?, provider())
-        .build()
-        .map_err(|e| format!("nbd tls_ca: {e}"))?;
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(roots(ca)?, provider())
+            .build()
+            .map_err(|e| format!("nbd tls_ca: {e}"))?;
     let config = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
@@ -63,7 +64,11 @@ pub fn server_config(cfg: &NbdConfig) -> Result<Arc<rustls::ServerConfig>, Strin
 }
 
 /// The client's TLS configuration: trust `ca`, authenticate with `cert`/`key`.
-pub fn client_config(ca: &Path, cert: &Path, key_path: &Path) -> Result<Arc<rustls::ClientConfig>, String> {
+pub fn client_config(
+    ca: &Path,
+    cert: &Path,
+    key_path: &Path,
+) -> Result<Arc<rustls::ClientConfig>, String> {
     let config = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?

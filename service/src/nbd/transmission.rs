@@ -107,7 +107,8 @@ pub fn serve(session: Session, max_request_bytes: u32) {
         }
         if req.kind == CMD_WRITE {
             if req.length > max_request_bytes {
-                let msg = format!("write of {} bytes over the limit {max_request_bytes}", req.length);
+                let msg =
+                    format!("write of {} bytes over the limit {max_request_bytes}", req.length);
                 let _ = c.err(req.cookie, EINVAL, &msg);
                 return; // its payload was not read: the stream is out of step
             }
@@ -127,7 +128,10 @@ pub fn serve(session: Session, max_request_bytes: u32) {
             Ok(Ok(())) => {}
             Ok(Err(_)) => return,
             Err(_) => {
-                eprintln!("blksnapd: nbd: a request to {} panicked: connection closed", export.name);
+                eprintln!(
+                    "blksnapd: nbd: a request to {} panicked: connection closed",
+                    export.name
+                );
                 let _ = c.err(req.cookie, EIO, "internal error");
                 return;
             }
@@ -160,7 +164,8 @@ fn one(
     match req.kind {
         CMD_READ => {
             if req.length > max_request_bytes {
-                let msg = format!("read of {} bytes over the limit {max_request_bytes}", req.length);
+                let msg =
+                    format!("read of {} bytes over the limit {max_request_bytes}", req.length);
                 return c.err(cookie, EINVAL, &msg);
             }
             if let Err(e) = in_range(export, req.offset, len) {
@@ -180,7 +185,13 @@ fn one(
             }
             let mut m = Vec::with_capacity(hdr);
             if c.structured {
-                chunk_header(&mut m, REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, cookie, 8 + req.length);
+                chunk_header(
+                    &mut m,
+                    REPLY_FLAG_DONE,
+                    REPLY_TYPE_OFFSET_DATA,
+                    cookie,
+                    8 + req.length,
+                );
                 m.put_u64(req.offset);
             } else {
                 m.put_u32(SIMPLE_REPLY_MAGIC);
@@ -302,8 +313,7 @@ fn block_status(
     let req_one = req.flags & CMD_FLAG_REQ_ONE != 0;
     let mut chunks = Vec::with_capacity(contexts.len());
     for ctx in contexts {
-        match contexts::extents(*ctx, &export.target.engine, dev, req.offset, req.length, req_one)
-        {
+        match contexts::extents(*ctx, &export.target.engine, dev, req.offset, req.length, req_one) {
             Ok(ext) => chunks.push((ctx.id(), ext)),
             Err(e) => return c.engine_err(cookie, &e),
         }
