@@ -686,3 +686,49 @@ fn exports_follow_origins() {
     f.daemon.remove_origin(f.dev.into()).unwrap();
     assert!(exports.get(&f.origin()).is_none());
 }
+
+#[test]
+fn blksnap_backup_pulls_a_chain_and_refuses_a_new_generation() {
+    use blksnap_service::cli::{backup, pull};
+    let f = fixture();
+    let chain = f.dir.join("chain");
+    let uri = format!("nbd+unix:///{}?socket={}", f.image(), f.socket.display());
+    let dev: blksnap_model::DeviceId = f.dev.into();
+    let mut points = Vec::new();
+    let writes: [&[(u64, usize)]; 3] = [&[], &[(1 << 20, 4096), (5 << 20, 70_144)], &[(0, 512)]];
+    for (k, w) in writes.iter().enumerate() {
+        for (off, len) in *w {
+            f.daemon.engine().write(dev, *off, &pattern(*len, k as u8 + 1)).unwrap();
+        }
+        let id = f.snapshot();
+        points.push(std::fs::read(&f.backing).unwrap());
+        let r = pull::backup_nbd(&uri, &chain, false, true).unwrap();
+        assert_eq!(r.json["kind"], if k == 0 { "full" } else { "incremental" });
+        if k == 1 {
+            // 1 MiB..+4 KiB is one 64 KiB unit; 5 MiB..+70,144 bytes two.
+            assert_eq!(r.json["blocks_changed"], 3);
+        }
+        if k == 2 {
+            assert_eq!(r.json["blocks_changed"], 1);
+        }
+        f.destroy(id);
+    }
+    for (k, want) in points.iter().enumerate() {
+        let out = f.dir.join(format!("restored-{k}"));
+        backup::restore(&chain, Some(k as u32), &out).unwrap();
+        assert!(std::fs::read(&out).unwrap() == *want, "point {k} restores byte-identical");
+    }
+    // A new generation (the tracker re-attached): the incremental is refused, a full works.
+    f.daemon.handle(Request::Detach { dev: f.dev }).unwrap();
+    f.daemon.handle(Request::Attach { dev: f.dev }).unwrap();
+    let id = f.snapshot();
+    let e = pull::backup_nbd(&uri, &chain, false, true).unwrap_err();
+    assert_eq!(e.errno, libc::ESTALE, "{}", e.message);
+    let r = pull::backup_nbd(&uri, &chain, true, true).unwrap();
+    assert_eq!(r.json["kind"], "full");
+    // Destroyed: no export, no point.
+    f.destroy(id);
+    let e = pull::backup_nbd(&uri, &chain, false, true).unwrap_err();
+    assert_eq!(e.errno, libc::ENOENT, "{}", e.message);
+    assert_eq!(backup::load_manifest(&chain).unwrap().points.len(), 4);
+}
