@@ -167,7 +167,13 @@ pub struct Client {
     /// Selected contexts: (id, name).
     selected: Vec<(u32, String)>,
     cookie: u64,
+    /// A read sent ahead of the caller (cookie, offset, length): a sequential reader finds
+    /// its next range already on the way, so the server reads while the caller writes.
+    ahead: Option<(u64, u64, usize)>,
 }
+
+/// How a server's error reply starts its message.
+const SERVER_ERROR: &str = "server error";
 
 /// Most bytes one READ asks for.
 pub const READ_UNIT_BYTES: usize = 4 << 20;
@@ -331,7 +337,7 @@ impl Client {
             }
         }
         let (size, flags) = size_flags.ok_or_else(|| proto("no NBD_INFO_EXPORT before the ACK"))?;
-        Ok(Client { s, size, flags, listed, selected, cookie: 0 })
+        Ok(Client { s, size, flags, listed, selected, cookie: 0, ahead: None })
     }
 
     /// The export's size in bytes.
@@ -399,23 +405,46 @@ impl Client {
                 let n = c.u16().unwrap_or(0) as usize;
                 let msg =
                     c.take(n).map(|m| String::from_utf8_lossy(m).into_owned()).unwrap_or_default();
-                NbdError::new(errno as i32, format!("server error {errno}: {msg}"))
+                NbdError::new(errno as i32, format!("{SERVER_ERROR} {errno}: {msg}"))
             }
             Err(e) => e,
         }
     }
 
-    /// Reads `buf.len()` bytes at `offset` (at most [`READ_UNIT_BYTES`] per request).
+    /// Reads `buf.len()` bytes at `offset` (at most [`READ_UNIT_BYTES`] per request). After
+    /// each request the same length that follows is asked for ahead (within the export).
     pub fn read_at(&mut self, buf: &mut [u8], offset: u64) -> Result<(), NbdError> {
         for (i, part) in buf.chunks_mut(READ_UNIT_BYTES).enumerate() {
             let off = offset + (i * READ_UNIT_BYTES) as u64;
-            self.read_one(part, off)?;
+            let cookie = match self.ahead.take() {
+                Some((cookie, o, n)) if o == off && n == part.len() => cookie,
+                other => {
+                    self.settle(other)?;
+                    self.request(CMD_READ, 0, off, part.len() as u32)?
+                }
+            };
+            let next = off + part.len() as u64;
+            if next + part.len() as u64 <= self.size {
+                let c = self.request(CMD_READ, 0, next, part.len() as u32)?;
+                self.ahead = Some((c, next, part.len()));
+            }
+            self.read_reply(cookie, part, off)?;
         }
         Ok(())
     }
 
-    fn read_one(&mut self, buf: &mut [u8], offset: u64) -> Result<(), NbdError> {
-        let cookie = self.request(CMD_READ, 0, offset, buf.len() as u32)?;
+    /// Takes the reply of a read sent ahead that nobody wants: an error the server answered
+    /// does not matter (nobody asked), but the stream must stay in step.
+    fn settle(&mut self, ahead: Option<(u64, u64, usize)>) -> Result<(), NbdError> {
+        let Some((cookie, off, n)) = ahead else { return Ok(()) };
+        let mut scratch = vec![0u8; n];
+        match self.read_reply(cookie, &mut scratch, off) {
+            Err(e) if !e.message.starts_with(SERVER_ERROR) => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    fn read_reply(&mut self, cookie: u64, buf: &mut [u8], offset: u64) -> Result<(), NbdError> {
         let mut got = 0u64;
         loop {
             let (flags, kind, len) = self.chunk(cookie)?;
@@ -470,6 +499,8 @@ impl Client {
         offset: u64,
         len: u32,
     ) -> Result<Vec<(u64, u32, u32)>, NbdError> {
+        let ahead = self.ahead.take();
+        self.settle(ahead)?;
         let id =
             self.selected.iter().find(|(_, n)| n == name).map(|(id, _)| *id).ok_or_else(|| {
                 NbdError::new(libc::EINVAL, format!("context {name} not selected"))
