@@ -135,10 +135,14 @@ for _ in $(seq 50); do [ -S "$W/qemu.sock" ] && break; sleep 0.1; done
 bench "nbdcopy, unix socket" "$U_UNIX" "nbd+unix:///?socket=$W/qemu.sock"
 kill "$QNBD"; wait "$QNBD" 2>/dev/null || true
 QNBD=""
-bs=$(awk -v b=$((SIZE_MIB << 20)) -v s="$(timed $B backup --full --image "$U_TLS" --target "$W/bench")" \
-  'BEGIN { printf "%.1f MB/s", b/1e6/s }')
-echo "blksnap backup --full, tcp+tls loopback: $bs (one connection, one request at a time, to a file)"
-rm -rf "$W/bench"
+pull_rate() { # URI -> MB/s of `blksnap backup --full` (one connection, to a file, fsync included)
+  local s
+  s=$(timed $B backup --full --image "$1" --target "$W/bench")
+  rm -rf "$W/bench"
+  awk -v b=$((SIZE_MIB << 20)) -v s="$s" 'BEGIN { printf "%.1f MB/s", b/1e6/s }'
+}
+echo "blksnap backup --full (one connection, one read ahead, to a file + fsync):" \
+  "tcp+tls $(pull_rate "$U_TLS"), unix socket $(pull_rate "$U_UNIX")"
 $B snapshot_destroy -i "$ID"
 
 # --- 2 + 3. three rounds of writes -> dirty bitmap -> incremental pull ----------------------------
