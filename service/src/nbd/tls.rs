@@ -84,7 +84,10 @@ fn invalid(e: impl std::fmt::Display) -> io::Error {
 
 /// Runs the server side of the TLS handshake on `s` (right after the STARTTLS ACK).
 pub fn accept(s: Box<dyn Socket>, cfg: &Arc<rustls::ServerConfig>) -> io::Result<Box<dyn Socket>> {
-    let conn = rustls::ServerConnection::new(cfg.clone()).map_err(invalid)?;
+    let mut conn = rustls::ServerConnection::new(cfg.clone()).map_err(invalid)?;
+    // A read reply (at most max_request_bytes) is encrypted in one go rather than in 64 KiB
+    // steps, each with its own round of socket writes; the reply bounds what is buffered.
+    conn.set_buffer_limit(None);
     let mut tls = rustls::StreamOwned::new(conn, s);
     while tls.conn.is_handshaking() {
         tls.conn.complete_io(&mut tls.sock)?;
