@@ -231,9 +231,13 @@ pub fn backup(
             )));
         };
         let generation = Uuid::from(info.generation_id).to_string();
+        // A mark ahead of the device's number is stale too: after the snap numbers wrap (a take
+        // at 255) the new generation starts at changes number 255 with the old read map, and
+        // the next take numbers from 1 — `> 255` would find nothing changed.
         if prev.generation_id != generation
             || prev.block_size != info.block_size_bytes
             || last.image_size != image_size
+            || prev.changes_number > info.changes_number
         {
             return Err(CliError::new(
                 libc::ESTALE,
