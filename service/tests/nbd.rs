@@ -732,3 +732,29 @@ fn blksnap_backup_pulls_a_chain_and_refuses_a_new_generation() {
     assert_eq!(e.errno, libc::ENOENT, "{}", e.message);
     assert_eq!(backup::load_manifest(&chain).unwrap().points.len(), 4);
 }
+
+#[test]
+fn at_the_wrap_only_the_images_own_mark_is_offered() {
+    let f = fixture();
+    let (first_generation, _) = f.cbt();
+    for _ in 0..254 {
+        let id = f.snapshot();
+        f.destroy(id);
+    }
+    assert_eq!(f.cbt(), (first_generation, 254));
+    // The 255th take wraps: a new generation at changes number 255 with a stale read map.
+    let id = f.snapshot();
+    let (generation, changes) = f.cbt();
+    assert_eq!(changes, 255);
+    assert_ne!(generation, first_generation);
+    let mut r = f.raw();
+    r.flags(FLAG_C_FIXED_NEWSTYLE);
+    let listed = r.meta(OPT_LIST_META_CONTEXT, &f.image(), &["qemu:dirty-bitmap:"]);
+    let own = Context::Dirty { generation, since: 255 }.name();
+    assert_eq!(listed.iter().map(|(_, n)| n.clone()).collect::<Vec<_>>(), vec![own.clone()]);
+    r.structured();
+    let stale = Context::Dirty { generation, since: 0 }.name();
+    let chosen = r.meta(OPT_SET_META_CONTEXT, &f.image(), &[&stale, &own]);
+    assert_eq!(chosen.iter().map(|(_, n)| n.clone()).collect::<Vec<_>>(), vec![own]);
+    f.destroy(id);
+}

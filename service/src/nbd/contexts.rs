@@ -12,7 +12,8 @@
 //!   extents carry `NBD_STATE_DIRTY` (1), clean ones 0. A take numbers its writes with the
 //!   snap number it froze: a backup made from the image taken when the device's
 //!   `changes_number` was `C` asks the next image for `since-C` and gets exactly the blocks
-//!   written after that take. `N` ranges over `0..=changes_number` of the device
+//!   written after that take. `N` ranges over `0..=changes_number` of the device (only 255
+//!   at the take where the snap numbers wrap: the read map is stale then)
 //!   (`since-changes_number` is always empty: it names the image's own mark, so a client learns
 //!   the mark from the list). A name whose generation is not the tracker's current one, or
 //!   whose `N` is above `changes_number`, is not selected (the client sees the context
@@ -79,12 +80,23 @@ impl Context {
     }
 }
 
+/// The lowest `N` a bitmap of a device at `changes_number` can be relative to. A take at snap
+/// number 255 wraps: the tracker starts a new generation at `changes_number` 255 and leaves the
+/// read map as it was (stale, of the old generation), so no `since-N` below 255 is true then.
+fn first_valid(changes_number: u8) -> u8 {
+    if changes_number == u8::MAX {
+        u8::MAX
+    } else {
+        0
+    }
+}
+
 /// Every context `dev` has now: `base:allocation`, and with a tracker one bitmap per snap
 /// number `0..=changes_number`.
 pub fn available(engine: &Engine, dev: DeviceId) -> Vec<Context> {
     let mut out = vec![Context::Allocation];
     if let Ok(info) = engine.cbt_info(dev) {
-        for since in 0..=info.changes_number {
+        for since in first_valid(info.changes_number)..=info.changes_number {
             out.push(Context::Dirty { generation: info.generation_id, since });
         }
     }
@@ -118,6 +130,12 @@ pub fn select(query: &str, engine: &Engine, dev: DeviceId) -> Result<Context, St
                 "{query}: stale generation (the tracker is now at generation {}): a full \
                  backup is needed",
                 info.generation_id
+            ));
+        }
+        if since < first_valid(info.changes_number) {
+            return Err(format!(
+                "{query}: the snap numbers wrapped at this take: only since-255 (empty) is \
+                 meaningful until the next take"
             ));
         }
         if since > info.changes_number {
