@@ -17,6 +17,9 @@
 //! diff_storage_minimum = 2097152   # sectors: storage step, v3 low-space request, newest growth
 //! tracking_block_minimum_shift = 16
 //!
+//! [nbd]                             # NBD exports of images (`crate::nbd::NbdConfig`), optional
+//! socket = "/run/blksnap/nbd"
+//!
 //! [[device]]
 //! backing = "/var/lib/vm/disk0.img" # regular file or block device
 //! attach = true                     # start change tracking at once (default)
@@ -325,6 +328,10 @@ mod tests {
     fn the_shipped_example_parses() {
         let cfg = Config::parse(include_str!("../blksnapd.toml")).unwrap();
         assert_eq!(cfg.devices.len(), 1);
+        assert_eq!(cfg.nbd, crate::nbd::NbdConfig::default(), "NBD is off unless configured");
+        let nbd = Config::parse("[nbd]\nsocket = \"/run/x/nbd\"\nmax_connections = 4").unwrap();
+        assert!(nbd.nbd.enabled() && nbd.nbd.max_connections == 4);
+        assert!(Config::parse("[nbd]\ntcp = \"0.0.0.0:1\"\ntls = false").is_err());
         assert_eq!(cfg.socket, PathBuf::from(blksnap_proto::DEFAULT_SOCKET));
     }
 
