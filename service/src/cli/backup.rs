@@ -39,7 +39,7 @@ const FORMAT: u32 = 1;
 const DELTA_MAGIC: &[u8; 8] = b"BLKSNAPD";
 const DELTA_HEADER: u64 = 32;
 /// I/O unit of full copies and of rebuilding a full-only chain.
-const COPY_UNIT: usize = 1 << 20;
+pub(crate) const COPY_UNIT: usize = 1 << 20;
 
 /// The backup directory's index.
 #[derive(Serialize, Deserialize, Debug, Default)]

@@ -23,6 +23,7 @@ use serde_json::json;
 
 use super::backup::{
     copy_full, load_manifest, progress, save_manifest, write_delta, CbtMark, Point, Source,
+    COPY_UNIT,
 };
 use super::error::CliError;
 use super::Report;
@@ -44,6 +45,75 @@ fn nbd_err(e: NbdError) -> CliError {
 impl Source for Client {
     fn read_exact_at(&mut self, buf: &mut [u8], off: u64) -> Result<(), CliError> {
         self.read_at(buf, off).map_err(|e| nbd_err(e).context(format!("read at {off}")))
+    }
+}
+
+/// Connections a full pull reads over (each export allows `max_connections_per_export`,
+/// 8 by default; if fewer can be had, the pull uses its one connection).
+const PULL_CONNECTIONS: usize = 4;
+/// Units each connection reads ahead of the writer.
+const PULL_DEPTH: usize = 2;
+
+/// A full pull's reader: [`PULL_CONNECTIONS`] connections, each reading every
+/// `PULL_CONNECTIONS`-th [`COPY_UNIT`] in its own thread, [`PULL_DEPTH`] units ahead; the
+/// writer takes them in order. Only for `copy_full`'s access pattern (whole units, ascending).
+struct Parallel {
+    units: Vec<std::sync::mpsc::Receiver<Result<Vec<u8>, NbdError>>>,
+    next: u64,
+}
+
+impl Parallel {
+    fn start(uri: &NbdUri, contexts: &[String], size: u64) -> Option<Parallel> {
+        let mut clients = Vec::new();
+        for _ in 0..PULL_CONNECTIONS {
+            let mut c = Client::connect(uri, contexts, TIMEOUT).ok()?;
+            c.set_read_ahead(false).ok()?;
+            clients.push(c);
+        }
+        let unit = COPY_UNIT as u64;
+        let count = size.div_ceil(unit);
+        let mut units = Vec::new();
+        for (w, mut c) in clients.into_iter().enumerate() {
+            let (tx, rx) = std::sync::mpsc::sync_channel(PULL_DEPTH);
+            std::thread::Builder::new()
+                .name("blksnap-pull".into())
+                .spawn(move || {
+                    let mut i = w as u64;
+                    while i < count {
+                        let off = i * unit;
+                        let mut buf = vec![0u8; (size - off).min(unit) as usize];
+                        let read = c.read_at(&mut buf, off).map(|()| buf);
+                        let failed = read.is_err();
+                        if tx.send(read).is_err() || failed {
+                            return; // the writer stopped, or this connection failed
+                        }
+                        i += PULL_CONNECTIONS as u64;
+                    }
+                    c.disconnect();
+                })
+                .ok()?;
+            units.push(rx);
+        }
+        Some(Parallel { units, next: 0 })
+    }
+}
+
+impl Source for Parallel {
+    fn read_exact_at(&mut self, buf: &mut [u8], off: u64) -> Result<(), CliError> {
+        if off != self.next * COPY_UNIT as u64 {
+            return Err(CliError::invalid("parallel pull: reads must be whole units in order"));
+        }
+        let rx = &self.units[(self.next % PULL_CONNECTIONS as u64) as usize];
+        let data = rx
+            .recv()
+            .map_err(|_| CliError::new(libc::EIO, "a pull connection ended early"))?
+            .map_err(|e| nbd_err(e).context(format!("read at {off}")))?;
+        if data.len() != buf.len() {
+            return Err(CliError::invalid("parallel pull: unit length mismatch"));
+        }
+        buf.copy_from_slice(&data);
+        self.next += 1;
+        Ok(())
     }
 }
 
@@ -139,6 +209,7 @@ pub fn backup_nbd(
     let size = client.size_bytes();
     let mark = mark_of(client.listed_contexts());
     let pb = progress(size, json);
+    let mut parallel = false;
     let (kind, file, bytes_read, bytes_written, blocks_changed, blocks_total) =
         if let Some(ctx) = &since_ctx {
             let last = last.as_ref().expect("incremental");
@@ -162,15 +233,29 @@ pub fn backup_nbd(
             ("incremental", file, changed_bytes, written, units.len() as u64, total as u32)
         } else {
             let file = format!("point-{n:04}.img");
-            let (read, written) = copy_full(&mut client, &dir.join(&file), size, &pb)?;
+            let (read, written) = match Parallel::start(&uri, &wanted, size) {
+                Some(mut par) => {
+                    parallel = true;
+                    copy_full(&mut par, &dir.join(&file), size, &pb)?
+                }
+                None => copy_full(&mut client, &dir.join(&file), size, &pb)?,
+            };
             let total = size.div_ceil(NBD_DELTA_BLOCK_BYTES) as u32;
             ("full", file, read, written, u64::from(total), total)
         };
     pb.finish_and_clear();
     // The snapshot must still be intact after the last read (a snapshot that failed during the
     // pull fails image reads from then on, and a destroyed one has no export): one more read.
+    // The first connection sat idle during a parallel copy (the server may have closed it
+    // at its idle timeout): the check gets a connection of its own then.
     let mut probe = [0u8; 512];
-    if let Err(e) = client.read_exact_at(&mut probe[..size.min(512) as usize], 0) {
+    let checked = if parallel {
+        client = Client::connect(&uri, &[], TIMEOUT).map_err(nbd_err)?;
+        client.read_exact_at(&mut probe[..size.min(512) as usize], 0)
+    } else {
+        client.read_exact_at(&mut probe[..size.min(512) as usize], 0)
+    };
+    if let Err(e) = checked {
         let _ = std::fs::remove_file(dir.join(&file));
         return Err(CliError::new(
             libc::EIO,

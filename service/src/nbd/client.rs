@@ -170,6 +170,7 @@ pub struct Client {
     /// A read sent ahead of the caller (cookie, offset, length): a sequential reader finds
     /// its next range already on the way, so the server reads while the caller writes.
     ahead: Option<(u64, u64, usize)>,
+    read_ahead: bool,
 }
 
 /// How a server's error reply starts its message.
@@ -337,7 +338,14 @@ impl Client {
             }
         }
         let (size, flags) = size_flags.ok_or_else(|| proto("no NBD_INFO_EXPORT before the ACK"))?;
-        Ok(Client { s, size, flags, listed, selected, cookie: 0, ahead: None })
+        Ok(Client { s, size, flags, listed, selected, cookie: 0, ahead: None, read_ahead: true })
+    }
+
+    /// Turns the read ahead of sequential reads off (a reader that strides) or on.
+    pub fn set_read_ahead(&mut self, on: bool) -> Result<(), NbdError> {
+        self.read_ahead = on;
+        let ahead = self.ahead.take();
+        self.settle(ahead)
     }
 
     /// The export's size in bytes.
@@ -424,7 +432,7 @@ impl Client {
                 }
             };
             let next = off + part.len() as u64;
-            if next + part.len() as u64 <= self.size {
+            if self.read_ahead && next + part.len() as u64 <= self.size {
                 let c = self.request(CMD_READ, 0, next, part.len() as u32)?;
                 self.ahead = Some((c, next, part.len()));
             }
