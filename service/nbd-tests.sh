@@ -135,13 +135,15 @@ for _ in $(seq 50); do [ -S "$W/qemu.sock" ] && break; sleep 0.1; done
 bench "nbdcopy, unix socket" "$U_UNIX" "nbd+unix:///?socket=$W/qemu.sock"
 kill "$QNBD"; wait "$QNBD" 2>/dev/null || true
 QNBD=""
-pull_rate() { # URI -> MB/s of `blksnap backup --full` (one connection, to a file, fsync included)
-  local s
-  s=$(timed $B backup --full --image "$1" --target "$W/bench")
-  rm -rf "$W/bench"
-  awk -v b=$((SIZE_MIB << 20)) -v s="$s" 'BEGIN { printf "%.1f MB/s", b/1e6/s }'
+pull_rate() { # URI -> MB/s of `blksnap backup --full` (to a file, fsync included), median
+  local t=() r
+  for r in $(seq "$ROUNDS"); do
+    t+=("$(timed $B backup --full --image "$1" --target "$W/bench")")
+    rm -rf "$W/bench"
+  done
+  awk -v b=$((SIZE_MIB << 20)) -v s="$(median "${t[@]}")" 'BEGIN { printf "%.1f MB/s", b/1e6/s }'
 }
-echo "blksnap backup --full (one connection, one read ahead, to a file + fsync):" \
+echo "blksnap backup --full (4 connections, to a file + fsync; median of $ROUNDS):" \
   "tcp+tls $(pull_rate "$U_TLS"), unix socket $(pull_rate "$U_UNIX")"
 $B snapshot_destroy -i "$ID"
 
