@@ -8,6 +8,10 @@
 //! queues = 2                        # per ublk device; default: one per core
 //! queue_depth = 64
 //! io_buf_bytes = 524288
+//! queue_workers = 8                 # threads per queue serving its requests at once (0: one
+//!                                   # request at a time on the queue thread)
+//! backing_direct_io = "auto"        # O_DIRECT on backings: "auto" (block devices), "always",
+//!                                   # "never"
 //! state_dir = "/var/lib/blksnap"  # CBT kept across clean restarts; crash marker; device map
 //! keep_devices = false              # a clean stop leaves the devices to the next daemon
 //! freeze = true                     # TAKE freezes the filesystems mounted on the origins
@@ -102,6 +106,13 @@ pub struct Config {
     /// Largest I/O in bytes.
     #[serde(default = "default_io_buf")]
     pub io_buf_bytes: u32,
+    /// Worker threads per queue serving its requests concurrently (0: one at a time on the
+    /// queue thread); at most `queue_depth` are used.
+    #[serde(default = "default_queue_workers")]
+    pub queue_workers: u16,
+    /// Direct I/O on the origins' backings (`crate::daemon::backing_io`).
+    #[serde(default)]
+    pub backing_direct_io: crate::daemon::backing_io::DirectIo,
     /// State directory (`crate::state`): saved CBT, the running marker, the device map.
     #[serde(default = "default_state_dir")]
     pub state_dir: PathBuf,
@@ -162,6 +173,9 @@ fn default_idle_timeout() -> u32 {
 fn default_depth() -> u16 {
     64
 }
+fn default_queue_workers() -> u16 {
+    8
+}
 fn default_io_buf() -> u32 {
     512 << 10
 }
@@ -176,6 +190,8 @@ impl Default for Config {
             queues: None,
             queue_depth: default_depth(),
             io_buf_bytes: default_io_buf(),
+            queue_workers: default_queue_workers(),
+            backing_direct_io: Default::default(),
             state_dir: default_state_dir(),
             keep_devices: false,
             freeze: true,
@@ -235,6 +251,9 @@ impl Config {
         }
         if !(1..=4096).contains(&self.queue_depth) {
             return Err("queue_depth must be 1..=4096".into());
+        }
+        if self.queue_workers > 256 {
+            return Err("queue_workers must be 0..=256".into());
         }
         if !(4096..=(4 << 20)).contains(&self.io_buf_bytes) || !self.io_buf_bytes.is_power_of_two()
         {

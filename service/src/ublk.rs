@@ -1,15 +1,15 @@
-//! The ublk front end: one ublk device per [`Target`] (origin or image), one queue per core, each
-//! queue a thread that serves its requests synchronously through the engine:
-//! * read → `Engine::read` (origin, straight to the backing) / `Engine::image_read`;
-//! * write, discard, write-zeroes → `Engine::write/discard/write_zeroes` (CBT + copy-on-write)
-//!   / `Engine::image_write` (discard and write-zeroes on an image write zero buffers);
-//! * flush → the difference storage, then the backing (`fdatasync`); FUA writes flush likewise
-//!   before they complete. Flush requests carry start sector `u64::MAX`: they are handled before
-//!   any range check.
-//!
-//! Errors complete the request with the engine's negative errno; an image whose snapshot is gone
-//! (ENODEV) or corrupted completes with EIO. A panic while serving a request is caught: that
-//! request completes with EIO and the device is marked failed (EIO from then on).
+//! The ublk front end: one ublk device per [`Target`] (origin or image), one queue per core.
+//! Each queue's thread takes its requests from the driver and hands them to the queue's
+//! `workers` threads (config `queue_workers`), which serve them through the engine
+//! ([`crate::daemon::serve`]: what each operation does, errors, contained panics) and return the
+//! results over a list and an eventfd that wakes the queue's io_uring (a poll on it is the
+//! queue's one "target I/O"); the queue thread then completes them. So up to `workers` requests
+//! of one queue are in flight at once — a copy-on-write no longer holds up every other tag of
+//! its queue — while the engine keeps its order (copy-on-write before the origin write, one
+//! writer per chunk). The engine's API is synchronous, hence threads rather than io_uring on
+//! the backing. `queue_workers = 0` serves one request at a time on the queue thread (the
+//! earlier behaviour, kept for comparison). Flush requests carry start sector `u64::MAX`: they
+//! are recognised before any range check.
 //!
 //! A device's thread runs libublk's `run_target`; stopping is `STOP_DEV` from the control side
 //! (the kernel removes the disk even while it is open or mounted, aborts the queues, and the
@@ -23,8 +23,10 @@
 //! Images are not recoverable (a snapshot does not survive the daemon): they fail and are
 //! deleted by the next run.
 
+use std::collections::VecDeque;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -33,6 +35,7 @@ use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
 use libublk::io::{BufDescList, UblkDev, UblkIOCtx, UblkQueue};
 use libublk::{sys, BufDesc, UblkFlags, UblkIORes};
 
+use crate::daemon::serve::{serve, DataOp, DataRequest};
 use crate::daemon::{Frontend, Served, Target};
 
 /// Whether this host has the ublk driver.
@@ -49,108 +52,164 @@ pub struct UblkFrontend {
     pub depth: u16,
     /// Largest I/O in bytes.
     pub io_buf_bytes: u32,
+    /// Worker threads per queue serving its requests at once (0: one request at a time on the
+    /// queue thread); at most `depth` are used.
+    pub workers: u16,
 }
 
 fn neg(e: Errno) -> i32 {
     -e.code()
 }
 
-/// Serves one request; returns the completion result (bytes or a negative errno).
-fn handle(t: &Target, iod: &sys::ublksrv_io_desc, buf: &mut [u8]) -> i32 {
-    let op = iod.op_flags & 0xff;
-    if op == sys::UBLK_IO_OP_FLUSH {
-        return t.flush().map_or_else(|e| neg(e.errno), |()| 0);
-    }
-    let (Some(offset), Some(len)) =
-        (iod.start_sector.checked_mul(512), u64::from(iod.nr_sectors).checked_mul(512))
-    else {
-        return neg(Errno::EINVAL);
+/// The request a descriptor carries (ranges checked for overflow), or the errno to fail it with.
+fn request_of(iod: &sys::ublksrv_io_desc) -> Result<DataRequest, Errno> {
+    let op = match iod.op_flags & 0xff {
+        sys::UBLK_IO_OP_READ => DataOp::Read,
+        sys::UBLK_IO_OP_WRITE => DataOp::Write,
+        sys::UBLK_IO_OP_FLUSH => DataOp::Flush,
+        sys::UBLK_IO_OP_DISCARD => DataOp::Discard,
+        sys::UBLK_IO_OP_WRITE_ZEROES => DataOp::WriteZeroes,
+        _ => return Err(Errno::EOPNOTSUPP),
     };
     let fua = iod.op_flags & sys::UBLK_IO_F_FUA != 0;
-    let data_op = op == sys::UBLK_IO_OP_READ || op == sys::UBLK_IO_OP_WRITE;
-    if data_op && len > buf.len() as u64 {
-        return neg(Errno::EINVAL);
+    if op == DataOp::Flush {
+        // flush requests carry start sector u64::MAX: no range to check
+        return Ok(DataRequest { op, offset_bytes: 0, len_bytes: 0, fua });
     }
-    let n = (len as usize).min(buf.len());
-    let r = match t.image_of {
-        Some(origin) => image_io(t, origin, op, offset, len, &mut buf[..n]),
-        None => origin_io(t, op, offset, len, &mut buf[..n]),
-    };
-    let r = r.and_then(|()| if fua && op != sys::UBLK_IO_OP_READ { t.flush() } else { Ok(()) });
-    match r {
-        Ok(()) => len.min(i32::MAX as u64) as i32,
-        Err(e) if t.image_of.is_some() && e.errno == Errno::ENODEV => neg(Errno::EIO),
-        Err(e) => neg(e.errno),
-    }
-}
-
-/// [`handle`], with a panic contained: a panicking request completes with EIO and marks the
-/// device failed (every later request EIO too), instead of killing the queue thread, which
-/// would leave the request — and the device — hanging.
-fn handle_guarded(t: &Target, iod: &sys::ublksrv_io_desc, buf: &mut [u8]) -> i32 {
-    use std::sync::atomic::Ordering;
-    if t.failed.load(Ordering::Acquire) {
-        return neg(Errno::EIO);
-    }
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handle(t, iod, buf))) {
-        Ok(res) => res,
-        Err(_) => {
-            t.failed.store(true, Ordering::Release);
-            eprintln!(
-                "blksnapd: a request to {} panicked: the device fails every request from now on",
-                t.image_of.map_or_else(|| "an origin".to_string(), |o| format!("the image of {o}"))
-            );
-            neg(Errno::EIO)
+    match (iod.start_sector.checked_mul(512), u64::from(iod.nr_sectors).checked_mul(512)) {
+        (Some(offset_bytes), Some(len_bytes)) => {
+            Ok(DataRequest { op, offset_bytes, len_bytes, fua })
         }
+        _ => Err(Errno::EINVAL),
     }
 }
 
-fn origin_io(t: &Target, op: u32, offset: u64, len: u64, buf: &mut [u8]) -> Result<(), Error> {
-    // Held across the I/O so that `started` (which takes it for writing) orders after any
-    // request that went straight to the backing.
-    let id = t.origin.read().unwrap_or_else(|p| p.into_inner());
-    match (*id, op) {
-        (Some(d), sys::UBLK_IO_OP_READ) => t.engine.read(d, offset, buf),
-        (Some(d), sys::UBLK_IO_OP_WRITE) => t.engine.write(d, offset, buf),
-        (Some(d), sys::UBLK_IO_OP_DISCARD) => t.engine.discard(d, offset, len),
-        (Some(d), sys::UBLK_IO_OP_WRITE_ZEROES) => t.engine.write_zeroes(d, offset, len),
-        (None, sys::UBLK_IO_OP_READ) => t.backing.read_at(buf, offset),
-        (None, sys::UBLK_IO_OP_WRITE) => t.backing.write_at(buf, offset),
-        (None, sys::UBLK_IO_OP_DISCARD | sys::UBLK_IO_OP_WRITE_ZEROES) => {
-            t.backing.write_zeroes_at(offset, len)
-        }
-        _ => Err(Error::new(Errno::EOPNOTSUPP, "unsupported ublk operation")),
+/// Serves one request; the completion result (bytes or a negative errno).
+fn handle(t: &Target, req: Result<DataRequest, Errno>, buf: &mut [u8]) -> i32 {
+    match req.and_then(|r| serve(t, &r, buf).map(|()| r.len_bytes)) {
+        Ok(len) => len.min(i32::MAX as u64) as i32,
+        Err(e) => neg(e),
     }
 }
 
-fn image_io(
-    t: &Target,
-    origin: DeviceId,
-    op: u32,
-    offset: u64,
-    len: u64,
-    buf: &mut [u8],
-) -> Result<(), Error> {
-    match op {
-        sys::UBLK_IO_OP_READ => t.engine.image_read(origin, offset, buf),
-        sys::UBLK_IO_OP_WRITE => t.engine.image_write(origin, offset, buf),
-        sys::UBLK_IO_OP_DISCARD | sys::UBLK_IO_OP_WRITE_ZEROES => {
-            const STEP: u64 = 1 << 20;
-            let zeroes = vec![0u8; len.min(STEP) as usize];
-            let mut done = 0;
-            while done < len {
-                let step = (len - done).min(STEP);
-                t.engine.image_write(origin, offset + done, &zeroes[..step as usize])?;
-                done += step;
+/// A tag's buffer handed to a worker. The buffer of a tag is used by one party at a time: the
+/// kernel until the tag's request arrives, then the worker serving it, then the queue thread
+/// completing it (which hands it back to the kernel).
+struct TagBuf {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: see `TagBuf`: the pointer is only dereferenced by the one worker serving the tag,
+// while the queue (which owns the buffers and outlives its workers) does not touch it.
+unsafe impl Send for TagBuf {}
+
+struct Job {
+    tag: u16,
+    req: Result<DataRequest, Errno>,
+    buf: TagBuf,
+}
+
+/// Completions from the workers to the queue thread: the list and an eventfd that wakes the
+/// queue's io_uring (a poll on it is the queue's one target I/O).
+struct Completions {
+    done: Mutex<Vec<(u16, i32)>>,
+    efd: OwnedFd,
+}
+
+impl Completions {
+    fn push(&self, tag: u16, res: i32) {
+        self.done.lock().unwrap_or_else(|p| p.into_inner()).push((tag, res));
+        let one: u64 = 1;
+        // SAFETY: an 8-byte write from a valid u64 to our eventfd.
+        let n = unsafe { libc::write(self.efd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        if n != 8 {
+            // EAGAIN: the counter is saturated, so a wake-up is pending anyway
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EAGAIN) {
+                eprintln!("blksnapd: waking a ublk queue: {e}");
             }
-            Ok(())
         }
-        _ => Err(Error::new(Errno::EOPNOTSUPP, "unsupported ublk operation")),
+    }
+
+    /// Resets the eventfd (non-blocking) and takes the completions.
+    fn take(&self) -> Vec<(u16, i32)> {
+        let mut v: u64 = 0;
+        // SAFETY: an 8-byte read into a valid u64 from our non-blocking eventfd.
+        let _ = unsafe { libc::read(self.efd.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+        std::mem::take(&mut *self.done.lock().unwrap_or_else(|p| p.into_inner()))
     }
 }
 
-fn queue_fn(qid: u16, dev: &UblkDev, target: &Arc<Target>) {
-    let mut bufs = dev.alloc_queue_io_bufs();
+/// The user data of the queue's eventfd poll (a target I/O with a tag no request has).
+fn wake_user_data() -> u64 {
+    UblkIOCtx::build_user_data(WAKE_TAG, 0, 0, true)
+}
+const WAKE_TAG: u16 = u16::MAX;
+
+fn arm_wake(q: &UblkQueue, efd: i32) {
+    let sqe = io_uring::opcode::PollAdd::new(io_uring::types::Fd(efd), libc::POLLIN as u32)
+        .build()
+        .user_data(wake_user_data());
+    if let Err(e) = q.ublk_submit_sqe_sync(sqe) {
+        eprintln!("blksnapd: arming a ublk queue's wake-up: {e}");
+    }
+}
+
+/// The queue's jobs for its workers: a list and a condition variable, so that each job wakes
+/// one idle worker (no worker sleeps holding a lock the others queue behind).
+#[derive(Default)]
+struct Jobs {
+    list: Mutex<(VecDeque<Job>, bool)>,
+    ready: Condvar,
+}
+
+impl Jobs {
+    fn push(&self, job: Job) {
+        self.list.lock().unwrap_or_else(|p| p.into_inner()).0.push_back(job);
+        self.ready.notify_one();
+    }
+
+    /// No more jobs: the workers end once the list is empty.
+    fn close(&self) {
+        self.list.lock().unwrap_or_else(|p| p.into_inner()).1 = true;
+        self.ready.notify_all();
+    }
+
+    fn next(&self) -> Option<Job> {
+        let mut l = self.list.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(job) = l.0.pop_front() {
+                return Some(job);
+            }
+            if l.1 {
+                return None;
+            }
+            l = self.ready.wait(l).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+fn worker(t: &Target, jobs: &Jobs, done: &Completions) {
+    while let Some(job) = jobs.next() {
+        // SAFETY: see `TagBuf`: this worker is the buffer's only user until it pushes the
+        // completion below.
+        let buf = unsafe { std::slice::from_raw_parts_mut(job.buf.ptr, job.buf.len) };
+        let res = handle(t, job.req, buf);
+        done.push(job.tag, res);
+    }
+}
+
+/// The buffer of `tag`, from the addresses of the queue's buffers.
+fn tag_slice<'b>(tag_bufs: &[(usize, usize)], tag: u16) -> &'b mut [u8] {
+    let (p, len) = tag_bufs[tag as usize];
+    // SAFETY: a live buffer of the queue's `bufs` (kept until `queue_fn` returns, after every
+    // use) of `len` bytes, used by one party at a time (see `TagBuf`).
+    unsafe { std::slice::from_raw_parts_mut(p as *mut u8, len) }
+}
+
+fn queue_fn(qid: u16, dev: &UblkDev, target: &Arc<Target>, workers: u16) {
+    let bufs = dev.alloc_queue_io_bufs();
     let queue = match UblkQueue::new(qid, dev)
         .and_then(|q| q.submit_fetch_commands_unified(BufDescList::Slices(Some(&bufs))))
     {
@@ -160,17 +219,84 @@ fn queue_fn(qid: u16, dev: &UblkDev, target: &Arc<Target>) {
             return;
         }
     };
-    let t = target.clone();
-    queue.wait_and_handle_io(move |q: &UblkQueue, tag: u16, _ctx: &UblkIOCtx| {
-        let iod = q.get_iod(tag);
-        let buf = bufs[tag as usize].as_mut_slice();
-        let res = handle_guarded(&t, iod, buf);
+    // the buffers' addresses, taken once: `bufs` outlives the queue loop and the workers
+    let tag_bufs: Vec<(usize, usize)> =
+        bufs.iter().map(|b| (b.as_slice().as_ptr() as usize, b.as_slice().len())).collect();
+    let slice = |tag: u16| tag_slice(&tag_bufs, tag);
+    let complete = |q: &UblkQueue, tag: u16, res: i32| {
         if let Err(e) =
-            q.complete_io_cmd_unified(tag, BufDesc::Slice(buf), Ok(UblkIORes::Result(res)))
+            q.complete_io_cmd_unified(tag, BufDesc::Slice(slice(tag)), Ok(UblkIORes::Result(res)))
         {
             eprintln!("blksnapd: completing tag {tag}: {e}");
         }
+    };
+    let t = target.clone();
+    if workers == 0 {
+        // one request at a time on the queue thread
+        queue.wait_and_handle_io(|q: &UblkQueue, tag: u16, _ctx: &UblkIOCtx| {
+            let res = handle(&t, request_of(q.get_iod(tag)), slice(tag));
+            complete(q, tag, res);
+        });
+        return;
+    }
+    // SAFETY: eventfd(2) with flags; the result is checked before use.
+    let raw = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+    if raw < 0 {
+        eprintln!("blksnapd: queue {qid}: eventfd: {}", std::io::Error::last_os_error());
+        return;
+    }
+    // SAFETY: a new descriptor this function owns from now on.
+    let efd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let done = Arc::new(Completions { done: Mutex::new(Vec::new()), efd });
+    let jobs = Arc::new(Jobs::default());
+    let mut threads = Vec::new();
+    for i in 0..workers.min(queue.get_depth() as u16).max(1) {
+        let (t, jobs, done) = (t.clone(), jobs.clone(), done.clone());
+        match std::thread::Builder::new()
+            .name(format!("blksnapd-q{qid}w{i}"))
+            .spawn(move || worker(&t, &jobs, &done))
+        {
+            Ok(h) => threads.push(h),
+            Err(e) => eprintln!("blksnapd: queue {qid}: worker {i}: {e}"),
+        }
+    }
+    if threads.is_empty() {
+        eprintln!("blksnapd: queue {qid}: no worker could start");
+        return;
+    }
+    let efd = done.efd.as_raw_fd();
+    arm_wake(&queue, efd);
+    // requests handed to the workers and not completed yet
+    let in_flight = std::cell::Cell::new(0u32);
+    queue.wait_and_handle_io(|q: &UblkQueue, tag: u16, ctx: &UblkIOCtx| {
+        if ctx.is_tgt_io() {
+            if tag == WAKE_TAG {
+                for (tag, res) in done.take() {
+                    in_flight.set(in_flight.get().saturating_sub(1));
+                    complete(q, tag, res);
+                }
+                arm_wake(q, efd);
+            }
+            return;
+        }
+        let req = request_of(q.get_iod(tag));
+        // A lone request while nothing else is in flight (queue depth 1) is served here: a
+        // hand-off to a worker would only add two thread switches to its latency.
+        if in_flight.get() == 0 && ctx.is_first_cqe() && ctx.is_last_cqe() {
+            let res = handle(&t, req, slice(tag));
+            complete(q, tag, res);
+            return;
+        }
+        let (ptr, len) = tag_bufs[tag as usize];
+        in_flight.set(in_flight.get() + 1);
+        jobs.push(Job { tag, req, buf: TagBuf { ptr: ptr as *mut u8, len } });
     });
+    // the queue is down: the workers finish what they hold (its completion is moot) and end
+    jobs.close();
+    for h in threads {
+        let _ = h.join();
+    }
+    drop(bufs);
 }
 
 /// The `MAJ:MIN` of `/dev/ublkbN` (from sysfs).
@@ -393,7 +519,8 @@ fn run_device(
         Ok(())
     };
     let q_target = target.clone();
-    let q_fn = move |qid: u16, dev: &UblkDev| queue_fn(qid, dev, &q_target);
+    let workers = shape.workers;
+    let q_fn = move |qid: u16, dev: &UblkDev| queue_fn(qid, dev, &q_target, workers);
     let tx2 = std::sync::Mutex::new(tx.clone());
     let recovering = recover.is_some();
     let started = std::sync::Mutex::new(started);

@@ -47,5 +47,12 @@ if MKE2FS=$(command -v mke2fs); then
 else
   echo "run-tests.sh: mke2fs missing on the host: take-freezes uses ext2 (apt-get install e2fsprogs)" >&2
 fi
+# The host's fio (dynamically linked, its libraries copied too) drives scenario datapath's
+# benchmark and its verify run; without it that scenario fails (apt-get install fio).
+if FIO=$(command -v fio); then
+  CLIENTS+=("$FIO")
+else
+  echo "run-tests.sh: fio missing on the host: scenario datapath will fail (apt-get install fio)" >&2
+fi
 exec service/vm/ublk-vm.sh --timeout "${BLKSNAP_VM_TIMEOUT:-900}" "$BIN/blksnap-vmtest" \
   "$BIN/blksnapd" "$BIN/blksnap" "${CLIENTS[@]}" -- --require-ublk "$@"

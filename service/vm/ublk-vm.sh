@@ -16,6 +16,8 @@
 #   --smp N         guest CPUs                                  [BLKSNAP_VM_SMP, 2]
 #   --env K=V       exported to the program (repeatable)
 #   --modules "..." modules to load, dependencies resolved      [BLKSNAP_VM_MODULES]
+#                   (an entry NAME:P1=V1,P2=V2 passes parameters to insmod; NAME? or
+#                   NAME?:... is optional: skipped when the kernel does not have it)
 #   --cache DIR     kernel + busybox cache                      [BLKSNAP_VM_CACHE,
 #                                                                ~/.cache/blksnap-vm]
 #   -v              show the whole guest console
@@ -34,7 +36,8 @@ set -euo pipefail
 TIMEOUT=${BLKSNAP_VM_TIMEOUT:-600}
 MEM=${BLKSNAP_VM_MEM:-1024}
 SMP=${BLKSNAP_VM_SMP:-2}
-MODULES=${BLKSNAP_VM_MODULES:-"ublk_drv ext4 loop"}
+# null_blk with no devices: scenario datapath creates memory-backed ones through configfs
+MODULES=${BLKSNAP_VM_MODULES:-"ublk_drv ext4 loop null_blk?:nr_devices=0"}
 CACHE=${BLKSNAP_VM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/blksnap-vm}
 BOOT_TIMEOUT=${BLKSNAP_VM_BOOT_TIMEOUT:-90}
 BOOT_RETRIES=${BLKSNAP_VM_BOOT_RETRIES:-2}
@@ -222,8 +225,17 @@ add_module() { # name [optional]
   case "$name" in ext4 | jbd2) add_module crc32c_generic optional; add_module crc32c optional ;; esac
   LOAD_ORDER+=("$name")
 }
-for m in $MODULES; do add_module "$m"; done
-printf '%s\n' "${LOAD_ORDER[@]}" > "$ROOT/etc/modules"
+declare -A MODPARAMS=()
+for m in $MODULES; do
+  name=${m%%:*} optional=
+  [ "$name" != "$m" ] && MODPARAMS[${name%\?}]=${m#*:}
+  case "$name" in *\?) name=${name%\?} optional=1 ;; esac
+  add_module "$name" $optional
+done
+for m in "${LOAD_ORDER[@]}"; do
+  p=${MODPARAMS[$m]:-}
+  printf '%s %s\n' "$m" "${p//,/ }"
+done > "$ROOT/etc/modules"
 
 NAME=$(basename "$PROG")
 cp -L "$PROG" "$ROOT/test/$NAME"
@@ -258,9 +270,9 @@ mount -t devtmpfs devtmpfs /dev
 mount -t tmpfs tmpfs /run
 mount -t tmpfs tmpfs /tmp
 mkdir -p /dev/shm /dev/pts && mount -t tmpfs tmpfs /dev/shm
-for m in $(cat /etc/modules); do
-  insmod /modules/$m.ko || echo "@@BLKSNAP_VM_WARN insmod $m failed@@"
-done
+while read -r m params; do
+  insmod /modules/$m.ko $params || echo "@@BLKSNAP_VM_WARN insmod $m failed@@"
+done < /etc/modules
 read up rest < /proc/uptime
 echo "@@BLKSNAP_VM_START uptime=$up@@"
 sh /test/.run < /dev/null

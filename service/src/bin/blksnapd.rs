@@ -205,6 +205,7 @@ fn ublk_frontend(cfg: &Config) -> Result<Box<dyn blksnap_service::Frontend>, Str
         queues: cfg.nr_queues(),
         depth: cfg.queue_depth,
         io_buf_bytes: cfg.io_buf_bytes,
+        workers: cfg.queue_workers,
     }))
 }
 

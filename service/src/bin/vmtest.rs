@@ -36,8 +36,6 @@ macro_rules! ensure {
 
 // Scenarios in their own files under vmtest/ (declared after `ensure!`, which they use; a
 // binary crate root resolves `mod` beside itself, hence the paths).
-#[path = "vmtest/bench.rs"]
-mod bench;
 #[path = "vmtest/c_clients.rs"]
 mod c_clients;
 #[path = "vmtest/cbt.rs"]
@@ -46,6 +44,8 @@ mod cbt;
 mod cli_backup;
 #[path = "vmtest/daemon_process.rs"]
 mod daemon_process;
+#[path = "vmtest/datapath.rs"]
+mod datapath;
 #[path = "vmtest/destroy_mounted.rs"]
 mod destroy_mounted;
 #[path = "vmtest/exclusive_claim.rs"]
@@ -108,9 +108,9 @@ const SCENARIOS: &[Scenario] = &[
         run: two_devices::two_devices,
     },
     Scenario {
-        name: "bench",
-        about: "4 KiB O_DIRECT throughput vs the kernel loop driver (printed, not asserted)",
-        run: bench::bench,
+        name: "datapath",
+        about: "fio on null_blk: raw, loop, blksnapd pass/tracking/taken/image (printed); verify across a take",
+        run: datapath::datapath,
     },
     Scenario {
         name: "daemon-process",
@@ -193,15 +193,25 @@ const MIB: u64 = 1 << 20;
 
 impl Env {
     fn new(name: &str, sizes: &[u64]) -> R<Env> {
+        Env::with(name, sizes, |_| {})
+    }
+
+    /// As `new`, with the daemon's configuration adjusted by `tweak`.
+    fn with(name: &str, sizes: &[u64], tweak: impl FnOnce(&mut Config)) -> R<Env> {
         let dir = PathBuf::from(format!("/tmp/{name}"));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
         let socket = dir.join("control");
         let mut cfg = Config { socket: socket.clone(), queues: Some(2), ..Config::default() };
         cfg.queue_depth = 32;
+        tweak(&mut cfg);
         let engine = Arc::new(Engine::new(EngineConfig::default()).map_err(|e| format!("{e:?}"))?);
-        let frontend =
-            UblkFrontend { queues: 2, depth: cfg.queue_depth, io_buf_bytes: cfg.io_buf_bytes };
+        let frontend = UblkFrontend {
+            queues: 2,
+            depth: cfg.queue_depth,
+            io_buf_bytes: cfg.io_buf_bytes,
+            workers: cfg.queue_workers,
+        };
         let daemon = Arc::new(Daemon::new(engine, Box::new(frontend), cfg));
         let server = ControlServer::bind(&socket, None).map_err(|e| e.to_string())?;
         let d = daemon.clone();

@@ -26,10 +26,13 @@ use crate::freeze;
 use crate::state::{Identity, MapEntry, MapRole, SavedCbt, StateDir};
 
 mod backing;
+pub mod backing_io;
 mod frontend;
+pub mod serve;
 
 use backing::exclusive_probe;
 pub use backing::{open_backing, open_storage, BackingKey};
+use backing_io::BackingDev;
 pub use frontend::{Frontend, NullFrontend, Served, Target};
 
 struct Origin {
@@ -215,7 +218,7 @@ impl Daemon {
         if opened != key {
             return Err(Error::new(Errno::EAGAIN, "the backing path changed while being added"));
         }
-        let dev: Dev = Arc::new(FileDev::from_file(file)?);
+        let dev: Dev = Arc::new(BackingDev::new(file, self.config.backing_direct_io, &canonical)?);
         let target = Arc::new(Target {
             engine: self.engine.clone(),
             origin: RwLock::new(None),

@@ -1,0 +1,244 @@
+//! Serving one block request through the engine, whatever front end received it (ublk's queue
+//! workers; any other front end that carries block requests can call [`serve`] the same way):
+//! * read → `Engine::read` (origin) / `Engine::image_read`; before the origin's engine id is
+//!   known, straight to the backing;
+//! * write, discard, write-zeroes → `Engine::write/discard/write_zeroes` (CBT + copy-on-write,
+//!   then the backing: a discard or write-zeroes punches a hole or zeroes a range there, see
+//!   [`super::backing_io`]) / `Engine::image_write` (discard and write-zeroes on an image write
+//!   zero buffers into the difference storage);
+//! * flush → the difference storage, then the backing (`fdatasync`); FUA writes flush likewise
+//!   before they complete.
+//!
+//! Errors are the engine's negative errno; an image whose snapshot is gone (ENODEV) or
+//! corrupted completes with EIO. A panic while serving is contained ([`serve`]).
+//!
+//! Any number of requests may be served at once from any threads: the engine orders what
+//! must be ordered (a chunk's copy-on-write finishes before the origin write into it; writers
+//! of one chunk are serialised by its permit, writers of different chunks are not).
+
+use blksnap_model::{DeviceId, Errno, Error};
+
+use super::Target;
+
+/// What a request asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DataOp {
+    /// Fill the buffer.
+    Read,
+    /// Write the buffer.
+    Write,
+    /// Make completed writes durable (no range).
+    Flush,
+    /// Discard the range: it reads as zeroes afterwards (the model's discard).
+    Discard,
+    /// Zero the range.
+    WriteZeroes,
+}
+
+/// One request: the operation, its byte range and whether it is FUA (durable on completion).
+#[derive(Clone, Copy, Debug)]
+pub struct DataRequest {
+    /// The operation.
+    pub op: DataOp,
+    /// Start, bytes.
+    pub offset_bytes: u64,
+    /// Length, bytes (reads and writes: at most the buffer's length).
+    pub len_bytes: u64,
+    /// Force unit access: durable before completion.
+    pub fua: bool,
+}
+
+/// Largest zero buffer an image's discard writes at once (bounds memory for huge discards).
+const IMAGE_ZERO_STEP_BYTES: u64 = 1 << 20;
+
+fn serve_unguarded(t: &Target, req: &DataRequest, buf: &mut [u8]) -> Result<(), Error> {
+    if req.op == DataOp::Flush {
+        return t.flush();
+    }
+    let data_op = matches!(req.op, DataOp::Read | DataOp::Write);
+    if data_op && req.len_bytes > buf.len() as u64 {
+        return Err(Error::new(Errno::EINVAL, "request larger than its buffer"));
+    }
+    let n = if data_op { req.len_bytes as usize } else { 0 };
+    let buf = &mut buf[..n];
+    match t.image_of {
+        Some(origin) => image_io(t, origin, req, buf)?,
+        None => origin_io(t, req, buf)?,
+    }
+    if req.fua && req.op != DataOp::Read {
+        t.flush()?;
+    }
+    Ok(())
+}
+
+/// Serves `req` with `buf` (its data for writes, filled for reads); `Ok(())` or the error to
+/// complete the request with (ENODEV of an image is EIO). A panic while serving is contained:
+/// that request fails with EIO and the target is marked failed (every later request EIO too),
+/// so a front end's thread never dies with requests left hanging.
+pub fn serve(t: &Target, req: &DataRequest, buf: &mut [u8]) -> Result<(), Errno> {
+    use std::sync::atomic::Ordering;
+    if t.failed.load(Ordering::Acquire) {
+        return Err(Errno::EIO);
+    }
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| serve_unguarded(t, req, buf))) {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) if t.image_of.is_some() && e.errno == Errno::ENODEV => Err(Errno::EIO),
+        Ok(Err(e)) => Err(e.errno),
+        Err(_) => {
+            t.failed.store(true, Ordering::Release);
+            eprintln!(
+                "blksnapd: a request to {} panicked: the device fails every request from now on",
+                t.image_of.map_or_else(|| "an origin".to_string(), |o| format!("the image of {o}"))
+            );
+            Err(Errno::EIO)
+        }
+    }
+}
+
+fn origin_io(t: &Target, req: &DataRequest, buf: &mut [u8]) -> Result<(), Error> {
+    let (offset, len) = (req.offset_bytes, req.len_bytes);
+    // Held across the I/O so that `started` (which takes it for writing) orders after any
+    // request that went straight to the backing.
+    let id = t.origin.read().unwrap_or_else(|p| p.into_inner());
+    match (*id, req.op) {
+        (Some(d), DataOp::Read) => t.engine.read(d, offset, buf),
+        (Some(d), DataOp::Write) => t.engine.write(d, offset, buf),
+        (Some(d), DataOp::Discard) => t.engine.discard(d, offset, len),
+        (Some(d), DataOp::WriteZeroes) => t.engine.write_zeroes(d, offset, len),
+        (None, DataOp::Read) => t.backing.read_at(buf, offset),
+        (None, DataOp::Write) => t.backing.write_at(buf, offset),
+        (None, DataOp::Discard | DataOp::WriteZeroes) => t.backing.write_zeroes_at(offset, len),
+        (_, DataOp::Flush) => t.flush(),
+    }
+}
+
+fn image_io(t: &Target, origin: DeviceId, req: &DataRequest, buf: &mut [u8]) -> Result<(), Error> {
+    let (offset, len) = (req.offset_bytes, req.len_bytes);
+    match req.op {
+        DataOp::Read => t.engine.image_read(origin, offset, buf),
+        DataOp::Write => t.engine.image_write(origin, offset, buf),
+        DataOp::Discard | DataOp::WriteZeroes => {
+            let zeroes = vec![0u8; len.min(IMAGE_ZERO_STEP_BYTES) as usize];
+            let mut done = 0;
+            while done < len {
+                let step = (len - done).min(IMAGE_ZERO_STEP_BYTES);
+                t.engine.image_write(origin, offset + done, &zeroes[..step as usize])?;
+                done += step;
+            }
+            Ok(())
+        }
+        DataOp::Flush => t.flush(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex, RwLock};
+
+    use blksnap_engine::io::{BlockDev, Dev, MemDev};
+    use blksnap_engine::{Engine, EngineConfig};
+
+    /// A memory device that logs writes, zeroings and flushes in order.
+    struct Logged {
+        mem: MemDev,
+        log: Mutex<Vec<&'static str>>,
+    }
+
+    impl BlockDev for Logged {
+        fn len_bytes(&self) -> u64 {
+            self.mem.len_bytes()
+        }
+        fn read_at(&self, buf: &mut [u8], offset_bytes: u64) -> blksnap_model::Result<()> {
+            self.mem.read_at(buf, offset_bytes)
+        }
+        fn write_at(&self, buf: &[u8], offset_bytes: u64) -> blksnap_model::Result<()> {
+            self.log.lock().unwrap().push("write");
+            self.mem.write_at(buf, offset_bytes)
+        }
+        fn write_zeroes_at(&self, offset_bytes: u64, len_bytes: u64) -> blksnap_model::Result<()> {
+            self.log.lock().unwrap().push("zeroes");
+            self.mem.write_zeroes_at(offset_bytes, len_bytes)
+        }
+        fn flush(&self) -> blksnap_model::Result<()> {
+            self.log.lock().unwrap().push("flush");
+            Ok(())
+        }
+    }
+
+    fn target(attached: bool) -> (Arc<Target>, Arc<Logged>) {
+        let engine = Arc::new(Engine::new(EngineConfig::default()).unwrap());
+        let logged = Arc::new(Logged { mem: MemDev::new(1 << 20), log: Mutex::new(Vec::new()) });
+        let backing: Dev = logged.clone();
+        let origin = DeviceId::new(240, 0);
+        if attached {
+            engine.add_disk(origin, backing.clone(), 1).unwrap();
+            engine.attach(origin).unwrap();
+        }
+        let t = Target {
+            engine,
+            origin: RwLock::new(attached.then_some(origin)),
+            backing,
+            storages: Mutex::new(Vec::new()),
+            image_of: None,
+            failed: AtomicBool::new(false),
+        };
+        (Arc::new(t), logged)
+    }
+
+    fn req(op: DataOp, offset_bytes: u64, len_bytes: u64, fua: bool) -> DataRequest {
+        DataRequest { op, offset_bytes, len_bytes, fua }
+    }
+
+    #[test]
+    fn fua_write_is_flushed_before_completion_and_flush_flushes() {
+        for attached in [false, true] {
+            let (t, log) = target(attached);
+            let mut data = vec![7u8; 4096];
+            serve(&t, &req(DataOp::Write, 8192, 4096, false), &mut data).unwrap();
+            assert_eq!(*log.log.lock().unwrap(), ["write"], "attached {attached}");
+            serve(&t, &req(DataOp::Write, 8192, 4096, true), &mut data).unwrap();
+            assert_eq!(*log.log.lock().unwrap(), ["write", "write", "flush"]);
+            serve(&t, &req(DataOp::Flush, 0, 0, false), &mut []).unwrap();
+            assert_eq!(*log.log.lock().unwrap(), ["write", "write", "flush", "flush"]);
+            // a FUA read flushes nothing
+            let mut back = vec![0u8; 4096];
+            serve(&t, &req(DataOp::Read, 8192, 4096, true), &mut back).unwrap();
+            assert_eq!(back, data);
+            assert_eq!(log.log.lock().unwrap().len(), 4);
+        }
+    }
+
+    #[test]
+    fn discard_and_write_zeroes_zero_the_backing_range() {
+        for attached in [false, true] {
+            let (t, log) = target(attached);
+            let mut data = vec![9u8; 16384];
+            serve(&t, &req(DataOp::Write, 0, 16384, false), &mut data).unwrap();
+            serve(&t, &req(DataOp::Discard, 4096, 4096, false), &mut []).unwrap();
+            serve(&t, &req(DataOp::WriteZeroes, 12288, 4096, true), &mut []).unwrap();
+            assert_eq!(*log.log.lock().unwrap(), ["write", "zeroes", "zeroes", "flush"]);
+            let mut back = vec![1u8; 16384];
+            serve(&t, &req(DataOp::Read, 0, 16384, false), &mut back).unwrap();
+            assert!(back[..4096].iter().all(|b| *b == 9));
+            assert!(back[4096..8192].iter().all(|b| *b == 0));
+            assert!(back[8192..12288].iter().all(|b| *b == 9));
+            assert!(back[12288..].iter().all(|b| *b == 0));
+        }
+    }
+
+    #[test]
+    fn oversized_request_and_past_the_end_fail_without_io() {
+        let (t, log) = target(true);
+        let mut small = vec![0u8; 512];
+        assert_eq!(serve(&t, &req(DataOp::Write, 0, 4096, false), &mut small), Err(Errno::EINVAL));
+        // the engine's range check: EINVAL past the end
+        assert_eq!(
+            serve(&t, &req(DataOp::Discard, 1 << 20, 4096, false), &mut []),
+            Err(Errno::EINVAL)
+        );
+        assert!(log.log.lock().unwrap().is_empty());
+        assert!(!t.failed.load(Ordering::Acquire));
+    }
+}
