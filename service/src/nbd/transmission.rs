@@ -1,8 +1,9 @@
 //! The transmission phase: one request at a time, in order, each answered before the next is
 //! read (clients that pipeline simply wait; `nbdcopy` opens several connections, which
-//! `NBD_FLAG_CAN_MULTI_CONN` allows). Data goes through the engine exactly as the ublk front
-//! end sends it: images with `Engine::image_read`, origins with `Engine::read/write/discard/
-//! write_zeroes` under the target's origin lock.
+//! `NBD_FLAG_CAN_MULTI_CONN` allows). Data goes through the daemon's data path
+//! (`crate::daemon::serve`), exactly as the ublk front end sends it: images with
+//! `Engine::image_read`, origins with `Engine::read/write/discard/write_zeroes` under the
+//! target's origin lock, flushes of the difference storage and the backing.
 //!
 //! Errors are replies, never a dropped connection, except where the stream cannot be trusted:
 //! a bad magic, a write whose payload is over the limit (its bytes are not read), an export
@@ -17,6 +18,7 @@ use super::contexts::{self, Context};
 use super::handshake::Session;
 use super::wire::*;
 use super::{Export, Socket};
+use crate::daemon::serve::{self as data_path, DataOp, DataRequest};
 
 /// Bytes buffered from the client (request headers and write payloads).
 const READ_BUFFER_BYTES: usize = 256 << 10;
@@ -122,7 +124,7 @@ pub fn serve(session: Session, max_request_bytes: u32) {
             return;
         }
         let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            one(&mut c, &export, &contexts, &req, &payload, max_request_bytes)
+            one(&mut c, &export, &contexts, &req, &mut payload, max_request_bytes)
         }));
         match served {
             Ok(Ok(())) => {}
@@ -152,7 +154,7 @@ fn one(
     export: &Arc<Export>,
     contexts: &[Context],
     req: &RequestHeader,
-    payload: &[u8],
+    payload: &mut [u8],
     max_request_bytes: u32,
 ) -> std::io::Result<()> {
     let cookie = req.cookie;
@@ -180,7 +182,6 @@ fn one(
                 c.out.resize(total, 0);
             }
             if let Err(e) = read(export, req.offset, &mut c.out[hdr..total]) {
-                let e = image_gone(export, e);
                 return c.engine_err(cookie, &e);
             }
             let mut m = Vec::with_capacity(hdr);
@@ -211,35 +212,19 @@ fn one(
             if !req.offset.is_multiple_of(SECTOR) || !len.is_multiple_of(SECTOR) {
                 return c.err(cookie, EINVAL, "writes must be in whole 512-byte blocks");
             }
-            let done = write(export, req.kind, req.offset, len, payload).and_then(|()| {
-                if req.flags & CMD_FLAG_FUA != 0 {
-                    export.target.flush()
-                } else {
-                    Ok(())
-                }
-            });
-            match done {
+            let fua = req.flags & CMD_FLAG_FUA != 0;
+            match write(export, req.kind, req.offset, len, payload, fua) {
                 Ok(()) => c.ok(cookie),
                 Err(e) => c.engine_err(cookie, &e),
             }
         }
-        CMD_FLUSH => match export.target.flush() {
+        CMD_FLUSH => match data(export, DataOp::Flush, 0, 0, false, &mut []) {
             Ok(()) => c.ok(cookie),
             Err(e) => c.engine_err(cookie, &e),
         },
         CMD_BLOCK_STATUS => block_status(c, export, contexts, req),
         _ => c.err(cookie, EINVAL, "unknown command"),
     }
-}
-
-/// An image read that failed because the snapshot went (ENODEV) is an I/O error to the client,
-/// as on the image's block device.
-fn image_gone(export: &Export, e: Error) -> Error {
-    if e.errno == Errno::ENODEV {
-        let _ = export;
-        return Error::new(Errno::EIO, "the snapshot image is gone (snapshot destroyed)");
-    }
-    e
 }
 
 /// The engine's I/O unit: its requests are in whole sectors.
@@ -261,34 +246,48 @@ fn read(export: &Export, offset: u64, buf: &mut [u8]) -> Result<(), Error> {
 }
 
 fn read_aligned(export: &Export, offset: u64, buf: &mut [u8]) -> Result<(), Error> {
-    let t = &export.target;
-    match t.image_of {
-        Some(origin) => t.engine.image_read(origin, offset, buf),
-        None => {
-            let id = t.origin.read().unwrap_or_else(|p| p.into_inner());
-            match *id {
-                Some(d) => t.engine.read(d, offset, buf),
-                None => t.backing.read_at(buf, offset),
-            }
-        }
-    }
+    data(export, DataOp::Read, offset, buf.len() as u64, false, buf)
 }
 
-fn write(export: &Export, kind: u16, offset: u64, len: u64, data: &[u8]) -> Result<(), Error> {
-    let t = &export.target;
-    if t.image_of.is_some() {
+fn write(
+    export: &Export,
+    kind: u16,
+    offset: u64,
+    len: u64,
+    payload: &mut [u8],
+    fua: bool,
+) -> Result<(), Error> {
+    if export.target.image_of.is_some() {
         return Err(Error::new(Errno::EPERM, "images are exported read-only"));
     }
-    // Held across the I/O, as the ublk front end does: orders after the device's start.
-    let id = t.origin.read().unwrap_or_else(|p| p.into_inner());
-    let Some(d) = *id else {
-        return Err(Error::new(Errno::EIO, "the origin is not started yet"));
+    let op = match kind {
+        CMD_WRITE => DataOp::Write,
+        CMD_TRIM => DataOp::Discard,
+        _ => DataOp::WriteZeroes,
     };
-    match kind {
-        CMD_WRITE => t.engine.write(d, offset, data),
-        CMD_TRIM => t.engine.discard(d, offset, len),
-        _ => t.engine.write_zeroes(d, offset, len),
-    }
+    data(export, op, offset, len, fua, payload)
+}
+
+/// One request through the daemon's data path (`crate::daemon::serve`, what the ublk front end
+/// calls): the engine's calls, the origin lock, flushes, a contained panic.
+fn data(
+    export: &Export,
+    op: DataOp,
+    offset_bytes: u64,
+    len_bytes: u64,
+    fua: bool,
+    buf: &mut [u8],
+) -> Result<(), Error> {
+    let req = DataRequest { op, offset_bytes, len_bytes, fua };
+    data_path::serve(&export.target, &req, buf).map_err(|errno| {
+        let detail = match errno {
+            Errno::EIO => "I/O error (the snapshot failed or was destroyed, or the backing failed)",
+            Errno::EINVAL => "invalid range",
+            Errno::ENOSPC => "no space left in the difference storage",
+            _ => "the request failed",
+        };
+        Error::new(errno, detail)
+    })
 }
 
 fn block_status(
