@@ -21,6 +21,9 @@
 //! diff_storage_minimum = 2097152   # sectors: storage step, v3 low-space request, newest growth
 //! tracking_block_minimum_shift = 16
 //!
+//! [nbd]                             # NBD exports of images (`crate::nbd::NbdConfig`), optional
+//! socket = "/run/blksnap/nbd"
+//!
 //! [[device]]
 //! backing = "/var/lib/vm/disk0.img" # regular file or block device
 //! attach = true                     # start change tracking at once (default)
@@ -141,6 +144,9 @@ pub struct Config {
     /// Who makes the block devices (`ublk`, or `none` on hosts without the driver).
     #[serde(default)]
     pub frontend: FrontendKind,
+    /// NBD exports of images and writable origins (`crate::nbd`; off unless a listener is set).
+    #[serde(default)]
+    pub nbd: crate::nbd::NbdConfig,
     /// Tracked devices.
     #[serde(default, rename = "device")]
     pub devices: Vec<DeviceConfig>,
@@ -201,6 +207,7 @@ impl Default for Config {
             idle_timeout_secs: default_idle_timeout(),
             params: BTreeMap::new(),
             frontend: FrontendKind::Ublk,
+            nbd: crate::nbd::NbdConfig::default(),
             devices: Vec::new(),
         }
     }
@@ -273,6 +280,7 @@ impl Config {
                 return Err(format!("{}: backing must be an absolute path", d.backing.display()));
             }
         }
+        self.nbd.validate()?;
         self.engine_params().map(drop)
     }
 
@@ -355,6 +363,10 @@ mod tests {
     fn the_shipped_example_parses() {
         let cfg = Config::parse(include_str!("../blksnapd.toml")).unwrap();
         assert_eq!(cfg.devices.len(), 1);
+        assert_eq!(cfg.nbd, crate::nbd::NbdConfig::default(), "NBD is off unless configured");
+        let nbd = Config::parse("[nbd]\nsocket = \"/run/x/nbd\"\nmax_connections = 4").unwrap();
+        assert!(nbd.nbd.enabled() && nbd.nbd.max_connections == 4);
+        assert!(Config::parse("[nbd]\ntcp = \"0.0.0.0:1\"\ntls = false").is_err());
         assert_eq!(cfg.socket, PathBuf::from(blksnap_proto::DEFAULT_SOCKET));
     }
 

@@ -12,6 +12,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod freeze;
+pub mod nbd;
 #[doc(hidden)]
 pub mod sim;
 pub mod state;

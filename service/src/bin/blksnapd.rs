@@ -66,6 +66,27 @@ struct Args {
     /// without the ublk driver; data is reached through the daemon).
     #[arg(long, value_enum)]
     frontend: Option<FrontendKind>,
+    /// Serve NBD on this Unix socket (config `[nbd] socket`).
+    #[arg(long, value_name = "PATH")]
+    nbd_socket: Option<PathBuf>,
+    /// Serve NBD on this TCP address, HOST:PORT (config `[nbd] tcp`; TLS required).
+    #[arg(long, value_name = "ADDR")]
+    nbd_tcp: Option<std::net::SocketAddr>,
+    /// NBD TLS: the server's certificate chain (PEM).
+    #[arg(long, value_name = "PEM")]
+    nbd_tls_cert: Option<PathBuf>,
+    /// NBD TLS: the server's private key (PEM).
+    #[arg(long, value_name = "PEM")]
+    nbd_tls_key: Option<PathBuf>,
+    /// NBD TLS: the CA that clients' certificates must chain to (PEM).
+    #[arg(long, value_name = "PEM")]
+    nbd_tls_ca: Option<PathBuf>,
+    /// NBD over TCP without TLS (refused unless --nbd-tcp is a loopback address).
+    #[arg(long)]
+    nbd_no_tls: bool,
+    /// Export the origin of this backing over NBD, writable (repeatable).
+    #[arg(long, value_name = "BACKING")]
+    nbd_writable: Vec<PathBuf>,
     /// A module parameter by its kernel name and unit, NAME=VALUE (repeatable; e.g.
     /// diff_storage_minimum=16384, in sectors).
     #[arg(long = "param", value_name = "NAME=VALUE", value_parser = parse_param)]
@@ -139,6 +160,7 @@ fn config(args: &Args) -> Result<Config, String> {
     if args.no_freeze {
         cfg.freeze = false;
     }
+    nbd_flags(args, &mut cfg.nbd)?;
     cfg.params.extend(args.module_params.iter().flat_map(|l| l.0.iter().cloned()));
     cfg.params.extend(args.params.iter().cloned());
     for d in &args.devices {
@@ -147,6 +169,32 @@ fn config(args: &Args) -> Result<Config, String> {
     }
     cfg.validate()?;
     Ok(cfg)
+}
+
+fn nbd_flags(args: &Args, nbd: &mut blksnap_service::nbd::NbdConfig) -> Result<(), String> {
+    let abs = |p: &PathBuf| std::path::absolute(p).map_err(|e| format!("{}: {e}", p.display()));
+    if let Some(p) = &args.nbd_socket {
+        nbd.socket = Some(abs(p)?);
+    }
+    if args.nbd_tcp.is_some() {
+        nbd.tcp = args.nbd_tcp;
+    }
+    if let Some(p) = &args.nbd_tls_cert {
+        nbd.tls_cert = Some(abs(p)?);
+    }
+    if let Some(p) = &args.nbd_tls_key {
+        nbd.tls_key = Some(abs(p)?);
+    }
+    if let Some(p) = &args.nbd_tls_ca {
+        nbd.tls_ca = Some(abs(p)?);
+    }
+    if args.nbd_no_tls {
+        nbd.tls = false;
+    }
+    for p in &args.nbd_writable {
+        nbd.writable_origins.push(abs(p)?);
+    }
+    Ok(())
 }
 
 fn frontend(cfg: &Config) -> Result<Box<dyn blksnap_service::Frontend>, String> {
@@ -213,6 +261,11 @@ fn run() -> Result<(), String> {
     let server = ControlServer::bind(&cfg.socket, group)
         .map_err(|e| format!("{}: {e}", cfg.socket.display()))?
         .with_limits(cfg.control_limits());
+    let nbd = if cfg.nbd.enabled() {
+        Some(blksnap_service::nbd::Listeners::bind(&cfg.nbd, group)?)
+    } else {
+        None
+    };
     if let Err(e) = daemon.add_configured() {
         daemon.shutdown();
         let _ = std::fs::remove_file(&cfg.socket);
@@ -229,6 +282,16 @@ fn run() -> Result<(), String> {
         .name("blksnapd-accept".into())
         .spawn(move || server.serve(d))
         .map_err(|e| e.to_string())?;
+    if let Some(l) = nbd {
+        if let Some(p) = l.socket_path() {
+            eprintln!("blksnapd: nbd on {}", p.display());
+        }
+        if let Some(a) = l.tcp_addr() {
+            let tls = if cfg.nbd.tcp_tls() { "TLS with client certificates" } else { "no TLS" };
+            eprintln!("blksnapd: nbd on tcp {a} ({tls})");
+        }
+        l.spawn(daemon.nbd_exports().clone())?;
+    }
     eprintln!("blksnapd: ready, control socket {}", cfg.socket.display());
     let mut sig: libc::c_int = 0;
     // SAFETY: `set` is an initialised signal set and `sig` a valid out location.
@@ -236,6 +299,9 @@ fn run() -> Result<(), String> {
     eprintln!("blksnapd: signal {sig}, stopping");
     daemon.shutdown();
     let _ = std::fs::remove_file(&cfg.socket);
+    if let Some(p) = &cfg.nbd.socket {
+        let _ = std::fs::remove_file(p);
+    }
     Ok(())
 }
 

@@ -88,6 +88,8 @@ pub struct Daemon {
     /// still queued in the engine, so the order is kept). Cleared when the snapshot goes.
     /// Bounded like the engine's queue ([`EVENT_QUEUE_CAPACITY`]).
     undelivered: sync::Mutex<HashMap<SnapshotId, std::collections::VecDeque<EventW>>>,
+    /// NBD exports: each image while it exists, and the configured writable origins.
+    nbd: Arc<crate::nbd::Exports>,
 }
 
 /// How long one slice of a WaitEvent waits in the engine before the daemon looks at its
@@ -133,6 +135,7 @@ impl Daemon {
         Daemon {
             engine,
             frontend,
+            nbd: Arc::new(crate::nbd::Exports::new(&config.nbd)),
             config,
             state: sync::Mutex::new(State::default()),
             persist: sync::Mutex::new(None),
@@ -180,6 +183,11 @@ impl Daemon {
     /// The engine.
     pub fn engine(&self) -> &Arc<Engine> {
         &self.engine
+    }
+
+    /// The NBD exports (served by `crate::nbd::Listeners` when configured).
+    pub fn nbd_exports(&self) -> &Arc<crate::nbd::Exports> {
+        &self.nbd
     }
 
     /// The configuration.
@@ -258,6 +266,7 @@ impl Daemon {
         let id = served.dev();
         let mut st = self.state();
         claim.keep();
+        self.nbd.publish_origin(id, target.clone(), backing);
         st.origins.insert(
             id,
             Origin { served, target, backing_path: backing.to_path_buf(), canonical, key },
@@ -620,6 +629,7 @@ impl Daemon {
         // Held until the device is gone, so nothing can mount it in between.
         let _probe = exclusive_probe(&o.served.path())?;
         let o = st.origins.remove(&dev).expect("checked");
+        self.nbd.withdraw(&crate::nbd::Exports::origin_name(dev));
         // Under the lock (a request naming `dev` must not reach the engine in between); the
         // device is unmounted and unclaimed, so stopping it is quick.
         o.served.stop();
@@ -697,6 +707,9 @@ impl Daemon {
         let alive = st.snapshots.contains_key(&id);
         if failed.is_none() && alive {
             for (origin, served, target) in started {
+                if let Some(o) = st.origins.get(&origin) {
+                    self.nbd.publish_image(origin, target.clone(), &o.backing_path);
+                }
                 let links = self.make_links(origin, &served.path());
                 st.images.insert(origin, Image { served, links, target });
             }
@@ -755,6 +768,10 @@ impl Daemon {
         self.engine.snapshot_destroy(id)?;
         self.forget_events(id);
         let rec = st.snapshots.remove(&id).unwrap_or_default();
+        for m in &rec.members {
+            // Connections to the image get ESHUTDOWN on their next request, then are closed.
+            self.nbd.withdraw(&crate::nbd::Exports::image_name(*m));
+        }
         set_storages(&st, &rec.members, &[]);
         let mut images = Vec::new();
         for m in &rec.members {
@@ -801,6 +818,9 @@ impl Daemon {
             st.claims.clear();
             std::mem::take(&mut st.origins)
         };
+        for id in origins.keys() {
+            self.nbd.withdraw(&crate::nbd::Exports::origin_name(*id));
+        }
         let persist = self.persist().take();
         let keep = self.config.keeps_devices() && persist.is_some();
         let mut kept = 0;
