@@ -160,6 +160,12 @@ fn a_user_changes_only_what_it_brought() {
     }
     assert!(as_user(&d, Request::CbtInfo { dev: roots }, vec![]).is_ok());
     assert!(as_user(&d, Request::ListDevices, vec![]).is_ok());
+    // data (v3 data requests): root's device refused, its own served
+    let read = |dev| Request::DevRead { dev, offset_bytes: 0, len_bytes: 512 };
+    assert_eq!(errno(as_user(&d, read(roots), vec![])), Errno::EPERM);
+    assert_eq!(errno(as_user(&d, Request::DevFlush { dev: roots }, vec![])), Errno::EPERM);
+    let mine_read = as_user(&d, read(entry.dev), vec![]);
+    assert!(matches!(mine_read, Ok(Reply::Data(_))), "{mine_read:?}");
     // its own: allowed
     assert!(as_user(&d, Request::SnapshotAdd { id: my_snap, dev: entry.dev }, vec![]).is_ok());
     assert!(as_user(&d, Request::SnapshotDestroy { id: my_snap }, vec![]).is_ok());

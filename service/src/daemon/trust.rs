@@ -6,7 +6,8 @@
 //! root client's paths as root would). Any other admitted client (a member of the socket's
 //! group) never makes the daemon open a path: it passes descriptors it opened itself
 //! (`SCM_RIGHTS`, the `*Fd` requests of protocol version 3), and it may change only what it
-//! brought: devices it added and snapshots it created. Read-only queries are open to it.
+//! brought: devices it added and snapshots it created, and reads and writes data (v3 data
+//! requests) only of its own devices and their images. Read-only queries are open to it.
 //!
 //! A received descriptor is checked before use ([`checked`]): open read-write (`O_RDWR`, not
 //! `O_PATH`, not `O_APPEND` — positioned writes must land where the engine puts them), of the
@@ -141,7 +142,29 @@ impl Daemon {
                 None => Ok(()), // unknown: the engine answers ESRCH/ENODEV as usual
             }
         };
+        // Data of a served device (protocol v3 data requests): only its own origins and their
+        // images — reading or writing root's devices through the daemon is what the kernel
+        // would refuse a user who cannot open them.
+        let own_data = |dev: DeviceId| -> Result<(), Error> {
+            let origin = if st.origins.contains_key(&dev) {
+                Some(dev)
+            } else {
+                st.images.iter().find(|(_, i)| i.served.dev() == dev).map(|(o, _)| *o)
+            };
+            match origin.and_then(|o| st.origins.get(&o)) {
+                Some(o) if o.owner == who.uid => Ok(()),
+                _ => Err(Error::new(
+                    Errno::EPERM,
+                    "only root or the user who added this device may read or write its data",
+                )),
+            }
+        };
         match req {
+            Request::DevRead { dev, .. }
+            | Request::DevWrite { dev, .. }
+            | Request::DevDiscard { dev, .. }
+            | Request::DevWriteZeroes { dev, .. }
+            | Request::DevFlush { dev } => own_data((*dev).into()),
             Request::Attach { dev }
             | Request::Detach { dev }
             | Request::CbtDirty { dev, .. }

@@ -107,7 +107,7 @@ pub(crate) fn hostile_clients(env: &Env) -> R {
     let links = env.path("links");
     std::fs::create_dir_all(&links).map_err(|e| e.to_string())?;
     let cfg_arg = cfg.display().to_string();
-    let d = DaemonProc::start_args(
+    let mut d = DaemonProc::start_args(
         env,
         Some(&backing),
         1,
@@ -202,6 +202,9 @@ pub(crate) fn hostile_clients(env: &Env) -> R {
         );
         Ok(())
     })();
+    // RemoveDevice of the origin, a clean stop, no device left (or, after a failure, whatever
+    // the daemon's drop does).
+    let result = result.and_then(|()| d.finish());
     drop(d);
     let _ = run("umount", &[&small.display().to_string()]);
     let _ = run("losetup", &["-d", &lo]);
