@@ -936,7 +936,8 @@ mod tests {
             request: Request::DevFlush { dev: Dev { major: 240, minor: 0 } },
         };
         let bytes = encode(&v2_read).unwrap();
-        // a v2 frame may not carry a v3 request
+        assert_eq!(decode_request(&bytes[4..]).unwrap_err().errno, Errno::EINVAL);
+        // ...nor a v3 descriptor-passing request
         let v2_fd = RequestFrame { version: 2, request: Request::AddDeviceFd { attach: true } };
         let bytes = encode(&v2_fd).unwrap();
         assert_eq!(decode_request(&bytes[4..]).unwrap_err().errno, Errno::EINVAL);
