@@ -477,35 +477,6 @@ impl Daemon {
         self.handle_from(req, Vec::new(), &Principal::root(), gone)
     }
 
-    /// Carries out one request of `who` with the descriptors its frame carried (`trust`):
-    /// the count must be the request's ([`Request::fds_expected`], else EINVAL), `who` must
-    /// be allowed it (else EPERM); descriptors not kept are closed when this returns.
-    pub fn handle_from(
-        &self,
-        req: Request,
-        mut fds: Vec<std::os::fd::OwnedFd>,
-        who: &Principal,
-        gone: &dyn Fn() -> bool,
-    ) -> Result<Reply, WireError> {
-        let wire = |e: Error| WireError::from_error(&e);
-        req.validate().map_err(wire)?;
-        if fds.len() != req.fds_expected() {
-            return Err(WireError::new(
-                Errno::EINVAL,
-                format!(
-                    "this request takes {} descriptor(s), its frame carried {}",
-                    req.fds_expected(),
-                    fds.len()
-                ),
-            ));
-        }
-        self.authorize(who, &req).map_err(wire)?;
-        match fds.pop() {
-            Some(fd) => self.fd_request(req, fd, who).map_err(wire),
-            None => self.dispatch(req, gone, who.uid).map_err(wire),
-        }
-    }
-
     /// An event a WaitEvent took for a client that then could not be given it (hung up): kept
     /// for the next waiter of the snapshot, before anything still queued.
     pub fn requeue_event(&self, id: SnapshotId, event: EventW) {
@@ -562,7 +533,12 @@ impl Daemon {
     }
 
     /// `owner`: the uid the request's new snapshot belongs to.
-    fn dispatch(&self, req: Request, gone: &dyn Fn() -> bool, owner: u32) -> Result<Reply, Error> {
+    pub(super) fn dispatch(
+        &self,
+        req: Request,
+        gone: &dyn Fn() -> bool,
+        owner: u32,
+    ) -> Result<Reply, Error> {
         let e = &self.engine;
         Ok(match req {
             Request::WaitEvent { id, timeout_ms } => {

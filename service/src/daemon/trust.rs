@@ -21,7 +21,7 @@ use std::sync::Arc;
 use blksnap_engine::io::{Dev, FileDev};
 use blksnap_engine::StorageSpec;
 use blksnap_model::{DeviceId, Errno, Error, SectorRange};
-use blksnap_proto::{Reply, Request};
+use blksnap_proto::{Reply, Request, WireError};
 
 use super::{BackingKey, Daemon, OriginStart, SnapRec, State};
 
@@ -109,6 +109,35 @@ fn over_limit(what: &'static str) -> Error {
 }
 
 impl Daemon {
+    /// Carries out one request of `who` with the descriptors its frame carried (`trust`):
+    /// the count must be the request's ([`Request::fds_expected`], else EINVAL), `who` must
+    /// be allowed it (else EPERM); descriptors not kept are closed when this returns.
+    pub fn handle_from(
+        &self,
+        req: Request,
+        mut fds: Vec<std::os::fd::OwnedFd>,
+        who: &Principal,
+        gone: &dyn Fn() -> bool,
+    ) -> Result<Reply, WireError> {
+        let wire = |e: Error| WireError::from_error(&e);
+        req.validate().map_err(wire)?;
+        if fds.len() != req.fds_expected() {
+            return Err(WireError::new(
+                Errno::EINVAL,
+                format!(
+                    "this request takes {} descriptor(s), its frame carried {}",
+                    req.fds_expected(),
+                    fds.len()
+                ),
+            ));
+        }
+        self.authorize(who, &req).map_err(wire)?;
+        match fds.pop() {
+            Some(fd) => self.fd_request(req, fd, who).map_err(wire),
+            None => self.dispatch(req, gone, who.uid).map_err(wire),
+        }
+    }
+
     /// Refuses what `who` may not ask (EPERM with the rule), before any work.
     pub(super) fn authorize(&self, who: &Principal, req: &Request) -> Result<(), Error> {
         if who.is_root() {
