@@ -235,6 +235,8 @@ mod order {
         ChunkPermit,
         /// A chunk's slot (inside the permit's own bookkeeping; leaf).
         ChunkSlot,
+        /// A diff area's free copy buffers (leaf: popped or pushed, never held across I/O).
+        DiffBuffers,
         /// A diff area's first error.
         DiffAreaError,
         /// A difference storage's accounting.

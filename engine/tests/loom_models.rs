@@ -10,6 +10,7 @@ mod common;
 use blksnap_engine::chunk::{ChunkPermit, ChunkState};
 use blksnap_engine::clock::Clock;
 use blksnap_engine::diff_area::DiffArea;
+use blksnap_engine::diff_buffer::DiffBufferPool;
 use blksnap_engine::diff_storage::{DiffStorage, StorageSpec};
 use blksnap_engine::event_queue::EventQueue;
 use blksnap_engine::io::{Dev, MemDev};
@@ -154,6 +155,59 @@ fn cow_vs_image_read_of_the_same_chunk() {
         e.image_read(D0, 0, &mut buf).unwrap();
         assert!(buf.iter().all(|b| *b == 0xaa), "the image never shows a post-take write");
         writer.join().unwrap();
+        e.snapshot_destroy(id).unwrap();
+    });
+}
+
+/// Two copies race for the pool's one free buffer: each gets a buffer of its own (the loser a
+/// new one), and each buffer goes back exactly once (one free at the start, two at the end: not
+/// lost, not returned twice), whatever the interleaving of the pops and pushes.
+#[test]
+fn diff_buffers_two_copies_race_for_one_buffer() {
+    model(|| {
+        let pool = Arc::new(DiffBufferPool::with_kept(64, 3));
+        drop(pool.take(64));
+        assert_eq!(pool.free_count(), 1);
+        let p2 = pool.clone();
+        let other = thread::spawn(move || {
+            let mut b = p2.take(64);
+            b.fill(1);
+            thread::yield_now();
+            assert!(b.iter().all(|&x| x == 1), "no other copy writes this buffer");
+        });
+        {
+            let mut b = pool.take(48);
+            assert_eq!(b.len(), 48);
+            b.fill(2);
+            thread::yield_now();
+            assert!(b.iter().all(|&x| x == 2), "no other copy writes this buffer");
+        }
+        other.join().unwrap();
+        assert_eq!(pool.free_count(), 2, "both buffers returned, each exactly once");
+    });
+}
+
+/// Copy-on-write of two chunks at once through one diff area's pool: each copy stores its own
+/// chunk's pre-image (a shared or stale buffer would store the other chunk's data).
+#[test]
+fn racing_copies_of_two_chunks_share_the_buffer_pool() {
+    model(|| {
+        let e = Arc::new(small_engine(true));
+        e.add_disk(D0, mem(8192), 1).unwrap();
+        e.write(D0, 0, &[0xaa; 4096]).unwrap();
+        e.write(D0, 4096, &[0xcc; 4096]).unwrap();
+        e.attach(D0).unwrap();
+        let id = e.snapshot_create(file_storage()).unwrap();
+        e.snapshot_add(id, D0).unwrap();
+        e.snapshot_take(id).unwrap();
+        let e2 = e.clone();
+        let writer = thread::spawn(move || e2.write(D0, 4096, &[0xdd; 512]).unwrap());
+        e.write(D0, 0, &[0xbb; 512]).unwrap();
+        writer.join().unwrap();
+        let mut buf = vec![0u8; 8192];
+        e.image_read(D0, 0, &mut buf).unwrap();
+        assert!(buf[..4096].iter().all(|b| *b == 0xaa), "chunk 0 holds its own pre-image");
+        assert!(buf[4096..].iter().all(|b| *b == 0xcc), "chunk 1 holds its own pre-image");
         e.snapshot_destroy(id).unwrap();
     });
 }
