@@ -5,10 +5,15 @@
 //! clears it, and the origin read then overwrites every byte; measured in `docs/datapath.md`).
 //! Reused buffers are never cleared: each use overwrites the bytes it hands out (the origin read
 //! fills them, or the caller copies into them), so no stale byte is ever written anywhere.
+//! The bytes handed out start at a [`BUFFER_ALIGN_BYTES`] boundary, so a backing opened for
+//! direct I/O (the daemon's) reads and writes them in place instead of through a bounce buffer
+//! and one more copy of the chunk; the alignment is found in safe code by allocating one
+//! alignment more and starting at the first aligned byte.
 //!
-//! Bounded memory: at most [`DiffBufferPool::kept`] free buffers of `buffer_bytes` each are kept
-//! (`max(1, POOL_KEPT_BYTES / buffer_bytes)`, i.e. at most the larger of 1 MiB and one chunk per
-//! diff area, freed with it); buffers in use are one per copy in flight, as before the pool.
+//! Bounded memory: at most [`DiffBufferPool::kept`] free buffers of `buffer_bytes` (plus
+//! [`BUFFER_ALIGN_BYTES`]) each are kept (`max(1, POOL_KEPT_BYTES / buffer_bytes)`, i.e. at most
+//! the larger of 1 MiB and one chunk per diff area, freed with it); buffers in use are one per
+//! copy in flight, as before the pool.
 //!
 //! Locking: one leaf mutex, held only to pop or push a buffer, never across I/O.
 
@@ -17,9 +22,14 @@ use crate::sync::{LockRank, Mutex};
 /// Bytes of free buffers a pool keeps (at least one buffer whatever the chunk size).
 pub const POOL_KEPT_BYTES: usize = 1 << 20;
 
+/// Alignment of the bytes a [`DiffBuffer`] hands out: the page size, which covers every logical
+/// block size direct I/O asks for.
+pub const BUFFER_ALIGN_BYTES: usize = 4096;
+
 /// A bounded free list of equal-sized buffers.
 ///
-/// Invariants: every buffer in `free` is exactly `buffer_bytes` long; `free.len() <= kept`.
+/// Invariants: every buffer in `free` is exactly `buffer_bytes + BUFFER_ALIGN_BYTES` long (its
+/// heap block never moves: nothing grows it); `free.len() <= kept`.
 #[derive(Debug)]
 pub struct DiffBufferPool {
     free: Mutex<Vec<Vec<u8>>>,
@@ -31,8 +41,10 @@ pub struct DiffBufferPool {
 /// dropped, exactly once.
 pub struct DiffBuffer<'a> {
     pool: &'a DiffBufferPool,
-    /// `Some` until dropped.
-    buf: Option<Vec<u8>>,
+    /// Taken out (left empty) only by `drop`.
+    buf: Vec<u8>,
+    /// Where the aligned bytes start in `buf`.
+    start: usize,
     len_bytes: usize,
 }
 
@@ -44,11 +56,7 @@ impl DiffBufferPool {
 
     /// A pool keeping at most `kept` free buffers (tests and models use small numbers).
     pub fn with_kept(buffer_bytes: usize, kept: usize) -> DiffBufferPool {
-        DiffBufferPool {
-            free: Mutex::new(LockRank::DiffBuffers, Vec::new()),
-            buffer_bytes,
-            kept,
-        }
+        DiffBufferPool { free: Mutex::new(LockRank::DiffBuffers, Vec::new()), buffer_bytes, kept }
     }
 
     /// The most free buffers this pool keeps.
@@ -66,12 +74,14 @@ impl DiffBufferPool {
     pub fn take(&self, len_bytes: usize) -> DiffBuffer<'_> {
         debug_assert!(len_bytes <= self.buffer_bytes);
         let reused = self.free.lock().pop();
-        let buf = reused.unwrap_or_else(|| vec![0u8; self.buffer_bytes]);
-        DiffBuffer { pool: self, buf: Some(buf), len_bytes }
+        let buf = reused.unwrap_or_else(|| vec![0u8; self.buffer_bytes + BUFFER_ALIGN_BYTES]);
+        let misaligned = buf.as_ptr() as usize % BUFFER_ALIGN_BYTES;
+        let start = (BUFFER_ALIGN_BYTES - misaligned) % BUFFER_ALIGN_BYTES;
+        DiffBuffer { pool: self, buf, start, len_bytes }
     }
 
     fn give_back(&self, buf: Vec<u8>) {
-        debug_assert_eq!(buf.len(), self.buffer_bytes);
+        debug_assert_eq!(buf.len(), self.buffer_bytes + BUFFER_ALIGN_BYTES);
         let mut free = self.free.lock();
         if free.len() < self.kept {
             free.push(buf);
@@ -83,21 +93,19 @@ impl DiffBufferPool {
 impl core::ops::Deref for DiffBuffer<'_> {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
-        &self.buf.as_ref().expect("a diff buffer is present until dropped")[..self.len_bytes]
+        &self.buf[self.start..self.start + self.len_bytes]
     }
 }
 
 impl core::ops::DerefMut for DiffBuffer<'_> {
     fn deref_mut(&mut self) -> &mut [u8] {
-        &mut self.buf.as_mut().expect("a diff buffer is present until dropped")[..self.len_bytes]
+        &mut self.buf[self.start..self.start + self.len_bytes]
     }
 }
 
 impl Drop for DiffBuffer<'_> {
     fn drop(&mut self) {
-        if let Some(buf) = self.buf.take() {
-            self.pool.give_back(buf);
-        }
+        self.pool.give_back(core::mem::take(&mut self.buf));
     }
 }
 
@@ -111,6 +119,9 @@ mod tests {
         {
             let (mut a, mut b, mut c) = (pool.take(4096), pool.take(4096), pool.take(512));
             assert_eq!((a.len(), b.len(), c.len()), (4096, 4096, 512));
+            for buf in [&a, &b, &c] {
+                assert_eq!(buf.as_ptr() as usize % BUFFER_ALIGN_BYTES, 0, "aligned for direct I/O");
+            }
             a.fill(1);
             b.fill(2);
             c.fill(3);
