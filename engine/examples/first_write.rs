@@ -97,7 +97,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let dev = DeviceId::new(251, 0);
             engine.add_disk(dev, origin.clone(), 8)?;
             engine.attach(dev)?;
-            let spec = StorageSpec::File { backend: storage, limit_sectors: 2 * disk_bytes >> 9 };
+            let spec = StorageSpec::File { backend: storage, limit_sectors: (2 * disk_bytes) >> 9 };
             let id = engine.snapshot_create(spec)?;
             engine.snapshot_add(id, dev)?;
             engine.snapshot_take(id)?;
