@@ -43,11 +43,14 @@ for arch in "" -m32; do
     echo "headers as C++ $profile ${arch:-native}: ok"
   done
   # The daemon-mode shim client runs only in the VM (scenario preload-daemon); compiled here too.
+  # So does the one-step-per-process client of ffi/run-multiprocess.sh (CI stage ffi-multiprocess).
   for profile in v3 newest; do
-    "$CC" -std=c11 -Wall -Wextra -Werror -fsyntax-only $arch -I "include/$profile" \
-      ffi/tests-c/preload_daemon.c
+    for client in preload_daemon.c multiproc_step.c; do
+      "$CC" -std=c11 -Wall -Wextra -Werror -fsyntax-only $arch -I "include/$profile" \
+        "ffi/tests-c/$client"
+    done
   done
-  echo "preload_daemon.c ${arch:-native}: compiles"
+  echo "preload_daemon.c, multiproc_step.c ${arch:-native}: compile"
 done
 
 echo "--- exported symbols"

@@ -7,14 +7,18 @@
 //! quirk decisions); only the engine calls underneath become requests ([`Backend`]), so the return
 //! codes are the daemon engine's. Data I/O (`blksnap_dev_*`, `blksnap_image_*`) goes through the
 //! real block devices the daemon serves (`/dev/ublkbN` of the origin and of its image), opened
-//! `O_DIRECT` with aligned bounce buffers — CBT marking and copy-on-write happen in the daemon.
+//! `O_DIRECT` with aligned bounce buffers, when this host has them; a daemon that serves no block
+//! devices (`blksnapd --frontend none`, hosts without the ublk driver) gets protocol v3 data
+//! requests over the socket instead, 1 MiB each. CBT marking and copy-on-write happen in the
+//! daemon either way.
 //!
 //! Devices: with no device entries in the configuration, the handle sees the daemon's origins
 //! as they are (path `/dev/ublkbN`, number its `MAJ:MIN`); a device looked up and not found makes
 //! it re-read the daemon's list once ([`Remote::refresh`]), so devices served after the handle
 //! opened are found. A `/dev/PATH=BACKING[@MAJ:MIN]` entry
 //! names the daemon's origin in front of `BACKING` (asking the daemon to serve it, not attached,
-//! if it does not yet — and to stop serving it when the last handle closes); the client sees it
+//! if it does not yet — and to stop serving it when the last handle closes, unless it is tracked
+//! by then: a tracker outlives the process that attached it); the client sees it
 //! under `/dev/PATH` with the entry's number, which is translated both ways (requests, the
 //! snapshotinfo image name, the corrupted event's device), so an unchanged client written for
 //! in-process mode runs against the daemon.
@@ -80,6 +84,9 @@ struct Mapped {
     capacity: u64,
 }
 
+/// A served device as looked up: its node, capacity in bytes and the daemon's number for it.
+type Found = (String, u64, Dev);
+
 /// A connection pool to one daemon and the device mapping of one handle family.
 pub struct Remote {
     socket: PathBuf,
@@ -91,6 +98,9 @@ pub struct Remote {
     /// No devices were configured: the handle sees every origin the daemon serves, and a
     /// device the daemon starts serving later is found by re-reading its list.
     follows_daemon: bool,
+    /// The last image looked up, by origin (daemon number): node, capacity, image number. Data
+    /// requests use it; an existence check (an empty request) and a failed request look again.
+    image: Mutex<Option<(Dev, Found)>>,
 }
 
 impl std::fmt::Debug for Remote {
@@ -118,6 +128,7 @@ impl Remote {
             devices: RwLock::new(Vec::new()),
             added: Vec::new(),
             follows_daemon: devices.is_empty(),
+            image: Mutex::new(None),
         };
         if remote.follows_daemon {
             *devices = remote.refresh().map_err(|e| e.errno)?.unwrap_or_default();
@@ -230,12 +241,13 @@ impl Remote {
         devices.iter().find(|m| m.dev == dev).map_or_else(|| dev.into(), |m| m.id)
     }
 
-    /// The block device node of the origin `id` or of its image.
-    fn node(&self, id: DeviceId, image: bool) -> Res<(String, u64)> {
+    /// The served device of the origin `id` or of its image: its node, capacity and the
+    /// daemon's number for it.
+    fn node(&self, id: DeviceId, image: bool) -> Res<Found> {
         let dev = self.to_daemon(id);
         if !image {
             if let Some(m) = self.mapped(id) {
-                return Ok((m.node, m.capacity));
+                return Ok((m.node, m.capacity, m.dev));
             }
         }
         let Reply::Devices(list) = self.call(Request::ListDevices)? else {
@@ -246,13 +258,33 @@ impl Remote {
                 Role::Image { of } => image && of == dev,
                 Role::Origin => !image && d.dev == dev,
             })
-            .map(|d| (d.path, d.capacity_bytes))
+            .map(|d| (d.path, d.capacity_bytes, d.dev))
             .ok_or(Error::new(Errno::ENODEV, "no such device or image"))
     }
 
-    /// `pread`/`pwrite` on the node, `O_DIRECT`, through an aligned bounce buffer.
-    fn direct_io(&self, id: DeviceId, image: bool, offset: u64, mut data: Io<'_>) -> Res<()> {
-        let (node, capacity) = self.node(id, image)?;
+    /// Data I/O on the origin `id` or its image: on the daemon's block device when this host
+    /// has it (ublk), else over the socket (protocol v3 data requests: a daemon with no block
+    /// devices, `--frontend none`). Either way CBT and copy-on-write happen in the daemon.
+    fn data_io(&self, id: DeviceId, image: bool, offset: u64, mut data: Io<'_>) -> Res<()> {
+        if !image || data.len() == 0 {
+            return self.data_io_on(self.node(id, image)?, offset, data);
+        }
+        // Image data: the image's node from the last lookup, if it is this origin's; looked up
+        // again when the request fails (the image was destroyed, maybe taken again since).
+        let origin = self.to_daemon(id);
+        let cached = self.image.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        if let Some((_, node)) = cached.filter(|(of, _)| *of == origin) {
+            if self.data_io_on(node, offset, data.reborrow()).is_ok() {
+                return Ok(());
+            }
+        }
+        let node = self.node(id, true)?;
+        *self.image.lock().unwrap_or_else(PoisonError::into_inner) = Some((origin, node.clone()));
+        self.data_io_on(node, offset, data)
+    }
+
+    fn data_io_on(&self, found: Found, offset: u64, data: Io<'_>) -> Res<()> {
+        let (node, capacity, dev) = found;
         let len = data.len() as u64;
         if !offset.is_multiple_of(512) || !len.is_multiple_of(512) {
             return Err(Error::new(Errno::EINVAL, "offset and length must be multiples of 512"));
@@ -263,48 +295,106 @@ impl Remote {
         if len == 0 {
             return Ok(());
         }
-        let write = matches!(data, Io::Write(_));
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(write)
-            .custom_flags(libc::O_DIRECT)
-            .open(&node)
-            .map_err(|e| {
-                if e.kind() == std::io::ErrorKind::NotFound {
-                    Error::new(Errno::ENODEV, "the block device is gone")
-                } else {
-                    io_err(&e)
-                }
-            })?;
-        const STEP: usize = 1 << 20;
-        const ALIGN: usize = 4096;
-        let mut raw = vec![0u8; STEP.min(data.len()) + ALIGN];
-        let start = raw.as_ptr().align_offset(ALIGN);
-        let bounce = &mut raw[start..start + STEP.min(data.len())];
+        if is_local_block_device(&node, dev) {
+            direct_io(&node, offset, data)
+        } else {
+            self.socket_io(dev, offset, data)
+        }
+    }
+
+    /// Data over the socket, [`blksnap_proto::MAX_DATA_BYTES`] per request.
+    fn socket_io(&self, dev: Dev, offset: u64, mut data: Io<'_>) -> Res<()> {
+        let step = blksnap_proto::MAX_DATA_BYTES as usize;
         let mut done = 0usize;
         while done < data.len() {
-            let n = (data.len() - done).min(STEP);
-            let at = offset + done as u64;
+            let n = (data.len() - done).min(step);
+            let offset_bytes = offset + done as u64;
             match &mut data {
                 Io::Read(buf) => {
-                    file.read_exact_at(&mut bounce[..n], at).map_err(|e| io_err(&e))?;
-                    buf[done..done + n].copy_from_slice(&bounce[..n]);
+                    let req = Request::DevRead { dev, offset_bytes, len_bytes: n as u32 };
+                    match self.call(req)? {
+                        Reply::Data(got) if got.0.len() == n => {
+                            buf[done..done + n].copy_from_slice(&got.0);
+                        }
+                        _ => return Err(unexpected()),
+                    }
                 }
                 Io::Write(buf) => {
-                    bounce[..n].copy_from_slice(&buf[done..done + n]);
-                    file.write_all_at(&bounce[..n], at).map_err(|e| io_err(&e))?;
+                    let data = blksnap_proto::Bytes(buf[done..done + n].to_vec());
+                    self.done(Request::DevWrite { dev, offset_bytes, data })?;
                 }
             }
             done += n;
         }
         Ok(())
     }
+
+    /// Flushes the origin `id` (its snapshot's storage, then its backing) in the daemon.
+    pub fn flush(&self, id: DeviceId) -> Res<()> {
+        let (_, _, dev) = self.node(id, false)?;
+        self.done(Request::DevFlush { dev })
+    }
+}
+
+/// Whether `node` is, on this host, the block device `dev` (the daemon's ublk device), rather
+/// than a name of a daemon that serves no block devices.
+fn is_local_block_device(node: &str, dev: Dev) -> bool {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    std::fs::metadata(node).is_ok_and(|m| {
+        m.file_type().is_block_device()
+            && (libc::major(m.rdev()), libc::minor(m.rdev())) == (dev.major, dev.minor)
+    })
+}
+
+/// `pread`/`pwrite` on the block device `node`, `O_DIRECT`, through an aligned bounce buffer.
+fn direct_io(node: &str, offset: u64, mut data: Io<'_>) -> Res<()> {
+    let write = matches!(data, Io::Write(_));
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(write)
+        .custom_flags(libc::O_DIRECT)
+        .open(node)
+        .map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                Error::new(Errno::ENODEV, "the block device is gone")
+            } else {
+                io_err(&e)
+            }
+        })?;
+    const STEP: usize = 1 << 20;
+    const ALIGN: usize = 4096;
+    let mut raw = vec![0u8; STEP.min(data.len()) + ALIGN];
+    let start = raw.as_ptr().align_offset(ALIGN);
+    let bounce = &mut raw[start..start + STEP.min(data.len())];
+    let mut done = 0usize;
+    while done < data.len() {
+        let n = (data.len() - done).min(STEP);
+        let at = offset + done as u64;
+        match &mut data {
+            Io::Read(buf) => {
+                file.read_exact_at(&mut bounce[..n], at).map_err(|e| io_err(&e))?;
+                buf[done..done + n].copy_from_slice(&bounce[..n]);
+            }
+            Io::Write(buf) => {
+                bounce[..n].copy_from_slice(&buf[done..done + n]);
+                file.write_all_at(&bounce[..n], at).map_err(|e| io_err(&e))?;
+            }
+        }
+        done += n;
+    }
+    Ok(())
 }
 
 impl Drop for Remote {
+    /// Origins this instance had the daemon serve stop being served — unless they are tracked
+    /// now (attached, maybe in a snapshot): a tracker outlives the process that attached it, as
+    /// the kernel's does, so the next process (the next step of a one-command-per-process tool)
+    /// finds the device, its change map and its snapshot.
     fn drop(&mut self) {
         for dev in std::mem::take(&mut self.added) {
-            let _ = self.done(Request::RemoveDevice { dev });
+            if matches!(self.call(Request::CbtInfo { dev }), Err(e) if e.errno == Errno::ENOENT) {
+                let _ = self.done(Request::RemoveDevice { dev });
+            }
         }
     }
 }
@@ -315,6 +405,14 @@ enum Io<'a> {
 }
 
 impl Io<'_> {
+    /// The same buffer, for one more attempt.
+    fn reborrow(&mut self) -> Io<'_> {
+        match self {
+            Io::Read(b) => Io::Read(b),
+            Io::Write(b) => Io::Write(b),
+        }
+    }
+
     fn len(&self) -> usize {
         match self {
             Io::Read(b) => b.len(),
@@ -558,7 +656,7 @@ impl Backend {
     pub fn disk_capacity_bytes(&self, dev: DeviceId) -> Res<u64> {
         match self {
             Backend::Local(e) => e.disk_capacity_bytes(dev),
-            Backend::Remote(r) => r.node(dev, false).map(|(_, c)| c),
+            Backend::Remote(r) => r.node(dev, false).map(|(_, c, _)| c),
         }
     }
 
@@ -566,7 +664,7 @@ impl Backend {
     pub fn read(&self, dev: DeviceId, offset: u64, buf: &mut [u8]) -> Res<()> {
         match self {
             Backend::Local(e) => e.read(dev, offset, buf),
-            Backend::Remote(r) => r.direct_io(dev, false, offset, Io::Read(buf)),
+            Backend::Remote(r) => r.data_io(dev, false, offset, Io::Read(buf)),
         }
     }
 
@@ -574,7 +672,7 @@ impl Backend {
     pub fn write(&self, dev: DeviceId, offset: u64, data: &[u8]) -> Res<()> {
         match self {
             Backend::Local(e) => e.write(dev, offset, data),
-            Backend::Remote(r) => r.direct_io(dev, false, offset, Io::Write(data)),
+            Backend::Remote(r) => r.data_io(dev, false, offset, Io::Write(data)),
         }
     }
 
@@ -582,7 +680,7 @@ impl Backend {
     pub fn image_read(&self, dev: DeviceId, offset: u64, buf: &mut [u8]) -> Res<()> {
         match self {
             Backend::Local(e) => e.image_read(dev, offset, buf),
-            Backend::Remote(r) => r.direct_io(dev, true, offset, Io::Read(buf)),
+            Backend::Remote(r) => r.data_io(dev, true, offset, Io::Read(buf)),
         }
     }
 
@@ -590,7 +688,7 @@ impl Backend {
     pub fn image_write(&self, dev: DeviceId, offset: u64, data: &[u8]) -> Res<()> {
         match self {
             Backend::Local(e) => e.image_write(dev, offset, data),
-            Backend::Remote(r) => r.direct_io(dev, true, offset, Io::Write(data)),
+            Backend::Remote(r) => r.data_io(dev, true, offset, Io::Write(data)),
         }
     }
 }

@@ -405,6 +405,10 @@ mod tests {
             assert_eq!(Config::parse(bad).unwrap_err(), Errno::EINVAL, "{bad}");
         }
         assert!(Config::parse("").unwrap().devices.is_empty());
+        // every kernel parameter of both generations, by its kernel name
+        for (name, value) in Params::KERNEL_DEFAULTS {
+            assert!(Config::parse(&format!("param.{name}={value}")).is_ok(), "{name}");
+        }
     }
 
     #[test]

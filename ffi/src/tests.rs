@@ -348,7 +348,23 @@ fn filter_requests_validate_names_optlen_and_opt() {
             let mut other = newest::blkfilter_attach { name: name32(b"other"), opt: 1, optlen: 9 };
             assert_eq!(filter(&f, newest::BLKFILTER_ATTACH, &mut other), ENOENT);
         }
+        // The device with no filter: DETACH of blksnap, CTL of another name: ENOENT.
+        let (attach_code, detach_code) = if profile == BLKSNAP_PROFILE_V3 {
+            (v3::BLKFILTER_ATTACH, v3::BLKFILTER_DETACH)
+        } else {
+            (newest::BLKFILTER_ATTACH, newest::BLKFILTER_DETACH)
+        };
+        // A 48-byte ctl struct is large enough for every filter request's argument.
+        let mut blksnap = ctl_struct(ctl_cmd::CBTINFO, info.as_mut_ptr().cast(), 64);
+        let mut other = ctl_struct(ctl_cmd::CBTINFO, info.as_mut_ptr().cast(), 64);
+        other.name = name32(b"other");
+        assert_eq!(filter(&f, detach_code, &mut blksnap), ENOENT, "detach, no filter");
+        assert_eq!(filter(&f, ctl_code, &mut other), ENOENT, "ctl of another name, no filter");
         attach(&f, profile);
+        // blksnap attached: requests naming another filter (none is registered).
+        assert_eq!(filter(&f, attach_code, &mut blksnap), EALREADY, "attach again");
+        assert_eq!(filter(&f, attach_code, &mut other), ENOENT, "no filter of that name");
+        assert_eq!(filter(&f, detach_code, &mut other), EINVAL, "detach: name mismatch");
         let mut c = ctl_struct(ctl_cmd::CBTINFO, info.as_mut_ptr().cast(), 64);
         c.name = name32(b"blksnap2");
         assert_eq!(filter(&f, ctl_code, &mut c), mismatch, "ctl name mismatch");
@@ -439,6 +455,7 @@ fn filter_requests_on_untracked_block_devices_give_the_kernels_errnos() {
                 (&mut other as *mut uapi::blkfilter_ctl).cast(),
             );
             assert_eq!(call(detach_code, b), ENOENT, "{path:?}: detach with no filter");
+            assert_eq!(call(detach_code, o), ENOENT, "{path:?}: detach of another filter name");
             assert_eq!(call(ctl_code, b), ENOENT, "{path:?}: ctl with no filter");
             assert_eq!(call(ctl_code, o), ENOENT, "{path:?}: ctl of another filter name");
             assert_eq!(call(attach_code, o), ENOENT, "{path:?}: no filter of that name");

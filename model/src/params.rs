@@ -111,6 +111,22 @@ impl Params {
         "diff_storage_minimum",
     ];
 
+    /// Every kernel module parameter of both generations with the kernel's default value, in the
+    /// kernel's unit (`blksnap-semantics.md` §1; newest's where the generations differ, v3's for
+    /// the parameters only v3 has): what `modprobe blksnap NAME=VALUE` accepts.
+    pub const KERNEL_DEFAULTS: [(&'static str, u64); 10] = [
+        ("tracking_block_minimum_shift", 16),
+        ("tracking_block_maximum_count", 2_097_152),
+        ("tracking_block_maximum_shift", 26),
+        ("chunk_minimum_shift", 18),
+        ("chunk_maximum_count", 2_097_152),
+        ("chunk_maximum_count_shift", 40),
+        ("chunk_maximum_shift", 26),
+        ("chunk_maximum_in_queue", 256),
+        ("free_diff_buffer_pool_size", 128),
+        ("diff_storage_minimum", 2_097_152),
+    ];
+
     /// Names accepted for compatibility with this project's earlier releases, and what they mean.
     pub const ALIASES: [(&'static str, &'static str); 1] =
         [("diff_storage_minimum_sectors", "diff_storage_minimum")];
@@ -212,6 +228,25 @@ mod tests {
         assert_eq!(p.set("no_such_parameter", 1).unwrap_err().errno, Errno::EINVAL);
         for name in Params::NAMES {
             assert!(Params::default().set(name, 16).is_ok(), "{name} is accepted");
+        }
+    }
+
+    #[test]
+    fn every_kernel_parameter_by_its_name_with_the_kernel_default() {
+        let names: Vec<&str> = Params::KERNEL_DEFAULTS.iter().map(|(n, _)| *n).collect();
+        assert_eq!(names, Params::NAMES, "one default per kernel name");
+        for (name, value) in Params::KERNEL_DEFAULTS {
+            let mut p = Params::default();
+            p.set(name, value).unwrap_or_else(|e| panic!("{name}={value}: {e:?}"));
+            if name == "chunk_maximum_count" {
+                // v3's count: 2^21 chunks (newest's default shift is 40)
+                assert_eq!(p.chunk_maximum_count_shift, 21);
+            } else {
+                assert_eq!(p, Params::default(), "{name}: the kernel's default is ours");
+            }
+            let mut listed = Params::default();
+            listed.apply_list(&format!("{name}={value}")).unwrap();
+            assert_eq!(listed, p, "{name} in a modprobe list");
         }
     }
 

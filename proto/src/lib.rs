@@ -9,8 +9,17 @@
 //! Versioning: every frame carries [`PROTOCOL_VERSION`]. Message layouts never change within a
 //! version; a new version only appends variants, so a daemon accepts every version from
 //! [`MIN_PROTOCOL_VERSION`] to its own (version 2 appended [`Request::AddDevice`],
-//! [`Request::RemoveDevice`] and [`Reply::Device`]; a request that names a variant its frame's
-//! version does not have is refused). A daemon answers a request of a version outside that range
+//! [`Request::RemoveDevice`] and [`Reply::Device`]; version 3 appended the data requests
+//! [`Request::DevRead`], [`Request::DevWrite`], [`Request::DevDiscard`],
+//! [`Request::DevWriteZeroes`], [`Request::DevFlush`] and [`Reply::Data`]; a request that names a
+//! variant its frame's version does not have is refused).
+//!
+//! Data requests (v3) are for hosts where the daemon serves no block devices (`--frontend none`):
+//! a client reads and writes an origin or an image by its device number over the socket, served
+//! through the engine exactly as the ublk front end serves a block request (origin writes mark
+//! the change map and copy-on-write; image reads see the snapshot). Offsets and lengths are
+//! multiples of 512; one read or write carries at most [`MAX_DATA_BYTES`], one discard or
+//! write-zeroes at most [`MAX_ZERO_BYTES`]. A daemon answers a request of a version outside that range
 //! with [`WireError`] `{errno: EINVAL, message: "protocol version ..."}` and the version it speaks
 //! in the response frame, then closes the connection.
 //!
@@ -32,10 +41,13 @@ use blksnap_model::{
 };
 use serde::{Deserialize, Serialize};
 
+mod bytes;
 pub mod client;
 
+pub use bytes::Bytes;
+
 /// The protocol version this crate speaks.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 /// The oldest version a daemon of this crate still accepts.
 pub const MIN_PROTOCOL_VERSION: u32 = 1;
 /// Where the daemon listens unless configured otherwise.
@@ -50,6 +62,12 @@ pub const MAX_PATH_BYTES: usize = 4096;
 pub const MAX_MESSAGE_BYTES: usize = 1024;
 /// Most devices a `ListDevices` reply may carry.
 pub const MAX_LIST: usize = 65_536;
+/// Largest read or write of one data request (v3), in bytes.
+pub const MAX_DATA_BYTES: u32 = 1 << 20;
+/// Largest discard or write-zeroes of one data request (v3), in bytes.
+pub const MAX_ZERO_BYTES: u64 = 64 << 20;
+/// Sector size: data requests' offsets and lengths are multiples of it.
+pub const SECTOR_BYTES: u64 = 512;
 
 /// A block device number (`MAJOR:MINOR`).
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -224,6 +242,50 @@ pub enum Request {
     /// it). EBUSY while it is in a snapshot; ENODEV if not served.
     RemoveDevice {
         /// The tracked device.
+        dev: Dev,
+    },
+    /// (v3) Read `len_bytes` at `offset_bytes` of a served device: an origin (straight from
+    /// its backing through the engine) or an image (the snapshot's content), named by its
+    /// device number as [`Request::ListDevices`] lists it. Answered with [`Reply::Data`].
+    DevRead {
+        /// The served device (origin or image).
+        dev: Dev,
+        /// Byte offset (multiple of 512).
+        offset_bytes: u64,
+        /// Length (multiple of 512, ≤ [`MAX_DATA_BYTES`]).
+        len_bytes: u32,
+    },
+    /// (v3) Write `data` at `offset_bytes`: an origin's write marks the change map and copies
+    /// what a snapshot still needs first; an image's write goes to its difference storage.
+    DevWrite {
+        /// The served device (origin or image).
+        dev: Dev,
+        /// Byte offset (multiple of 512).
+        offset_bytes: u64,
+        /// The data (length a multiple of 512, ≤ [`MAX_DATA_BYTES`]).
+        data: Bytes,
+    },
+    /// (v3) Discard a range (as the ublk front end: tracked and copied like a write).
+    DevDiscard {
+        /// The served device (origin or image).
+        dev: Dev,
+        /// Byte offset (multiple of 512).
+        offset_bytes: u64,
+        /// Length (multiple of 512, ≤ [`MAX_ZERO_BYTES`]).
+        len_bytes: u64,
+    },
+    /// (v3) Write zeroes over a range.
+    DevWriteZeroes {
+        /// The served device (origin or image).
+        dev: Dev,
+        /// Byte offset (multiple of 512).
+        offset_bytes: u64,
+        /// Length (multiple of 512, ≤ [`MAX_ZERO_BYTES`]).
+        len_bytes: u64,
+    },
+    /// (v3) Flush: the snapshot's difference storage, then (origins) the backing.
+    DevFlush {
+        /// The served device (origin or image).
         dev: Dev,
     },
 }
@@ -420,6 +482,8 @@ pub enum Reply {
     Stats(StatsW),
     /// (v2) Answer to [`Request::AddDevice`].
     Device(DeviceEntry),
+    /// (v3) Answer to [`Request::DevRead`]: exactly the requested length.
+    Data(Bytes),
 }
 
 /// A failed request: the errno the engine (or the daemon) returned and why.
@@ -518,6 +582,20 @@ fn check_ranges(ranges: &[Range]) -> Result<(), Error> {
     Ok(())
 }
 
+/// A data request's range: sector-aligned, within the per-request limit, not wrapping.
+fn check_data_range(offset: u64, len: u64, max: u64) -> Result<(), Error> {
+    if !offset.is_multiple_of(SECTOR_BYTES) || !len.is_multiple_of(SECTOR_BYTES) {
+        return Err(invalid("offset and length must be multiples of 512"));
+    }
+    if len > max {
+        return Err(invalid("data request longer than the per-request limit"));
+    }
+    if offset.checked_add(len).is_none() {
+        return Err(invalid("range overflows"));
+    }
+    Ok(())
+}
+
 fn check_entry(d: &DeviceEntry) -> Result<(), Error> {
     check_path(&d.path)?;
     if !d.backing.is_empty() {
@@ -531,6 +609,11 @@ impl Request {
     pub fn since_version(&self) -> u32 {
         match self {
             Request::AddDevice { .. } | Request::RemoveDevice { .. } => 2,
+            Request::DevRead { .. }
+            | Request::DevWrite { .. }
+            | Request::DevDiscard { .. }
+            | Request::DevWriteZeroes { .. }
+            | Request::DevFlush { .. } => 3,
             _ => 1,
         }
     }
@@ -554,6 +637,16 @@ impl Request {
                 check_ranges(ranges)
             }
             Request::AddDevice { backing, .. } => check_path(backing),
+            Request::DevRead { offset_bytes, len_bytes, .. } => {
+                check_data_range(*offset_bytes, u64::from(*len_bytes), u64::from(MAX_DATA_BYTES))
+            }
+            Request::DevWrite { offset_bytes, data, .. } => {
+                check_data_range(*offset_bytes, data.0.len() as u64, u64::from(MAX_DATA_BYTES))
+            }
+            Request::DevDiscard { offset_bytes, len_bytes, .. }
+            | Request::DevWriteZeroes { offset_bytes, len_bytes, .. } => {
+                check_data_range(*offset_bytes, *len_bytes, MAX_ZERO_BYTES)
+            }
             _ => Ok(()),
         }
     }
@@ -578,6 +671,9 @@ impl ResponseFrame {
                 }
             }
             Ok(Reply::Device(d)) => check_entry(d)?,
+            Ok(Reply::Data(data)) if data.0.len() > MAX_DATA_BYTES as usize => {
+                return Err(invalid("data reply too long"));
+            }
             Ok(Reply::CbtMap(map)) if map.len() > MAX_CBTMAP_LEN as usize => {
                 return Err(invalid("cbtmap reply too long"));
             }
@@ -609,15 +705,38 @@ pub fn snapshot_info(error_code: i32, image: Option<Dev>) -> SnapshotInfo {
     SnapshotInfo { error_code, image: image.map(Into::into) }
 }
 
+/// A postcard output that appends to a vector sized beforehand (runs of bytes are one copy).
+struct FrameBuf(Vec<u8>);
+
+impl postcard::ser_flavors::Flavor for FrameBuf {
+    type Output = Vec<u8>;
+    fn try_push(&mut self, byte: u8) -> postcard::Result<()> {
+        self.0.push(byte);
+        Ok(())
+    }
+    fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
+        self.0.extend_from_slice(data);
+        Ok(())
+    }
+    fn finalize(self) -> postcard::Result<Vec<u8>> {
+        Ok(self.0)
+    }
+}
+
 /// Encodes a message as one frame (length prefix + postcard).
 pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, Error> {
-    let body = postcard::to_stdvec(msg).map_err(|_| invalid("cannot encode message"))?;
-    if body.len() > MAX_FRAME_BYTES as usize {
+    // Sized first, then written once into a buffer of exactly that size: a 1 MiB data reply
+    // costs one copy, not a growing vector's reallocations plus a copy behind the length.
+    let len = postcard::experimental::serialized_size(msg)
+        .map_err(|_| invalid("cannot encode message"))?;
+    if len > MAX_FRAME_BYTES as usize {
         return Err(Error::new(Errno::EFBIG, "message larger than a frame"));
     }
-    let mut out = Vec::with_capacity(4 + body.len());
-    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
-    out.extend_from_slice(&body);
+    let mut out = Vec::with_capacity(4 + len);
+    out.extend_from_slice(&(len as u32).to_le_bytes());
+    let out = postcard::serialize_with_flavor(msg, FrameBuf(out))
+        .map_err(|_| invalid("cannot encode message"))?;
+    debug_assert_eq!(out.len(), 4 + len);
     Ok(out)
 }
 
@@ -725,6 +844,11 @@ mod tests {
             Request::StorageStats { id },
             Request::AddDevice { backing: "/tmp/disk.img".into(), attach: true },
             Request::RemoveDevice { dev },
+            Request::DevRead { dev, offset_bytes: 4096, len_bytes: MAX_DATA_BYTES },
+            Request::DevWrite { dev, offset_bytes: 512, data: Bytes(vec![7; 1024]) },
+            Request::DevDiscard { dev, offset_bytes: 0, len_bytes: MAX_ZERO_BYTES },
+            Request::DevWriteZeroes { dev, offset_bytes: 1 << 30, len_bytes: 512 },
+            Request::DevFlush { dev },
         ] {
             round_trip_request(req);
         }
@@ -743,8 +867,15 @@ mod tests {
         };
         let bytes = encode(&v1_add).unwrap();
         assert_eq!(decode_request(&bytes[4..]).unwrap_err().errno, Errno::EINVAL);
-        assert!(version_supported(1) && version_supported(2));
-        assert!(!version_supported(0) && !version_supported(3));
+        assert!(version_supported(1) && version_supported(2) && version_supported(3));
+        assert!(!version_supported(0) && !version_supported(4));
+        // a v2 frame may not carry a v3 data request
+        let v2_read = RequestFrame {
+            version: 2,
+            request: Request::DevFlush { dev: Dev { major: 240, minor: 0 } },
+        };
+        let bytes = encode(&v2_read).unwrap();
+        assert_eq!(decode_request(&bytes[4..]).unwrap_err().errno, Errno::EINVAL);
         let bad = RequestFrame {
             version: PROTOCOL_VERSION,
             request: Request::AddDevice { backing: "relative".into(), attach: false },
@@ -763,6 +894,7 @@ mod tests {
             Ok(Reply::Done),
             Ok(Reply::Event(ev.into())),
             Ok(Reply::CbtMap(vec![1, 2, 3])),
+            Ok(Reply::Data(Bytes(vec![9; 4096]))),
             Ok(Reply::SnapshotInfo {
                 error_code: -28,
                 image: Some(Dev { major: 1, minor: 2 }),
@@ -795,6 +927,17 @@ mod tests {
                 storage: Storage::File { path: "/tmp/x".into(), limit_sectors: 0 },
             },
             Request::SnapshotAppend { id: Id([0; 16]), path: "/".repeat(5000), ranges: vec![] },
+            Request::DevRead { dev, offset_bytes: 0, len_bytes: MAX_DATA_BYTES + 512 },
+            Request::DevRead { dev, offset_bytes: 1, len_bytes: 512 },
+            Request::DevRead { dev, offset_bytes: 0, len_bytes: 100 },
+            Request::DevWrite { dev, offset_bytes: 0, data: Bytes(vec![0; 513]) },
+            Request::DevWrite {
+                dev,
+                offset_bytes: 0,
+                data: Bytes(vec![0; MAX_DATA_BYTES as usize + 512]),
+            },
+            Request::DevDiscard { dev, offset_bytes: 0, len_bytes: MAX_ZERO_BYTES + 512 },
+            Request::DevWriteZeroes { dev, offset_bytes: u64::MAX - 511, len_bytes: 1024 },
         ] {
             let frame = RequestFrame { version: PROTOCOL_VERSION, request: req };
             let bytes = encode(&frame).unwrap();

@@ -13,13 +13,16 @@
 //! backing_direct_io = "auto"        # O_DIRECT on backings: "auto" (block devices), "always",
 //!                                   # "never"
 //! state_dir = "/var/lib/blksnap"  # CBT kept across clean restarts; crash marker; device map
-//! keep_devices = false              # a clean stop leaves the devices to the next daemon
+//! remove_devices_on_stop = false    # a clean stop leaves the devices to the next daemon
 //! freeze = true                     # TAKE freezes the filesystems mounted on the origins
 //! freeze_timeout_secs = 30          # a freeze not done by then fails the take (EAGAIN)
 //!
 //! [params]                          # the module parameters (`modinfo blksnap`), optional
 //! diff_storage_minimum = 2097152   # sectors: storage step, v3 low-space request, newest growth
 //! tracking_block_minimum_shift = 16
+//!
+//! [nbd]                             # NBD exports of images (`crate::nbd::NbdConfig`), optional
+//! socket = "/run/blksnap/nbd"
 //!
 //! [[device]]
 //! backing = "/var/lib/vm/disk0.img" # regular file or block device
@@ -43,7 +46,8 @@ pub enum FrontendKind {
     #[default]
     Ublk,
     /// No block devices: origins and images exist only in the daemon (ids `240:N`, `241:N`);
-    /// clients reach their data through the daemon's other interfaces. For hosts without ublk.
+    /// clients reach their data over the control socket (protocol v3 data requests: libblksnap,
+    /// the LD_PRELOAD shim). For hosts without ublk.
     None,
 }
 
@@ -113,10 +117,15 @@ pub struct Config {
     /// State directory (`crate::state`): saved CBT, the running marker, the device map.
     #[serde(default = "default_state_dir")]
     pub state_dir: PathBuf,
-    /// A clean stop leaves the origin devices (and what is mounted on them) to the next daemon,
-    /// which takes them over with the saved CBT; otherwise a clean stop removes them.
+    /// A clean stop removes the origin devices (what is mounted on them then fails) instead of
+    /// leaving them, and what is mounted on them, to the next daemon, which takes them over
+    /// with the saved CBT (the default).
     #[serde(default)]
-    pub keep_devices: bool,
+    pub remove_devices_on_stop: bool,
+    /// Deprecated (keeping the devices is the default now): `keep_devices = false` is the same
+    /// as `remove_devices_on_stop = true`, `true` changes nothing.
+    #[serde(default)]
+    pub keep_devices: Option<bool>,
     /// TAKE freezes the filesystems mounted on the snapshot's origins (`crate::freeze`).
     #[serde(default = "yes")]
     pub freeze: bool,
@@ -135,6 +144,9 @@ pub struct Config {
     /// Who makes the block devices (`ublk`, or `none` on hosts without the driver).
     #[serde(default)]
     pub frontend: FrontendKind,
+    /// NBD exports of images and writable origins (`crate::nbd`; off unless a listener is set).
+    #[serde(default)]
+    pub nbd: crate::nbd::NbdConfig,
     /// Tracked devices.
     #[serde(default, rename = "device")]
     pub devices: Vec<DeviceConfig>,
@@ -187,13 +199,15 @@ impl Default for Config {
             queue_workers: default_queue_workers(),
             backing_direct_io: Default::default(),
             state_dir: default_state_dir(),
-            keep_devices: false,
+            remove_devices_on_stop: false,
+            keep_devices: None,
             freeze: true,
             freeze_timeout_secs: default_freeze_timeout(),
             max_connections: default_max_connections(),
             idle_timeout_secs: default_idle_timeout(),
             params: BTreeMap::new(),
             frontend: FrontendKind::Ublk,
+            nbd: crate::nbd::NbdConfig::default(),
             devices: Vec::new(),
         }
     }
@@ -206,6 +220,12 @@ impl Config {
             max_connections: self.max_connections,
             idle_timeout: std::time::Duration::from_secs(u64::from(self.idle_timeout_secs)),
         }
+    }
+
+    /// Whether a clean stop leaves the origin devices to the next daemon (the default; see
+    /// [`Config::remove_devices_on_stop`]).
+    pub fn keeps_devices(&self) -> bool {
+        !self.remove_devices_on_stop && self.keep_devices != Some(false)
     }
 
     /// Parses TOML text.
@@ -229,6 +249,9 @@ impl Config {
             || !self.state_dir.is_absolute()
         {
             return Err("socket, link_dir and state_dir must be absolute paths".into());
+        }
+        if self.remove_devices_on_stop && self.keep_devices == Some(true) {
+            return Err("keep_devices = true contradicts remove_devices_on_stop = true".into());
         }
         if self.queues == Some(0) || self.queues.is_some_and(|q| q > 64) {
             return Err("queues must be 1..=64".into());
@@ -257,6 +280,7 @@ impl Config {
                 return Err(format!("{}: backing must be an absolute path", d.backing.display()));
             }
         }
+        self.nbd.validate()?;
         self.engine_params().map(drop)
     }
 
@@ -339,6 +363,10 @@ mod tests {
     fn the_shipped_example_parses() {
         let cfg = Config::parse(include_str!("../blksnapd.toml")).unwrap();
         assert_eq!(cfg.devices.len(), 1);
+        assert_eq!(cfg.nbd, crate::nbd::NbdConfig::default(), "NBD is off unless configured");
+        let nbd = Config::parse("[nbd]\nsocket = \"/run/x/nbd\"\nmax_connections = 4").unwrap();
+        assert!(nbd.nbd.enabled() && nbd.nbd.max_connections == 4);
+        assert!(Config::parse("[nbd]\ntcp = \"0.0.0.0:1\"\ntls = false").is_err());
         assert_eq!(cfg.socket, PathBuf::from(blksnap_proto::DEFAULT_SOCKET));
     }
 
@@ -355,6 +383,12 @@ mod tests {
         assert_eq!(limits.control_limits().idle_timeout.as_secs(), 30);
         assert!(!Config::parse("freeze = false").unwrap().freeze);
         assert!(Config::default().freeze, "freezing is on by default");
+        assert!(Config::default().keeps_devices(), "a clean stop keeps the devices by default");
+        assert!(!Config::parse("remove_devices_on_stop = true").unwrap().keeps_devices());
+        // the deprecated key: `false` asks for the old behaviour, `true` is the default
+        assert!(!Config::parse("keep_devices = false").unwrap().keeps_devices());
+        assert!(Config::parse("keep_devices = true").unwrap().keeps_devices());
+        assert!(Config::parse("keep_devices = true\nremove_devices_on_stop = true").is_err());
         assert!(Config::parse("[[device]]\nbacking = \"rel.img\"").is_err());
         assert_eq!(Config::parse("").unwrap(), Config::default());
         let e = Config::parse("[params]\nno_such_param = 1").unwrap_err();
@@ -374,6 +408,12 @@ mod tests {
         let no_effect = Config::parse(no_effect).unwrap().engine_params().unwrap();
         assert_eq!(no_effect, Params::default(), "accepted, documented as without effect");
         assert_eq!(p.chunk_minimum_shift, Params::default().chunk_minimum_shift);
+        // every kernel parameter of both generations, by its kernel name, in [params]
+        for (name, value) in Params::KERNEL_DEFAULTS {
+            let cfg = Config::parse(&format!("[params]\n{name} = {value}"))
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert!(cfg.engine_params().is_ok(), "{name}");
+        }
         // sanitised as the module does: the step is at least two minimum chunks
         let cfg = Config::parse("[params]\ndiff_storage_minimum_sectors = 1").unwrap();
         assert_eq!(cfg.engine_params().unwrap().diff_storage_minimum_sectors, 1024);

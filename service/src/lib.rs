@@ -12,9 +12,11 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod freeze;
+pub mod nbd;
 #[doc(hidden)]
 pub mod sim;
 pub mod state;
+pub mod sync;
 #[cfg(feature = "ublk")]
 pub mod ublk;
 

@@ -380,6 +380,9 @@ enum Fault {
 #[derive(Debug, Default)]
 pub struct Faults {
     inner: std::sync::Mutex<FaultState>,
+    /// Backing files the simulation presents as block devices: canonical path → the device's
+    /// write witness as the kernel would report it now (see [`StateDir::identity`]).
+    block_devices: std::sync::Mutex<std::collections::BTreeMap<String, Witness>>,
 }
 
 #[derive(Debug, Default)]
@@ -391,6 +394,20 @@ struct FaultState {
 }
 
 impl Faults {
+    /// Presents the backing file `canonical` as a block device whose witness is now `witness`
+    /// (the simulation moves the counters on a write while no daemon runs, the boot id on a
+    /// reboot, the diskseq on a re-attached loop device).
+    pub fn set_block_witness(&self, canonical: &str, witness: Witness) {
+        let mut b = self.block_devices.lock().unwrap_or_else(|p| p.into_inner());
+        b.insert(canonical.to_string(), witness);
+    }
+
+    /// The witness set for `canonical`, if it is presented as a block device.
+    pub fn block_witness(&self, canonical: &str) -> Option<Witness> {
+        let b = self.block_devices.lock().unwrap_or_else(|p| p.into_inner());
+        b.get(canonical).cloned()
+    }
+
     /// Fails the `at`-th change from now (0: the next one): ENOSPC, or a crash when `crash`;
     /// a failing write leaves `keep` bytes in its temporary file.
     pub fn arm(&self, at: u64, crash: bool, keep: usize) {
@@ -507,6 +524,21 @@ impl StateDir {
             f.remove(path)?;
         }
         std::fs::remove_file(path)
+    }
+
+    /// The identity of `backing` now ([`Identity::of`]); in the simulation a backing file
+    /// presented as a block device gets a block device's identity with the simulated witness.
+    pub fn identity(&self, backing: &Path, capacity_bytes: u64) -> std::io::Result<Identity> {
+        let mut identity = Identity::of(backing, capacity_bytes)?;
+        let simulated = self.faults.as_ref().and_then(|f| f.block_witness(&identity.backing));
+        if let Some(witness) = simulated {
+            // As `Identity::of` gives a block device: its number, no times, the witness.
+            identity.file_id = (identity.file_id.1, 0);
+            identity.mtime_ns = 0;
+            identity.ctime_ns = 0;
+            identity.witness = Some(witness);
+        }
+        Ok(identity)
     }
 
     /// Whether the previous run ended without a clean stop.

@@ -2,14 +2,18 @@
 //! twice (deterministic), and the lifecycle bugs of issue 12 that a host can reproduce as
 //! regression cases — a backing written while no daemon ran, a crash, a full disk or a torn
 //! file in the state directory: each must end in a new generation, never in a map that misses
-//! writes, and leave no stray file.
+//! writes, and leave no stray file — and the restart that keeps the devices (the default): a
+//! clean stop leaves the origin devices and no image, the next daemon takes them over, a stale
+//! device map never deletes a new device.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use blksnap_engine::{Engine, EngineConfig};
 use blksnap_model::{DeviceId, Uuid};
+use blksnap_proto::{Range, Reply, Request, Role, Storage};
 use blksnap_service::config::DeviceConfig;
+use blksnap_service::daemon::NullDevices;
 use blksnap_service::sim::{self, SimConfig};
 use blksnap_service::state::Faults;
 use blksnap_service::{Config, Daemon, NullFrontend, StateDir};
@@ -47,10 +51,21 @@ fn host(n: usize) -> Host {
 impl Host {
     /// A daemon on the state directory serving every backing (attached), as `blksnapd` starts.
     fn start(&self) -> (Daemon, Vec<DeviceId>) {
+        self.start_with(None, false)
+    }
+
+    /// As `start`, its devices in `devices` (they outlive the daemon, as ublk devices do), a
+    /// clean stop removing them when `remove_on_stop`.
+    fn start_with(
+        &self,
+        devices: Option<&Arc<NullDevices>>,
+        remove_on_stop: bool,
+    ) -> (Daemon, Vec<DeviceId>) {
         self.faults.reset();
         let cfg = Config {
             state_dir: self.state.clone(),
             freeze: false,
+            remove_devices_on_stop: remove_on_stop,
             devices: self
                 .backings
                 .iter()
@@ -60,7 +75,11 @@ impl Host {
         };
         let sd = StateDir::open_with_faults(&self.state, Some(self.faults.clone())).unwrap();
         let engine = Arc::new(Engine::new(EngineConfig::default()).unwrap());
-        let d = Daemon::with_state(engine, Box::new(NullFrontend::default()), cfg, sd);
+        let frontend = match devices {
+            Some(devices) => NullFrontend::lasting(Default::default(), devices.clone()),
+            None => NullFrontend::default(),
+        };
+        let d = Daemon::with_state(engine, Box::new(frontend), cfg, sd);
         let ids = d.add_configured().unwrap();
         (d, ids)
     }
@@ -195,4 +214,85 @@ fn a_crash_while_writing_the_state_leaves_no_temporary_file() {
         assert_ne!(generation(&d, *id), gens[i], "an unclean stop: new generations");
     }
     assert_eq!(h.files(), ["devices", "running"], "the dead run's temporary is gone");
+}
+
+/// The devices that exist, and those the daemon serves (origins and images).
+fn devices_of(devices: &NullDevices, d: &Daemon) -> (Vec<DeviceId>, Vec<DeviceId>) {
+    let existing: Vec<DeviceId> = devices.list().values().map(|(dev, _)| *dev).collect();
+    let mut served: Vec<DeviceId> = d.list().iter().map(|e| e.dev.into()).collect();
+    served.sort();
+    (existing, served)
+}
+
+#[test]
+fn a_clean_stop_keeps_the_devices_and_the_next_daemon_takes_them_over() {
+    // Issue 12 item 2: a clean stop was worse than a crash (it removed the devices under their
+    // mounts). Now it leaves every origin device — never an image: snapshots do not survive a
+    // stop — and the next daemon takes each over with the saved CBT.
+    let h = host(2);
+    let devices = Arc::new(NullDevices::default());
+    let (d, ids) = h.start_with(Some(&devices), false);
+    let gens: Vec<Uuid> = ids.iter().map(|i| generation(&d, *i)).collect();
+    write(&d, ids[0], 5);
+    let Ok(Reply::Created(s)) = d.handle(Request::SnapshotCreate { storage: Storage::Ranges })
+    else {
+        panic!("create");
+    };
+    d.handle(Request::SnapshotAdd { id: s, dev: ids[1].into() }).unwrap();
+    let storage = h.state.with_file_name("storage.img");
+    std::fs::File::create(&storage).unwrap().set_len(4 << 20).unwrap();
+    let ranges = vec![Range { offset: 0, count: 8192 }];
+    let path = storage.display().to_string();
+    d.handle(Request::SnapshotAppend { id: s, path, ranges }).unwrap();
+    d.handle(Request::SnapshotTake { id: s }).unwrap();
+    assert!(d.list().iter().any(|e| matches!(e.role, Role::Image { .. })), "an image");
+    write(&d, ids[1], 9);
+    d.shutdown();
+    drop(d);
+    let left: Vec<DeviceId> = devices.list().values().map(|(dev, _)| *dev).collect();
+    assert_eq!(left, ids, "a clean stop leaves the origin devices, not the image");
+    assert!(devices.list().values().all(|(_, image)| !image));
+    assert!(h.files().contains(&"devices".to_string()), "the device map stays: {:?}", h.files());
+    let (d, again) = h.start_with(Some(&devices), false);
+    assert_eq!(again, ids, "taken over as the same devices");
+    assert_eq!(again.iter().map(|i| generation(&d, *i)).collect::<Vec<_>>(), gens);
+    assert!(marked(&d, ids[0], 5) && marked(&d, ids[1], 9), "tracking is continuous");
+    assert!(d.engine().snapshot_collect().is_empty(), "no snapshot survives a stop");
+    let (existing, served) = devices_of(&devices, &d);
+    assert_eq!(existing, served);
+}
+
+#[test]
+fn remove_devices_on_stop_removes_them() {
+    let h = host(2);
+    let devices = Arc::new(NullDevices::default());
+    let (d, ids) = h.start_with(Some(&devices), true);
+    write(&d, ids[0], 1);
+    let gen = generation(&d, ids[0]);
+    d.shutdown();
+    drop(d);
+    assert!(devices.list().is_empty(), "the old behaviour, on request: {:?}", devices.list());
+    assert!(!h.files().contains(&"devices".to_string()), "{:?}", h.files());
+    let (d, ids) = h.start_with(Some(&devices), false);
+    assert_eq!(generation(&d, ids[0]), gen, "the CBT is saved either way");
+    assert!(marked(&d, ids[0], 1));
+}
+
+#[test]
+fn a_stale_device_map_never_deletes_a_new_device() {
+    // Found by the simulation: a crash tore the device map's write of a RemoveDevice, so the
+    // map still named the removed device's number; the next start served the backing again as
+    // a new device, which got that (lowest free) number, and then deleted "the stale device" —
+    // the new one, which the daemon went on to list as served.
+    let h = host(2);
+    let devices = Arc::new(NullDevices::default());
+    let (d, ids) = h.start_with(Some(&devices), false);
+    h.faults.arm(0, true, 0);
+    d.remove_origin(ids[0]).unwrap();
+    assert!(h.faults.dead(), "the map's write was torn");
+    drop(d); // the crash
+    let (d, _) = h.start_with(Some(&devices), false);
+    let (existing, served) = devices_of(&devices, &d);
+    assert_eq!(existing, served, "every served device exists, no other does");
+    assert_eq!(served.len(), 2);
 }

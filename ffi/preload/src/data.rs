@@ -242,6 +242,11 @@ pub fn lseek(obj: &Object, offset: i64, whence: c_int) -> Res<i64> {
 /// Flushes the backing file of a served device to stable storage. (`fsync` on any descriptor of
 /// a file flushes the file; the engine writes the backing with plain `pwrite`s.)
 fn flush_backing(inst: &Instance, id: DeviceId) -> Res<()> {
+    if let Some(remote) = inst.engine.remote() {
+        // In front of blksnapd: the daemon flushes the snapshot's storage and the backing it
+        // writes (the file may not even be readable by this process).
+        return remote.flush(id).map_err(code);
+    }
     let device = inst.device_by_id(id).ok_or(libc::ENODEV)?;
     let file = std::fs::File::open(&device.backing).map_err(|e| os_errno(&e))?;
     file.sync_all().map_err(|e| os_errno(&e))

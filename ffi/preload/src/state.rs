@@ -98,6 +98,14 @@ impl Setup {
         Setup { profile, config }
     }
 
+    /// In front of blksnapd with no device configured: the handle follows the daemon's
+    /// origins, and their names are served when the daemon has no block devices for them.
+    pub fn follows_daemon(&self) -> bool {
+        let Ok(config) = &self.config else { return false };
+        config.devices.is_empty()
+            && (config.socket.is_some() || blksnap_ffi::client::socket_from_env().is_some())
+    }
+
     /// The configured devices (none if the configuration is invalid).
     pub fn devices(&self) -> &[Device] {
         self.config.as_ref().map_or(&[], |c| c.devices.as_slice())
@@ -110,8 +118,9 @@ impl Setup {
 
     /// The number of the snapshot image of device `id`.
     pub fn image_number(&self, id: DeviceId) -> DeviceId {
-        let index = self.index_of(id).unwrap_or(0);
-        DeviceId::new(IMAGE_MAJOR, u32::try_from(index).unwrap_or(u32::MAX))
+        // A device of the daemon's (not configured here): its own minor.
+        let index = self.index_of(id).map_or(id.minor, |i| u32::try_from(i).unwrap_or(u32::MAX));
+        DeviceId::new(IMAGE_MAJOR, index)
     }
 
     /// What the normalised absolute path `path` names, if it is served.
@@ -185,7 +194,43 @@ pub unsafe fn classify_cstr(path: *const core::ffi::c_char) -> Option<Target> {
     if bytes.first() != Some(&b'/') {
         return None;
     }
-    setup().classify(&normalize(bytes)?)
+    let path = normalize(bytes)?;
+    let setup = setup();
+    setup.classify(&path).or_else(|| classify_daemon(setup, &path))
+}
+
+/// Path prefixes that may name a device of a daemon with no block devices: its own node names
+/// (`/dev/null-blksnap-MAJ-MIN`), the profiles' image names, `/dev/block/MAJ:MIN`. Only these
+/// are looked up (a lookup may ask the daemon), so `/dev/null` or `/dev/zero` cost nothing.
+const DAEMON_PREFIXES: [&[u8]; 3] = [b"/dev/null-blksnap-", b"/dev/blksnap-", b"/dev/block/"];
+
+/// In front of a blksnapd that serves no block devices (`--frontend none`), with no device
+/// configured: the daemon's names of its origins (as `ListDevices` and `blksnap device add`
+/// report them), their `/dev/block/MAJ:MIN`, and their images' names in this profile are served
+/// like configured devices — their data goes to the daemon over its socket. A name whose origin
+/// is a real block device of this host (blksnapd with ublk) stays the kernel's.
+fn classify_daemon(setup: &Setup, path: &[u8]) -> Option<Target> {
+    if !setup.follows_daemon() || !DAEMON_PREFIXES.iter().any(|p| path.starts_with(p)) {
+        return None;
+    }
+    let instance = engine().ok()?;
+    let (device, target) = match instance.device_by_path(path) {
+        Some(d) => (d.clone(), Target::Device(d.id)),
+        None => {
+            let d = instance.device_by_image(path)?;
+            (d.clone(), Target::Image(d.id))
+        }
+    };
+    (!is_kernel_block_device(&device.path, device.id)).then_some(target)
+}
+
+/// Whether `path` is, on this host, the block device `id`.
+fn is_kernel_block_device(path: &std::path::Path, id: DeviceId) -> bool {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    std::fs::metadata(path).is_ok_and(|m| {
+        m.file_type().is_block_device()
+            && (libc::major(m.rdev()), libc::minor(m.rdev())) == (id.major, id.minor)
+    })
 }
 
 static ENGINE: OnceLock<Res<c_int>> = OnceLock::new();

@@ -1,9 +1,10 @@
 //! `blksnapd`: serves tracked devices and snapshot images as ublk block devices and takes
 //! control requests on a Unix socket. Runs in the foreground (systemd `Type=simple`); SIGTERM or
-//! SIGINT stops it cleanly (snapshots destroyed, images and devices removed, each tracker's CBT
-//! saved in the state directory, socket unlinked); a restart after a clean stop restores the
-//! CBT (same generation), one after a crash recovers the ublk devices (user recovery) and starts
-//! new generations.
+//! SIGINT stops it cleanly: snapshots destroyed and their image devices removed, each origin
+//! flushed and its tracker's CBT saved in the state directory, the origin devices left (with
+//! what is mounted on them) for the next daemon — or removed with `--remove-devices-on-stop` —,
+//! socket unlinked. The next start takes the devices over with the saved CBT (same
+//! generation); one after a crash recovers them too (user recovery) and starts new generations.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -48,9 +49,14 @@ struct Args {
     /// Do not attach trackers of devices given with --device.
     #[arg(long)]
     no_attach: bool,
-    /// A clean stop (SIGTERM/SIGINT) leaves the origin devices, and what is mounted on them,
-    /// for the next blksnapd to take over (same devices, same CBT generation).
-    #[arg(long)]
+    /// A clean stop (SIGTERM/SIGINT) removes the origin devices (what is mounted on them
+    /// fails) instead of leaving them, and what is mounted on them, for the next blksnapd to
+    /// take over with the same CBT generation (the default).
+    #[arg(long, conflicts_with = "keep_devices")]
+    remove_devices_on_stop: bool,
+    /// The default (kept for scripts written for earlier versions): a clean stop leaves the
+    /// origin devices for the next blksnapd.
+    #[arg(long, hide = true)]
     keep_devices: bool,
     /// Do not freeze the filesystems mounted on the origins at TAKE (images are then only
     /// crash-consistent).
@@ -60,6 +66,27 @@ struct Args {
     /// without the ublk driver; data is reached through the daemon).
     #[arg(long, value_enum)]
     frontend: Option<FrontendKind>,
+    /// Serve NBD on this Unix socket (config `[nbd] socket`).
+    #[arg(long, value_name = "PATH")]
+    nbd_socket: Option<PathBuf>,
+    /// Serve NBD on this TCP address, HOST:PORT (config `[nbd] tcp`; TLS required).
+    #[arg(long, value_name = "ADDR")]
+    nbd_tcp: Option<std::net::SocketAddr>,
+    /// NBD TLS: the server's certificate chain (PEM).
+    #[arg(long, value_name = "PEM")]
+    nbd_tls_cert: Option<PathBuf>,
+    /// NBD TLS: the server's private key (PEM).
+    #[arg(long, value_name = "PEM")]
+    nbd_tls_key: Option<PathBuf>,
+    /// NBD TLS: the CA that clients' certificates must chain to (PEM).
+    #[arg(long, value_name = "PEM")]
+    nbd_tls_ca: Option<PathBuf>,
+    /// NBD over TCP without TLS (refused unless --nbd-tcp is a loopback address).
+    #[arg(long)]
+    nbd_no_tls: bool,
+    /// Export the origin of this backing over NBD, writable (repeatable).
+    #[arg(long, value_name = "BACKING")]
+    nbd_writable: Vec<PathBuf>,
     /// A module parameter by its kernel name and unit, NAME=VALUE (repeatable; e.g.
     /// diff_storage_minimum=16384, in sectors).
     #[arg(long = "param", value_name = "NAME=VALUE", value_parser = parse_param)]
@@ -120,8 +147,12 @@ fn config(args: &Args) -> Result<Config, String> {
     if let Some(d) = &args.state_dir {
         cfg.state_dir = std::path::absolute(d).map_err(|e| format!("{}: {e}", d.display()))?;
     }
+    if args.remove_devices_on_stop {
+        cfg.remove_devices_on_stop = true;
+    }
     if args.keep_devices {
-        cfg.keep_devices = true;
+        cfg.remove_devices_on_stop = false;
+        cfg.keep_devices = None;
     }
     if let Some(f) = args.frontend {
         cfg.frontend = f;
@@ -129,6 +160,7 @@ fn config(args: &Args) -> Result<Config, String> {
     if args.no_freeze {
         cfg.freeze = false;
     }
+    nbd_flags(args, &mut cfg.nbd)?;
     cfg.params.extend(args.module_params.iter().flat_map(|l| l.0.iter().cloned()));
     cfg.params.extend(args.params.iter().cloned());
     for d in &args.devices {
@@ -137,6 +169,32 @@ fn config(args: &Args) -> Result<Config, String> {
     }
     cfg.validate()?;
     Ok(cfg)
+}
+
+fn nbd_flags(args: &Args, nbd: &mut blksnap_service::nbd::NbdConfig) -> Result<(), String> {
+    let abs = |p: &PathBuf| std::path::absolute(p).map_err(|e| format!("{}: {e}", p.display()));
+    if let Some(p) = &args.nbd_socket {
+        nbd.socket = Some(abs(p)?);
+    }
+    if args.nbd_tcp.is_some() {
+        nbd.tcp = args.nbd_tcp;
+    }
+    if let Some(p) = &args.nbd_tls_cert {
+        nbd.tls_cert = Some(abs(p)?);
+    }
+    if let Some(p) = &args.nbd_tls_key {
+        nbd.tls_key = Some(abs(p)?);
+    }
+    if let Some(p) = &args.nbd_tls_ca {
+        nbd.tls_ca = Some(abs(p)?);
+    }
+    if args.nbd_no_tls {
+        nbd.tls = false;
+    }
+    for p in &args.nbd_writable {
+        nbd.writable_origins.push(abs(p)?);
+    }
+    Ok(())
 }
 
 fn frontend(cfg: &Config) -> Result<Box<dyn blksnap_service::Frontend>, String> {
@@ -184,6 +242,13 @@ fn block_signals() -> libc::sigset_t {
 fn run() -> Result<(), String> {
     let args = Args::parse();
     let cfg = config(&args)?;
+    if let Some(keep) = cfg.keep_devices {
+        eprintln!(
+            "blksnapd: keep_devices = {keep} is deprecated: a clean stop keeps the devices by \
+             default; remove_devices_on_stop = true removes them{}",
+            if keep { "" } else { " (what keep_devices = false asks for: applied)" }
+        );
+    }
     let set = block_signals();
     let frontend = frontend(&cfg)?;
     let params = cfg.engine_params()?;
@@ -196,6 +261,11 @@ fn run() -> Result<(), String> {
     let server = ControlServer::bind(&cfg.socket, group)
         .map_err(|e| format!("{}: {e}", cfg.socket.display()))?
         .with_limits(cfg.control_limits());
+    let nbd = if cfg.nbd.enabled() {
+        Some(blksnap_service::nbd::Listeners::bind(&cfg.nbd, group)?)
+    } else {
+        None
+    };
     if let Err(e) = daemon.add_configured() {
         daemon.shutdown();
         let _ = std::fs::remove_file(&cfg.socket);
@@ -212,6 +282,16 @@ fn run() -> Result<(), String> {
         .name("blksnapd-accept".into())
         .spawn(move || server.serve(d))
         .map_err(|e| e.to_string())?;
+    if let Some(l) = nbd {
+        if let Some(p) = l.socket_path() {
+            eprintln!("blksnapd: nbd on {}", p.display());
+        }
+        if let Some(a) = l.tcp_addr() {
+            let tls = if cfg.nbd.tcp_tls() { "TLS with client certificates" } else { "no TLS" };
+            eprintln!("blksnapd: nbd on tcp {a} ({tls})");
+        }
+        l.spawn(daemon.nbd_exports().clone())?;
+    }
     eprintln!("blksnapd: ready, control socket {}", cfg.socket.display());
     let mut sig: libc::c_int = 0;
     // SAFETY: `set` is an initialised signal set and `sig` a valid out location.
@@ -219,6 +299,9 @@ fn run() -> Result<(), String> {
     eprintln!("blksnapd: signal {sig}, stopping");
     daemon.shutdown();
     let _ = std::fs::remove_file(&cfg.socket);
+    if let Some(p) = &cfg.nbd.socket {
+        let _ = std::fs::remove_file(p);
+    }
     Ok(())
 }
 
@@ -251,6 +334,17 @@ mod tests {
             [("diff_storage_minimum".to_string(), 8192), ("chunk_maximum_in_queue".into(), 256)]
         );
         assert_eq!(args.params, [("chunk_minimum_shift".to_string(), 16)]);
+        // every kernel parameter of both generations, by its kernel name, both ways
+        let kernel = blksnap_model::Params::KERNEL_DEFAULTS;
+        let list: Vec<String> = kernel.iter().map(|(n, v)| format!("{n}={v}")).collect();
+        let mut argv = vec!["blksnapd".to_string(), "--module-params".into(), list.join(" ")];
+        for item in &list {
+            argv.extend(["--param".to_string(), item.clone()]);
+        }
+        let args = Args::try_parse_from(argv).unwrap();
+        let cfg = config(&args).unwrap();
+        assert!(cfg.engine_params().is_ok());
+        assert_eq!(args.params.len(), kernel.len());
         let bad = Args::try_parse_from(["blksnapd", "--module-params", "a=1 b"]).unwrap_err();
         assert!(bad.to_string().contains("b: expected name=value"), "{bad}");
     }

@@ -114,7 +114,7 @@ const SCENARIOS: &[Scenario] = &[
     },
     Scenario {
         name: "daemon-process",
-        about: "the blksnapd binary: config by flags, socket, take, clean stop on SIGTERM",
+        about: "the blksnapd binary: flags, socket, take; SIGTERM: image I/O fails, the origin is kept",
         run: daemon_process::daemon_process,
     },
     Scenario {
@@ -170,7 +170,7 @@ const SCENARIOS: &[Scenario] = &[
     },
     Scenario {
         name: "restart-mounted",
-        about: "blksnapd --keep-devices restarted under a mounted, written ext4: mount, data, CBT kept",
+        about: "blksnapd restarted under a mounted, written ext4 (devices kept by default): mount, data, CBT kept",
         run: restart_mounted::restart_mounted,
     },
     Scenario {
@@ -545,6 +545,30 @@ impl DaemonProc {
         }
     }
 
+    /// Every origin removed (RemoveDevice: only an explicit request removes a device), then
+    /// SIGTERM; checks that no device is left. The clean end of a scenario.
+    fn finish(&mut self) -> R {
+        let nodes = self.remove_all()?;
+        self.stop()?;
+        for node in &nodes {
+            ensure!(wait_gone(node, 10), "{node} left after RemoveDevice and a clean stop");
+        }
+        Ok(())
+    }
+
+    /// RemoveDevice of every origin; their nodes.
+    fn remove_all(&self) -> R<Vec<String>> {
+        let Reply::Devices(list) = self.client()?.req(Request::ListDevices)? else {
+            return Err("ListDevices".into());
+        };
+        let mut nodes = Vec::new();
+        for d in list.into_iter().filter(|d| d.role == Role::Origin) {
+            self.client()?.req(Request::RemoveDevice { dev: d.dev })?;
+            nodes.push(d.path);
+        }
+        Ok(nodes)
+    }
+
     /// SIGKILL, reaped.
     fn kill9(&mut self) -> R {
         self.child.kill().map_err(|e| e.to_string())?;
@@ -561,6 +585,9 @@ impl DaemonProc {
 impl Drop for DaemonProc {
     fn drop(&mut self) {
         if let Ok(None) = self.child.try_wait() {
+            // A clean stop keeps the devices: remove them first, so that no scenario leaves
+            // one behind (best effort: a device still mounted is refused and stays).
+            let _ = self.remove_all();
             let _ = self.stop();
         }
         let _ = self.child.kill();

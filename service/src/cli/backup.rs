@@ -39,7 +39,7 @@ const FORMAT: u32 = 1;
 const DELTA_MAGIC: &[u8; 8] = b"BLKSNAPD";
 const DELTA_HEADER: u64 = 32;
 /// I/O unit of full copies and of rebuilding a full-only chain.
-const COPY_UNIT: usize = 1 << 20;
+pub(crate) const COPY_UNIT: usize = 1 << 20;
 
 /// The backup directory's index.
 #[derive(Serialize, Deserialize, Debug, Default)]
@@ -92,6 +92,24 @@ fn io(what: impl std::fmt::Display) -> impl FnOnce(std::io::Error) -> CliError {
     move |e| CliError::io(what, &e)
 }
 
+/// Where a backup reads the image from: a file or device, or an NBD export ([`super::pull`]).
+pub(crate) trait Source {
+    /// Fills `buf` from `off`.
+    fn read_exact_at(&mut self, buf: &mut [u8], off: u64) -> Result<(), CliError>;
+}
+
+/// An image file or block device.
+struct FileSource<'a> {
+    file: &'a File,
+    path: &'a Path,
+}
+
+impl Source for FileSource<'_> {
+    fn read_exact_at(&mut self, buf: &mut [u8], off: u64) -> Result<(), CliError> {
+        read_full(self.file, buf, off, self.path)
+    }
+}
+
 /// Size of a file or block device (seek to its end).
 pub fn size_of(f: &File) -> Result<u64, CliError> {
     let mut f = f;
@@ -125,7 +143,7 @@ pub fn load_manifest(dir: &Path) -> Result<Manifest, CliError> {
     }
 }
 
-fn save_manifest(dir: &Path, m: &Manifest) -> Result<(), CliError> {
+pub(crate) fn save_manifest(dir: &Path, m: &Manifest) -> Result<(), CliError> {
     let tmp = dir.join(format!("{MANIFEST}.tmp"));
     let text = serde_json::to_vec_pretty(m).map_err(|e| CliError::invalid(e.to_string()))?;
     let mut f = File::create(&tmp).map_err(io(tmp.display()))?;
@@ -134,7 +152,7 @@ fn save_manifest(dir: &Path, m: &Manifest) -> Result<(), CliError> {
     std::fs::rename(&tmp, dir.join(MANIFEST)).map_err(io("manifest"))
 }
 
-fn progress(total: u64, json: bool) -> ProgressBar {
+pub(crate) fn progress(total: u64, json: bool) -> ProgressBar {
     if json || !std::io::stderr().is_terminal() {
         return ProgressBar::hidden();
     }
@@ -213,9 +231,13 @@ pub fn backup(
             )));
         };
         let generation = Uuid::from(info.generation_id).to_string();
+        // A mark ahead of the device's number is stale too: after the snap numbers wrap (a take
+        // at 255) the new generation starts at changes number 255 with the old read map, and
+        // the next take numbers from 1 — `> 255` would find nothing changed.
         if prev.generation_id != generation
             || prev.block_size != info.block_size_bytes
             || last.image_size != image_size
+            || prev.changes_number > info.changes_number
         {
             return Err(CliError::new(
                 libc::ESTALE,
@@ -238,11 +260,13 @@ pub fn backup(
             changed.iter().map(|i| bs.min(image_size.saturating_sub(i * bs))).sum();
         pb.set_length(changed_bytes);
         let file = format!("point-{n:04}.delta");
-        let written = write_delta(&img, image, &dir.join(&file), bs, image_size, &changed, &pb)?;
+        let mut src = FileSource { file: &img, path: image };
+        let written = write_delta(&mut src, &dir.join(&file), bs, image_size, &changed, &pb)?;
         ("incremental", file, changed_bytes, written, changed.len() as u64, info.block_count)
     } else {
         let file = format!("point-{n:04}.img");
-        let (read, written) = copy_full(&img, image, &dir.join(&file), image_size, &pb)?;
+        let mut src = FileSource { file: &img, path: image };
+        let (read, written) = copy_full(&mut src, &dir.join(&file), image_size, &pb)?;
         let blocks = mark.as_ref().map_or(0, |(_, i)| i.block_count);
         ("full", file, read, written, u64::from(blocks), blocks)
     };
@@ -331,9 +355,8 @@ impl<'a> Writeback<'a> {
 }
 
 /// Copies the whole image, leaving all-zero units as holes. Returns (read, written).
-fn copy_full(
-    img: &File,
-    image: &Path,
+pub(crate) fn copy_full(
+    src: &mut dyn Source,
     out_path: &Path,
     size: u64,
     pb: &ProgressBar,
@@ -346,7 +369,7 @@ fn copy_full(
     let mut writeback = Writeback::new(&out);
     while off < size {
         let n = (size - off).min(COPY_UNIT as u64) as usize;
-        read_full(img, &mut buf[..n], off, image)?;
+        src.read_exact_at(&mut buf[..n], off)?;
         if buf[..n].iter().any(|b| *b != 0) {
             out.write_all_at(&buf[..n], off).map_err(io(tmp.display()))?;
             written += n as u64;
@@ -360,9 +383,8 @@ fn copy_full(
     Ok((size, written))
 }
 
-fn write_delta(
-    img: &File,
-    image: &Path,
+pub(crate) fn write_delta(
+    src: &mut dyn Source,
     out_path: &Path,
     bs: u64,
     size: u64,
@@ -406,7 +428,7 @@ fn write_delta(
         if buf.len() < n {
             buf.resize(n, 0);
         }
-        read_full(img, &mut buf[..n], start, image)?;
+        src.read_exact_at(&mut buf[..n], start)?;
         out.write_all_at(&buf[..n], pos).map_err(io(tmp.display()))?;
         pos += n as u64;
         written += n as u64;

@@ -594,6 +594,16 @@ impl<'a> Session<'a> {
                     "in-process devices come from the configuration",
                 ))
             }
+            Request::DevRead { .. }
+            | Request::DevWrite { .. }
+            | Request::DevDiscard { .. }
+            | Request::DevWriteZeroes { .. }
+            | Request::DevFlush { .. } => {
+                return Err(Error::new(
+                    Errno::EOPNOTSUPP,
+                    "in-process, the devices' data is in their backing files",
+                ))
+            }
         })
     }
 

@@ -12,6 +12,7 @@ pub mod device;
 pub mod error;
 pub mod fiemap;
 pub mod inproc;
+pub mod pull;
 
 use std::ffi::OsString;
 use std::fs::File;
@@ -228,7 +229,10 @@ pub enum Command {
     /// the previous backup according to the device's change map.
     #[command(name = "backup")]
     Backup {
-        /// The image to read (e.g. /dev/blksnap-image_251:0 or a file).
+        /// The image to read (e.g. /dev/blksnap-image_251:0 or a file), or an NBD URI of an
+        /// image blksnapd exports (nbd://HOST[:PORT]/image-MAJ:MIN, nbds://…?tls-certificates=DIR,
+        /// nbd+unix:///image-MAJ:MIN?socket=PATH): full and incremental pulls from its
+        /// dirty-bitmap contexts, without the control socket.
         #[arg(long, value_name = "PATH")]
         image: PathBuf,
         /// The backup directory.
@@ -811,9 +815,17 @@ pub fn execute(cmd: Command, b: &mut dyn Backend, p: &Printer) -> Result<Report,
         Command::StretchSnapshot { id: IdArg { id }, path, limit } => {
             stretch(b, id, &path, limit, p)
         }
-        Command::Backup { image, target, device, full } => {
-            backup::backup(b, &image, &target, device.as_deref(), full, p.json)
-        }
+        Command::Backup { image, target, device, full } => match image.to_str() {
+            Some(uri) if crate::nbd::client::is_uri(uri) => {
+                if device.is_some() {
+                    return Err(CliError::invalid(
+                        "--device is for local images; an NBD export carries its change map",
+                    ));
+                }
+                pull::backup_nbd(uri, &target, full, p.json)
+            }
+            _ => backup::backup(b, &image, &target, device.as_deref(), full, p.json),
+        },
         Command::Restore { target, point, output } => backup::restore(&target, point, &output),
         Command::Verify { image, target, point } => backup::verify(&image, &target, point),
     }

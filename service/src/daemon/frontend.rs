@@ -58,6 +58,13 @@ pub trait Served: Send {
     fn handle(&self) -> Option<u32> {
         None
     }
+    /// Leaves it, with whatever is mounted on it, for the next daemon to take over
+    /// ([`Frontend::recover`]) — a clean stop that keeps the device. The process exits soon
+    /// after: the kernel then quiesces the device and holds its I/O for the next daemon.
+    /// Default: not stopped, nothing released (dropping it would stop it).
+    fn keep(self: Box<Self>) {
+        std::mem::forget(self);
+    }
 }
 
 /// Makes block devices.
@@ -102,25 +109,91 @@ pub struct NullFrontend {
     next: Mutex<u32>,
     /// While set, serving an image fails with ENOMEM (tests of the take's rollback).
     fail_images: Arc<std::sync::atomic::AtomicBool>,
+    /// Devices that outlive a daemon, when set ([`NullFrontend::lasting`]).
+    devices: Option<Arc<NullDevices>>,
+}
+
+/// The devices of successive null front ends in one process, as the kernel holds ublk devices
+/// for the next daemon: a device not stopped (a clean stop that keeps it, or a daemon dropped
+/// as if its process died) stays here with its handle until a later daemon takes it over
+/// ([`Frontend::recover`]) or deletes it ([`Frontend::remove_stale`]). The daemon simulation's
+/// model of ublk user recovery.
+#[derive(Default, Debug)]
+pub struct NullDevices {
+    /// By handle: the device number, its capacity, whether it is an image.
+    live: Mutex<std::collections::BTreeMap<u32, (DeviceId, u64, bool)>>,
+}
+
+impl NullDevices {
+    /// The devices that exist now: handle → (device number, is an image).
+    pub fn list(&self) -> std::collections::BTreeMap<u32, (DeviceId, bool)> {
+        let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        live.iter().map(|(h, (dev, _, image))| (*h, (*dev, *image))).collect()
+    }
+
+    /// A new device: the lowest free handle (as ublk's device ids); origins are `240:handle`.
+    fn add(&self, image_of: Option<DeviceId>, capacity_bytes: u64) -> (u32, DeviceId) {
+        let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        let handle = (0..).find(|h| !live.contains_key(h)).expect("a free handle");
+        let dev = match image_of {
+            Some(origin) => DeviceId::new(241, origin.minor),
+            None => DeviceId::new(240, handle),
+        };
+        live.insert(handle, (dev, capacity_bytes, image_of.is_some()));
+        (handle, dev)
+    }
+
+    /// Deletes the device `handle` (what an administrator does with a device nobody serves).
+    pub fn remove(&self, handle: u32) {
+        self.live.lock().unwrap_or_else(|p| p.into_inner()).remove(&handle);
+    }
+
+    fn get(&self, handle: u32) -> Option<(DeviceId, u64, bool)> {
+        self.live.lock().unwrap_or_else(|p| p.into_inner()).get(&handle).copied()
+    }
 }
 
 impl NullFrontend {
     /// A null frontend whose image devices fail to start while `fail` is set.
     pub fn failing_images(fail: Arc<std::sync::atomic::AtomicBool>) -> NullFrontend {
-        NullFrontend { next: Mutex::new(0), fail_images: fail }
+        NullFrontend { next: Mutex::new(0), fail_images: fail, devices: None }
+    }
+
+    /// As [`NullFrontend::failing_images`], with devices that outlive the daemon in `devices`
+    /// (each has a handle, so the daemon keeps them at a clean stop and recovers them at the
+    /// next start, as with ublk).
+    pub fn lasting(
+        fail: Arc<std::sync::atomic::AtomicBool>,
+        devices: Arc<NullDevices>,
+    ) -> NullFrontend {
+        NullFrontend { next: Mutex::new(0), fail_images: fail, devices: Some(devices) }
     }
 }
 
-struct NullServed(DeviceId);
+struct NullServed {
+    dev: DeviceId,
+    /// The handle in `devices` (lasting devices only).
+    lasting: Option<(u32, Arc<NullDevices>)>,
+}
 
 impl Served for NullServed {
     fn dev(&self) -> DeviceId {
-        self.0
+        self.dev
     }
     fn path(&self) -> String {
-        format!("/dev/null-blksnap-{}-{}", self.0.major, self.0.minor)
+        format!("/dev/null-blksnap-{}-{}", self.dev.major, self.dev.minor)
     }
-    fn stop(self: Box<Self>) {}
+    fn stop(self: Box<Self>) {
+        if let Some((handle, devices)) = &self.lasting {
+            devices.remove(*handle);
+        }
+    }
+    fn handle(&self) -> Option<u32> {
+        self.lasting.as_ref().map(|(h, _)| *h)
+    }
+    fn keep(self: Box<Self>) {
+        // The device stays in `devices`; nothing to release here.
+    }
 }
 
 impl Frontend for NullFrontend {
@@ -130,10 +203,18 @@ impl Frontend for NullFrontend {
         target: Arc<Target>,
         started: Box<dyn FnOnce(DeviceId) -> Result<(), Error> + Send>,
     ) -> Result<Box<dyn Served>, Error> {
-        let dev = match target.image_of {
-            Some(_) if self.fail_images.load(std::sync::atomic::Ordering::SeqCst) => {
-                return Err(Error::new(Errno::ENOMEM, "image devices fail (test setting)"));
+        if target.image_of.is_some() && self.fail_images.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(Error::new(Errno::ENOMEM, "image devices fail (test setting)"));
+        }
+        if let Some(devices) = &self.devices {
+            let (handle, dev) = devices.add(target.image_of, target.capacity_bytes());
+            if let Err(e) = started(dev) {
+                devices.remove(handle);
+                return Err(e);
             }
+            return Ok(Box::new(NullServed { dev, lasting: Some((handle, devices.clone())) }));
+        }
+        let dev = match target.image_of {
             Some(origin) => DeviceId::new(241, origin.minor),
             None => {
                 let mut n = self.next.lock().expect("poisoned");
@@ -142,6 +223,36 @@ impl Frontend for NullFrontend {
             }
         };
         started(dev)?;
-        Ok(Box::new(NullServed(dev)))
+        Ok(Box::new(NullServed { dev, lasting: None }))
+    }
+
+    fn recoverable(&self, handle: u32, capacity_bytes: u64) -> bool {
+        let device = self.devices.as_ref().and_then(|d| d.get(handle));
+        device.is_some_and(|(_, capacity, image)| !image && capacity == capacity_bytes)
+    }
+
+    fn recover(
+        &self,
+        handle: u32,
+        _name: &str,
+        _target: Arc<Target>,
+        started: Box<dyn FnOnce(DeviceId) -> Result<(), Error> + Send>,
+    ) -> Result<Box<dyn Served>, Error> {
+        let Some(devices) = &self.devices else {
+            return Err(Error::new(Errno::EOPNOTSUPP, "this frontend cannot recover devices"));
+        };
+        let Some((dev, _, false)) = devices.get(handle) else {
+            return Err(Error::new(Errno::ENODEV, "no such device of the previous run"));
+        };
+        // A device that fails to come back stays for a later start (or its stale removal), as
+        // a ublk device that failed its recovery.
+        started(dev)?;
+        Ok(Box::new(NullServed { dev, lasting: Some((handle, devices.clone())) }))
+    }
+
+    fn remove_stale(&self, handle: u32) {
+        if let Some(devices) = &self.devices {
+            devices.remove(handle);
+        }
     }
 }

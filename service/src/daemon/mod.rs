@@ -3,13 +3,16 @@
 //! (`crate::ublk`, feature `ublk`), or [`NullFrontend`] (no block devices, synthetic ids) for
 //! tests of the control plane on hosts without the driver.
 //!
-//! Lock order: `state` → engine (the engine's own order below it). The data path never takes
+//! Lock order: `state` → engine (the engine's own order below it). The daemon's locks come from
+//! [`crate::sync`] (shuttle's under `--cfg blksnap_shuttle`: `tests/shuttle_daemon.rs`). The data path never takes
 //! `state`: each served device holds an [`Arc<Target>`] with what it needs (engine id, backing,
 //! the storage backends to flush).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
+
+use crate::sync;
 use std::time::Duration;
 
 use blksnap_engine::io::{BlockDev, Dev, FileDev};
@@ -23,17 +26,18 @@ use blksnap_proto::{
 
 use crate::config::Config;
 use crate::freeze;
-use crate::state::{Identity, MapEntry, MapRole, SavedCbt, StateDir};
+use crate::state::{MapEntry, MapRole, SavedCbt, StateDir};
 
 mod backing;
 pub mod backing_io;
+mod data;
 mod frontend;
 pub mod serve;
 
 use backing::exclusive_probe;
 pub use backing::{open_backing, open_storage, BackingKey};
 use backing_io::BackingDev;
-pub use frontend::{Frontend, NullFrontend, Served, Target};
+pub use frontend::{Frontend, NullDevices, NullFrontend, Served, Target};
 
 struct Origin {
     served: Box<dyn Served>,
@@ -77,13 +81,15 @@ pub struct Daemon {
     engine: Arc<Engine>,
     frontend: Box<dyn Frontend>,
     config: Config,
-    state: Mutex<State>,
-    persist: Mutex<Option<StateDir>>,
+    state: sync::Mutex<State>,
+    persist: sync::Mutex<Option<StateDir>>,
     /// Events taken from a snapshot's queue for a client that hung up before it got them, by
     /// snapshot: the next WaitEvent of that snapshot gets them first (older than anything
     /// still queued in the engine, so the order is kept). Cleared when the snapshot goes.
     /// Bounded like the engine's queue ([`EVENT_QUEUE_CAPACITY`]).
-    undelivered: Mutex<HashMap<SnapshotId, std::collections::VecDeque<EventW>>>,
+    undelivered: sync::Mutex<HashMap<SnapshotId, std::collections::VecDeque<EventW>>>,
+    /// NBD exports: each image while it exists, and the configured writable origins.
+    nbd: Arc<crate::nbd::Exports>,
 }
 
 /// How long one slice of a WaitEvent waits in the engine before the daemon looks at its
@@ -129,10 +135,11 @@ impl Daemon {
         Daemon {
             engine,
             frontend,
+            nbd: Arc::new(crate::nbd::Exports::new(&config.nbd)),
             config,
-            state: Mutex::new(State::default()),
-            persist: Mutex::new(None),
-            undelivered: Mutex::new(HashMap::new()),
+            state: sync::Mutex::new(State::default()),
+            persist: sync::Mutex::new(None),
+            undelivered: sync::Mutex::new(HashMap::new()),
         }
     }
 
@@ -149,7 +156,7 @@ impl Daemon {
         d
     }
 
-    fn persist(&self) -> std::sync::MutexGuard<'_, Option<StateDir>> {
+    fn persist(&self) -> sync::MutexGuard<'_, Option<StateDir>> {
         self.persist.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -178,12 +185,17 @@ impl Daemon {
         &self.engine
     }
 
+    /// The NBD exports (served by `crate::nbd::Listeners` when configured).
+    pub fn nbd_exports(&self) -> &Arc<crate::nbd::Exports> {
+        &self.nbd
+    }
+
     /// The configuration.
     pub fn config(&self) -> &Config {
         &self.config
     }
 
-    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+    fn state(&self) -> sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -254,6 +266,7 @@ impl Daemon {
         let id = served.dev();
         let mut st = self.state();
         claim.keep();
+        self.nbd.publish_origin(id, target.clone(), backing);
         st.origins.insert(
             id,
             Origin { served, target, backing_path: backing.to_path_buf(), canonical, key },
@@ -310,23 +323,30 @@ impl Daemon {
                 }
             }
         }
-        let mut ids = Vec::new();
-        let mut recovered = Vec::new();
-        for d in &self.config.devices {
-            let how = self.start_plan(&d.backing, d.attach, &map);
-            if let Some(h) = how.recover {
-                recovered.push(h);
+        // Every device of the previous run that is not taken over is deleted before any new
+        // device is served: a new device may get the number of a deleted one (ublk hands out
+        // the lowest free id), and a deletion after it would delete the new device (found by
+        // the daemon simulation, after a crash that left a stale device map).
+        let plans: Vec<OriginStart> = self
+            .config
+            .devices
+            .iter()
+            .map(|d| self.start_plan(&d.backing, d.attach, &map))
+            .collect();
+        let recovered: Vec<u32> = plans.iter().filter_map(|how| how.recover).collect();
+        for e in &map {
+            if matches!(e.role, MapRole::Origin(_)) && !recovered.contains(&e.handle) {
+                // A device of the previous run that is not configured any more (or could not
+                // be recovered: `start_plan` deleted it already).
+                self.frontend.remove_stale(e.handle);
             }
+        }
+        let mut ids = Vec::new();
+        for (d, how) in self.config.devices.iter().zip(plans) {
             let id = self
                 .add_origin_with(&d.backing, how)
                 .map_err(|e| format!("{}: {e:?}", d.backing.display()))?;
             ids.push(id);
-        }
-        for e in &map {
-            if matches!(e.role, MapRole::Origin(_)) && !recovered.contains(&e.handle) {
-                // A device of the previous run that is not configured any more.
-                self.frontend.remove_stale(e.handle);
-            }
         }
         Ok(ids)
     }
@@ -339,14 +359,15 @@ impl Daemon {
         let Some(sd) = persist.as_ref() else { return how };
         let name = backing.display();
         let capacity = FileDev::open(backing, false).map(|f| f.len_bytes()).unwrap_or(0);
-        let identity = match Identity::of(backing, capacity) {
+        let identity = match sd.identity(backing, capacity) {
             Ok(i) => i,
             Err(e) => {
                 eprintln!("blksnapd: {name}: {e}: CBT not restored");
                 return how;
             }
         };
-        // A device the previous run left (crash, or a clean stop with `keep_devices`).
+        // A device the previous run left (a clean stop keeps them unless
+        // `remove_devices_on_stop`; a crash leaves them too).
         if !map.is_empty() {
             let handle = map.iter().find_map(|e| match &e.role {
                 MapRole::Origin(b) if *b == identity.backing => Some(e.handle),
@@ -583,6 +604,11 @@ impl Daemon {
                 self.remove_origin(dev.into())?;
                 Reply::Done
             }
+            req @ (Request::DevRead { .. }
+            | Request::DevWrite { .. }
+            | Request::DevDiscard { .. }
+            | Request::DevWriteZeroes { .. }
+            | Request::DevFlush { .. }) => self.data(req)?,
         })
     }
 
@@ -603,6 +629,7 @@ impl Daemon {
         // Held until the device is gone, so nothing can mount it in between.
         let _probe = exclusive_probe(&o.served.path())?;
         let o = st.origins.remove(&dev).expect("checked");
+        self.nbd.withdraw(&crate::nbd::Exports::origin_name(dev));
         // Under the lock (a request naming `dev` must not reach the engine in between); the
         // device is unmounted and unclaimed, so stopping it is quick.
         o.served.stop();
@@ -680,6 +707,9 @@ impl Daemon {
         let alive = st.snapshots.contains_key(&id);
         if failed.is_none() && alive {
             for (origin, served, target) in started {
+                if let Some(o) = st.origins.get(&origin) {
+                    self.nbd.publish_image(origin, target.clone(), &o.backing_path);
+                }
                 let links = self.make_links(origin, &served.path());
                 st.images.insert(origin, Image { served, links, target });
             }
@@ -690,8 +720,13 @@ impl Daemon {
             self.save_map(&st);
             return Ok(());
         }
-        let err = failed
-            .unwrap_or(Error::new(Errno::ESRCH, "the snapshot was destroyed during the take"));
+        // A destroy that reached the snapshot first wins, whatever else failed: the take fails
+        // with ESRCH as if the destroy had come before it (the outcome of one sequential order;
+        // reporting the image's error here was not, found by tests/shuttle_daemon.rs).
+        let err = match failed {
+            Some(e) if alive => e,
+            _ => Error::new(Errno::ESRCH, "the snapshot was destroyed during the take"),
+        };
         if alive {
             // Engine first, as in destroy: image I/O fails from here on.
             if let Err(e) = self.engine.snapshot_destroy(id) {
@@ -733,6 +768,10 @@ impl Daemon {
         self.engine.snapshot_destroy(id)?;
         self.forget_events(id);
         let rec = st.snapshots.remove(&id).unwrap_or_default();
+        for m in &rec.members {
+            // Connections to the image get ESHUTDOWN on their next request, then are closed.
+            self.nbd.withdraw(&crate::nbd::Exports::image_name(*m));
+        }
         set_storages(&st, &rec.members, &[]);
         let mut images = Vec::new();
         for m in &rec.members {
@@ -751,19 +790,23 @@ impl Daemon {
         Ok(())
     }
 
-    /// Clean stop: destroys every snapshot (removing images), then stops every origin device —
-    /// or, with `keep_devices` and a state directory, leaves each origin device to the next
-    /// daemon (see below). With a state directory, each origin's tracker is saved once no write
-    /// can reach its backing any more and the backing is flushed; the marker goes last.
+    /// Clean stop: destroys every snapshot (the engine first, so image I/O fails with EIO from
+    /// then on; then the image devices are removed — snapshots never survive a stop), then
+    /// leaves each origin device to the next daemon (the default; see below) — or stops it,
+    /// with `remove_devices_on_stop`, without a state directory (nothing would tell the next
+    /// daemon which device is which), or when the front end cannot recover devices. With a
+    /// state directory, each origin's tracker is saved once no write can reach its backing any
+    /// more and the backing is flushed; the marker goes last.
     ///
     /// Keeping a device: the data path's lock ([`Target::origin`]) is taken for writing and
     /// never released — requests in flight finish first (they hold it for reading), later ones
     /// wait in their queue thread — so the saved CBT has every write that reached the backing.
-    /// The device is not stopped: when the process exits the kernel quiesces it (ublk user
-    /// recovery), keeps `/dev/ublkbN` and what is mounted on it, and reissues the waiting and
-    /// new requests to the next daemon, which takes the device over with the saved CBT (same
-    /// generation; the device map in the state directory says which device was which). The
-    /// caller must exit the process right after.
+    /// The device is not stopped ([`Served::keep`]): when the process exits the kernel
+    /// quiesces it (ublk user recovery), keeps `/dev/ublkbN` and what is mounted on it, and
+    /// reissues the waiting and new requests to the next daemon, which takes the device over
+    /// with the saved CBT (same generation; the device map in the state directory says which
+    /// device was which) — the recovery path of a crash, with the map carried over. The caller
+    /// must exit the process right after.
     pub fn shutdown(&self) {
         for id in self.engine.snapshot_collect() {
             if let Err(e) = self.destroy(id) {
@@ -775,8 +818,11 @@ impl Daemon {
             st.claims.clear();
             std::mem::take(&mut st.origins)
         };
+        for id in origins.keys() {
+            self.nbd.withdraw(&crate::nbd::Exports::origin_name(*id));
+        }
         let persist = self.persist().take();
-        let keep = self.config.keep_devices && persist.is_some();
+        let keep = self.config.keeps_devices() && persist.is_some();
         let mut kept = 0;
         for (id, o) in origins {
             if keep && o.served.handle().is_some() {
@@ -790,8 +836,8 @@ impl Daemon {
                     o.backing_path.display(),
                     o.served.path()
                 );
-                // No drop: dropping the served device would stop it.
-                std::mem::forget(o);
+                // Not stopped: left for the next daemon.
+                o.served.keep();
                 kept += 1;
             } else {
                 let Origin { served, target, backing_path, .. } = o;
@@ -817,7 +863,7 @@ fn save_tracker(engine: &Engine, sd: &StateDir, id: DeviceId, target: &Target, b
         .backing
         .flush()
         .map_err(|e| format!("flush: {e:?}"))
-        .and_then(|()| Identity::of(backing, target.capacity_bytes()).map_err(|e| e.to_string()))
+        .and_then(|()| sd.identity(backing, target.capacity_bytes()).map_err(|e| e.to_string()))
         .and_then(|identity| sd.save_cbt(&SavedCbt::new(identity, cbt)));
     match saved {
         Ok(path) => eprintln!("blksnapd: {}: CBT saved to {}", backing.display(), path.display()),

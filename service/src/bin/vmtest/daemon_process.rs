@@ -10,13 +10,25 @@ pub(crate) fn daemon_process(env: &Env) -> R {
     let socket = env.path("d.sock");
     let links = env.path("links");
     std::fs::create_dir_all(&links).map_err(|e| e.to_string())?;
-    let mut child = Command::new(&bin)
-        .args(["--socket", &socket.display().to_string()])
-        .args(["--link-dir", &links.display().to_string(), "--image-link", "newest"])
-        .args(["--queues", "1", "--device", &backing.display().to_string()])
-        .stdin(Stdio::null())
-        .spawn()
-        .map_err(|e| e.to_string())?;
+    let args: Vec<String> = [
+        "--socket",
+        &socket.display().to_string(),
+        "--link-dir",
+        &links.display().to_string(),
+        "--image-link",
+        "newest",
+        "--state-dir",
+        &env.path("state").display().to_string(),
+        "--queues",
+        "1",
+        "--device",
+        &backing.display().to_string(),
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    let mut child =
+        Command::new(&bin).args(&args).stdin(Stdio::null()).spawn().map_err(|e| e.to_string())?;
     let result = (|| -> R {
         let t = Instant::now();
         let mut c = loop {
@@ -59,8 +71,9 @@ pub(crate) fn daemon_process(env: &Env) -> R {
         let img = open_direct(&link.display().to_string(), false).map_err(|e| e.to_string())?;
         let p = pread_page(&img, 0).map_err(|e| e.to_string())?;
         ensure!(&p.0[..3] == b"one", "image content");
-        drop((img, f));
-        // SIGTERM: clean stop while a snapshot is taken.
+        drop(f);
+        // SIGTERM: clean stop while a snapshot is taken and its image is open. Snapshots do
+        // not survive a stop: the image goes and its I/O fails; the origin is kept (default).
         // SAFETY: plain kill(2) of our own child by its pid.
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
         let t = Instant::now();
@@ -73,12 +86,45 @@ pub(crate) fn daemon_process(env: &Env) -> R {
         };
         ensure!(status.success(), "blksnapd exit: {status}");
         ensure!(!socket.exists() && !link.exists(), "socket or link left behind");
-        ensure!(wait_gone(&node, 10), "{node} left behind");
+        let image_read = pread_page(&img, 0).map(drop);
+        ensure!(image_read.is_err(), "the image of a stopped daemon still reads");
+        drop(img);
+        ensure!(Path::new(&node).exists(), "{node} removed by a default clean stop");
         let mut data = vec![0u8; 3];
         File::open(&backing)
             .and_then(|mut f| f.read_exact(&mut data))
             .map_err(|e| e.to_string())?;
         ensure!(data == b"two", "backing content after stop");
+        // The next daemon takes the device over; with --remove-devices-on-stop its clean stop
+        // removes it.
+        child = Command::new(&bin)
+            .args(&args)
+            .arg("--remove-devices-on-stop")
+            .stdin(Stdio::null())
+            .spawn()
+            .map_err(|e| e.to_string())?;
+        let t = Instant::now();
+        let mut c = loop {
+            if let Ok(c) = Client::connect(&socket) {
+                break c;
+            }
+            ensure!(t.elapsed() < Duration::from_secs(20), "blksnapd did not come up again");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let Reply::Devices(list) = c.req(Request::ListDevices)? else {
+            return Err("ListDevices".into());
+        };
+        ensure!(list.len() == 1 && list[0].path == node, "not taken over: {list:?}");
+        let f = open_direct(&node, false).map_err(|e| e.to_string())?;
+        let p = pread_page(&f, 0).map_err(|e| e.to_string())?;
+        ensure!(&p.0[..3] == b"two", "origin content after the take-over");
+        drop(f);
+        // SAFETY: plain kill(2) of our own child by its pid.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let status = child.wait().map_err(|e| e.to_string())?;
+        ensure!(status.success(), "blksnapd exit: {status}");
+        ensure!(wait_gone(&node, 10), "{node} left by a stop with --remove-devices-on-stop");
+        println!("    image I/O after the stop: {image_read:?}; origin kept, taken over, removed");
         Ok(())
     })();
     let _ = child.kill();

@@ -118,11 +118,14 @@ pub(crate) fn exclusive_claim(env: &Env) -> R {
         ensure!(results.iter().all(|r| r.is_ok() || *r == Err(114)), "racing adds: {results:?}");
         c.req(Request::RemoveDevice { dev: winners[0] })?;
         println!("    {lo} claimed (mount and O_EXCL: EBUSY); duplicates EALREADY; race: 1 of 4");
-        // 6. after the daemon stops, the backing is free again
+        // 6. after the daemon stops, the backing is free again (its device is kept for the
+        // next daemon, which takes it over and then removes it)
         umount(&om)?;
         d.stop()?;
         mount(&lo, &direct, "ro").map_err(|e| format!("after stop: {e}"))?;
         umount(&direct)?;
+        d.restart()?;
+        d.finish()?;
         Ok(())
     })();
     let _ = run("losetup", &["-d", &lo]);

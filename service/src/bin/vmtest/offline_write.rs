@@ -89,7 +89,8 @@ pub(crate) fn offline_write(env: &Env) -> R {
         let f = open_direct(&node, false).map_err(|e| e.to_string())?;
         let p = pread_page(&f, 20 * MIB).map_err(|e| e.to_string())?;
         ensure!(&p.0[..24] == b"behind the daemon's back", "the offline write is not served");
-        d.stop()?;
+        drop(f);
+        d.finish()?;
         println!("    {lo}: clean restart and a read while down keep the generation; a write while down changes it");
         Ok(())
     })();
@@ -115,7 +116,7 @@ pub(crate) fn offline_write(env: &Env) -> R {
         Ok(())
     })?;
     ensure!(g0 != g1 && n1 == 0, "file written while down (mtime set back): generation kept");
-    d.stop()?;
+    d.finish()?;
     println!("    file: written while down with its mtime set back: new generation (ctime)");
     Ok(())
 }

@@ -43,7 +43,7 @@ pub(crate) fn recovery(env: &Env) -> R {
     verify_files(&om, &before)?;
     verify_files(&om, &written)?;
     umount(&om)?;
-    d.stop()?;
+    d.finish()?;
     println!(
         "    writer at {at_kill} rounds at kill -9, {} files in all; recovery took {recovered_ms} ms",
         written.len()

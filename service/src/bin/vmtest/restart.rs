@@ -30,8 +30,10 @@ pub(crate) fn restart(env: &Env) -> R {
         files.iter().any(|p| p.display().to_string().ends_with(".state")),
         "no saved CBT: {files:?}"
     );
+    ensure!(Path::new(&node).exists(), "{node} removed by a clean stop (kept by default)");
     d.restart()?;
     let (node2, dev2) = d.origin()?;
+    ensure!(node2 == node && dev2 == dev, "not taken over: {node} -> {node2}");
     let (info2, map2) = d.cbt(dev2)?;
     println!(
         "    clean restart in {} ms ({node} {}:{} -> {node2} {}:{})",
@@ -100,7 +102,7 @@ pub(crate) fn restart(env: &Env) -> R {
     let p = pread_page(&f, 0).map_err(|e| e.to_string())?;
     ensure!(&p.0[..11] == b"before kill", "data written before kill -9 lost");
     drop(f);
-    d.stop()?;
+    d.finish()?;
     ensure!(!env.path("state/running").exists(), "marker left after the last clean stop");
     Ok(())
 }

@@ -1,12 +1,14 @@
-//! Scenario `restart-mounted`: a clean restart of `blksnapd --keep-devices` while a filesystem
-//! is mounted on its device and a writer keeps going. ext4 (ext2 without the shipped mke2fs)
+//! Scenario `restart-mounted`: a clean restart of `blksnapd` (a clean stop keeps the devices by
+//! default) while a filesystem is mounted on its device and a writer keeps going. ext4 (ext2 without the shipped mke2fs)
 //! on the origin, files written without sync, a writer creating and fsyncing files; SIGTERM,
 //! a clean exit, a start of the binary again: the same `/dev/ublkbN` is taken over, the mount
 //! survives, the writer goes on, every file verifies, fsck is clean after unmount, and the CBT
 //! keeps its generation and `changes_number`, with every block marked before the stop still
 //! marked; the next take marks the blocks written across the restart (writes made during the
 //! stop wait in the kernel and are tracked by the new daemon). A failure unmounts before the
-//! daemon stops, so no later scenario meets a mount on a device nobody serves.
+//! daemon stops, so no later scenario meets a mount on a device nobody serves. At the end, a
+//! daemon started with `--remove-devices-on-stop` takes the device over and removes it at its
+//! stop.
 
 use super::offline_write::take_destroy;
 use super::take_freezes::{mkfs_journaled, mount_as};
@@ -16,8 +18,7 @@ pub(crate) fn restart_mounted(env: &Env) -> R {
     let backing = env.path("rm.img");
     sparse_file(&backing, 64 * MIB)?;
     let links = env.path("links");
-    let mut d =
-        DaemonProc::start_args(env, Some(&backing), 2, &links, &["newest"], &["--keep-devices"])?;
+    let mut d = DaemonProc::start_args(env, Some(&backing), 2, &links, &["newest"], &[])?;
     let (node, dev) = d.origin()?;
     let fstype = mkfs_journaled(&node)?;
     let om = env.path("origin");
@@ -27,12 +28,15 @@ pub(crate) fn restart_mounted(env: &Env) -> R {
         let _ = umount(&om);
     }
     result?;
-    // An ordinary clean stop (no --keep-devices) removes the device.
-    d.args.retain(|a| a != "--keep-devices");
+    // The old behaviour on request: a clean stop of a daemon started with
+    // --remove-devices-on-stop removes the device (after taking it over).
     d.stop()?;
+    ensure!(Path::new(&node).exists(), "{node} removed by a default clean stop");
+    d.args.push("--remove-devices-on-stop".into());
     d.restart()?;
+    ensure!(d.origin()?.0 == node, "{node} not taken over");
     d.stop()?;
-    ensure!(wait_gone(&node, 10), "{node} left by a clean stop without --keep-devices");
+    ensure!(wait_gone(&node, 10), "{node} left by a clean stop with --remove-devices-on-stop");
     Ok(())
 }
 
@@ -47,7 +51,7 @@ fn with_mount(env: &Env, d: &mut DaemonProc, node: &str, dev: Dev, fstype: &str,
         d.stop()?;
         let stopped_ms = t.elapsed().as_millis();
         let at_stop = progress.load(Ordering::Relaxed);
-        ensure!(Path::new(node).exists(), "{node} removed by a clean stop with --keep-devices");
+        ensure!(Path::new(node).exists(), "{node} removed by a default clean stop");
         std::thread::sleep(Duration::from_millis(300));
         let t = Instant::now();
         d.restart()?;
