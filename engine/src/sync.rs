@@ -258,7 +258,9 @@ mod order {
     }
 
     impl LockRank {
-        /// Ranks of which a thread may hold several (in strictly ascending key).
+        /// Ranks of which a thread may hold several (in strictly ascending key). Only the
+        /// checked builds ask (release builds carry no bookkeeping).
+        #[cfg(any(debug_assertions, blksnap_loom, blksnap_shuttle))]
         fn ordered_family(self) -> bool {
             matches!(self, LockRank::Gate | LockRank::ChunkPermit | LockRank::MemSegment)
         }
