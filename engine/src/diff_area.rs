@@ -20,6 +20,7 @@ use blksnap_model::params::SECTOR_SHIFT;
 use blksnap_model::{DeviceId, Errno, Error, Event, EventKind, Result};
 
 use crate::chunk::{Chunk, ChunkPermit, ChunkState};
+use crate::diff_buffer::DiffBufferPool;
 use crate::diff_storage::DiffStorage;
 use crate::io::Dev;
 use crate::kref::{Kref, LiveObjects, ObjKind};
@@ -45,6 +46,8 @@ pub struct DiffArea {
     error: Mutex<Option<Errno>>,
     /// Set after a successful take, cleared first at teardown: new image I/O is refused.
     image_open: AtomicBool,
+    /// Chunk-sized buffers for copies (bounded: see [`DiffBufferPool`]).
+    buffers: DiffBufferPool,
     live: Arc<LiveObjects>,
 }
 
@@ -105,6 +108,7 @@ impl DiffArea {
             corrupted: AtomicBool::new(false),
             error: Mutex::new(LockRank::DiffAreaError, None),
             image_open: AtomicBool::new(false),
+            buffers: DiffBufferPool::new(layout.chunk_size_bytes() as usize),
             live: live.clone(),
         };
         Kref::new(area, ObjKind::DiffArea, live)
@@ -238,17 +242,15 @@ impl DiffArea {
     /// write), else read from the origin. Then New → Stored.
     fn copy_chunk(&self, permit: &ChunkPermit, content: Option<&[u8]>) -> Result<()> {
         let index = permit.index();
-        let owned;
-        let data = match content {
-            Some(d) => d,
+        match content {
+            Some(d) => self.store_new(permit, d),
             None => {
-                let mut buf = vec![0u8; self.chunk_bytes(index) as usize];
+                // The read fills every byte handed out: no clearing of a reused buffer.
+                let mut buf = self.buffers.take(self.chunk_bytes(index) as usize);
                 self.origin.read_at(&mut buf, self.chunk_offset_bytes(index))?;
-                owned = buf;
-                &owned
+                self.store_new(permit, &buf)
             }
-        };
-        self.store_new(permit, data)
+        }
     }
 
     fn store_new(&self, permit: &ChunkPermit, data: &[u8]) -> Result<()> {
@@ -355,7 +357,7 @@ impl DiffArea {
                     .map_err(eio)
             }
             ChunkState::New => {
-                let mut buf = vec![0u8; this.chunk_bytes(seg.chunk) as usize];
+                let mut buf = this.buffers.take(this.chunk_bytes(seg.chunk) as usize);
                 this.origin.read_at(&mut buf, this.chunk_offset_bytes(seg.chunk)).map_err(eio)?;
                 let at = seg.in_chunk_bytes as usize;
                 buf[at..at + piece.len()].copy_from_slice(piece);

@@ -17,6 +17,7 @@ pub mod cbt;
 pub mod chunk;
 pub mod clock;
 pub mod diff_area;
+pub mod diff_buffer;
 pub mod diff_storage;
 pub mod engine;
 pub mod event_queue;

@@ -235,6 +235,8 @@ mod order {
         ChunkPermit,
         /// A chunk's slot (inside the permit's own bookkeeping; leaf).
         ChunkSlot,
+        /// A diff area's free copy buffers (leaf: popped or pushed, never held across I/O).
+        DiffBuffers,
         /// A diff area's first error.
         DiffAreaError,
         /// A difference storage's accounting.
@@ -256,7 +258,9 @@ mod order {
     }
 
     impl LockRank {
-        /// Ranks of which a thread may hold several (in strictly ascending key).
+        /// Ranks of which a thread may hold several (in strictly ascending key). Only the
+        /// checked builds ask (release builds carry no bookkeeping).
+        #[cfg(any(debug_assertions, blksnap_loom, blksnap_shuttle))]
         fn ordered_family(self) -> bool {
             matches!(self, LockRank::Gate | LockRank::ChunkPermit | LockRank::MemSegment)
         }

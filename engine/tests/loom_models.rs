@@ -10,6 +10,7 @@ mod common;
 use blksnap_engine::chunk::{ChunkPermit, ChunkState};
 use blksnap_engine::clock::Clock;
 use blksnap_engine::diff_area::DiffArea;
+use blksnap_engine::diff_buffer::DiffBufferPool;
 use blksnap_engine::diff_storage::{DiffStorage, StorageSpec};
 use blksnap_engine::event_queue::EventQueue;
 use blksnap_engine::io::{Dev, MemDev};
@@ -154,6 +155,62 @@ fn cow_vs_image_read_of_the_same_chunk() {
         e.image_read(D0, 0, &mut buf).unwrap();
         assert!(buf.iter().all(|b| *b == 0xaa), "the image never shows a post-take write");
         writer.join().unwrap();
+        e.snapshot_destroy(id).unwrap();
+    });
+}
+
+/// Two copies race for the pool's one free buffer: each gets a buffer of its own (the loser a
+/// new one, unless the winner already gave it back), and every buffer goes back exactly once:
+/// at the end the pool holds the seed plus the new ones (not lost, not returned twice),
+/// whatever the interleaving of the pops and pushes.
+#[test]
+fn diff_buffers_two_copies_race_for_one_buffer() {
+    /// Take a buffer, say whether it is new (a new one is zeroed; the seed holds 9s and a
+    /// reused one the other copy's pattern), overwrite it and check nobody else wrote it.
+    fn copy(pool: &DiffBufferPool, len: usize, pattern: u8) -> bool {
+        let mut b = pool.take(len);
+        assert_eq!(b.len(), len);
+        let new = b.iter().all(|&x| x == 0);
+        b.fill(pattern);
+        thread::yield_now();
+        assert!(b.iter().all(|&x| x == pattern), "no other copy writes this buffer");
+        new
+    }
+    model(|| {
+        let pool = Arc::new(DiffBufferPool::with_kept(64, 3));
+        pool.take(64).fill(9);
+        assert_eq!(pool.free_count(), 1);
+        let p2 = pool.clone();
+        let other = thread::spawn(move || copy(&p2, 64, 1));
+        let new_here = copy(&pool, 48, 2);
+        let new_there = other.join().unwrap();
+        let expected = 1 + usize::from(new_here) + usize::from(new_there);
+        assert_eq!(pool.free_count(), expected, "every buffer returned exactly once");
+        assert!(expected <= 2, "at most one new buffer: the seed serves one copy");
+    });
+}
+
+/// Copy-on-write of two chunks at once through one diff area's pool: each copy stores its own
+/// chunk's pre-image (a shared or stale buffer would store the other chunk's data).
+#[test]
+fn racing_copies_of_two_chunks_share_the_buffer_pool() {
+    model(|| {
+        let e = Arc::new(small_engine(true));
+        e.add_disk(D0, mem(8192), 1).unwrap();
+        e.write(D0, 0, &[0xaa; 4096]).unwrap();
+        e.write(D0, 4096, &[0xcc; 4096]).unwrap();
+        e.attach(D0).unwrap();
+        let id = e.snapshot_create(file_storage()).unwrap();
+        e.snapshot_add(id, D0).unwrap();
+        e.snapshot_take(id).unwrap();
+        let e2 = e.clone();
+        let writer = thread::spawn(move || e2.write(D0, 4096, &[0xdd; 512]).unwrap());
+        e.write(D0, 0, &[0xbb; 512]).unwrap();
+        writer.join().unwrap();
+        let mut buf = vec![0u8; 8192];
+        e.image_read(D0, 0, &mut buf).unwrap();
+        assert!(buf[..4096].iter().all(|b| *b == 0xaa), "chunk 0 holds its own pre-image");
+        assert!(buf[4096..].iter().all(|b| *b == 0xcc), "chunk 1 holds its own pre-image");
         e.snapshot_destroy(id).unwrap();
     });
 }

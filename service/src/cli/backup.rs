@@ -280,24 +280,61 @@ pub fn backup(
             return Err(e);
         }
     }
+    let cbt = mark.as_ref().map(|(_, i)| CbtMark {
+        generation_id: Uuid::from(i.generation_id).to_string(),
+        changes_number: i.changes_number,
+        block_size: i.block_size_bytes,
+        block_count: i.block_count,
+    });
+    let copied = Copied { kind, file, bytes_read, bytes_written, blocks_changed, blocks_total };
+    let image = image.display().to_string();
+    record_point(dir, &mut manifest, copied, image, image_size, device, cbt, started)
+}
+
+/// What one backup copied into its point file.
+pub(crate) struct Copied {
+    /// `full` or `incremental`.
+    pub kind: &'static str,
+    /// The point file's name in the backup directory.
+    pub file: String,
+    /// Bytes read from the image.
+    pub bytes_read: u64,
+    /// Bytes written to the point file.
+    pub bytes_written: u64,
+    /// Blocks copied (all of them for a full backup).
+    pub blocks_changed: u64,
+    /// Blocks of the image.
+    pub blocks_total: u32,
+}
+
+/// Appends the point just copied to the manifest, saves it, and reports the point: the same
+/// record and report for a local backup and one pulled over NBD.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn record_point(
+    dir: &Path,
+    manifest: &mut Manifest,
+    copied: Copied,
+    image: String,
+    image_size: u64,
+    device: Option<&str>,
+    cbt: Option<CbtMark>,
+    started: Instant,
+) -> Result<Report, CliError> {
+    let Copied { kind, file, bytes_read, bytes_written, blocks_changed, blocks_total } = copied;
+    let n = manifest.points.len() as u32;
     manifest.points.push(Point {
         n,
         kind: kind.into(),
         file: file.clone(),
         time: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
-        image: image.display().to_string(),
+        image: image.clone(),
         image_size,
         device: device.map(str::to_string),
-        cbt: mark.as_ref().map(|(_, i)| CbtMark {
-            generation_id: Uuid::from(i.generation_id).to_string(),
-            changes_number: i.changes_number,
-            block_size: i.block_size_bytes,
-            block_count: i.block_count,
-        }),
+        cbt,
         bytes_written,
         blocks_changed,
     });
-    save_manifest(dir, &manifest)?;
+    save_manifest(dir, manifest)?;
     let secs = started.elapsed().as_secs_f64();
     let rate = if secs > 0.0 { bytes_read as f64 / 1e6 / secs } else { 0.0 };
     Ok(Report::new(

@@ -17,12 +17,10 @@
 //! either locally or over NBD: the block size recorded in the mark tells them apart.
 
 use std::path::Path;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-
-use serde_json::json;
+use std::time::{Duration, Instant};
 
 use super::backup::{
-    copy_full, load_manifest, progress, save_manifest, write_delta, CbtMark, Point, Source,
+    copy_full, load_manifest, progress, record_point, write_delta, CbtMark, Copied, Source,
     COPY_UNIT,
 };
 use super::error::CliError;
@@ -266,42 +264,14 @@ pub fn backup_nbd(
         ));
     }
     client.disconnect();
-    manifest.points.push(Point {
-        n,
-        kind: kind.into(),
-        file: file.clone(),
-        time: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
-        image: uri_text.to_string(),
-        image_size: size,
-        device: None,
-        cbt: mark.map(|(generation, changes)| CbtMark {
-            generation_id: generation.to_string(),
-            changes_number: changes,
-            block_size: NBD_DELTA_BLOCK_BYTES as u32,
-            block_count: blocks_total,
-        }),
-        bytes_written,
-        blocks_changed,
+    let cbt = mark.map(|(generation, changes)| CbtMark {
+        generation_id: generation.to_string(),
+        changes_number: changes,
+        block_size: NBD_DELTA_BLOCK_BYTES as u32,
+        block_count: blocks_total,
     });
-    save_manifest(dir, &manifest)?;
-    let secs = started.elapsed().as_secs_f64();
-    let rate = if secs > 0.0 { bytes_read as f64 / 1e6 / secs } else { 0.0 };
-    Ok(Report::new(
-        vec![
-            format!("point={n}"),
-            format!("kind={kind}"),
-            format!("file={}", dir.join(&file).display()),
-            format!("bytes_read={bytes_read}"),
-            format!("bytes_written={bytes_written}"),
-            format!("blocks_changed={blocks_changed}/{blocks_total}"),
-            format!("seconds={secs:.3}"),
-            format!("rate={rate:.1} MB/s"),
-        ],
-        json!({"point": n, "kind": kind, "file": dir.join(&file), "image": uri_text,
-               "image_size": size, "bytes_read": bytes_read,
-               "bytes_written": bytes_written, "blocks_changed": blocks_changed,
-               "blocks_total": blocks_total, "seconds": secs, "mb_per_s": rate}),
-    ))
+    let copied = Copied { kind, file, bytes_read, bytes_written, blocks_changed, blocks_total };
+    record_point(dir, &mut manifest, copied, uri_text.to_string(), size, None, cbt, started)
 }
 
 #[cfg(test)]
