@@ -262,7 +262,7 @@ fn run() -> Result<(), String> {
         .map_err(|e| format!("{}: {e}", cfg.socket.display()))?
         .with_limits(cfg.control_limits());
     let nbd = if cfg.nbd.enabled() {
-        Some(blksnap_service::nbd::Listeners::bind(&cfg.nbd, group)?)
+        Some(blksnap_service::nbd::Listeners::bind(&cfg.nbd, cfg.nbd.unix_group(group))?)
     } else {
         None
     };

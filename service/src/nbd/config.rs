@@ -2,7 +2,8 @@
 //!
 //! ```toml
 //! [nbd]
-//! socket = "/run/blksnap/nbd"          # Unix socket (mode 0600, 0660 with the top-level `group`)
+//! socket = "/run/blksnap/nbd"          # Unix socket: mode 0600, root only
+//! # group_reads = true                 # 0660: the top-level `group` reads every image too
 //! tcp = "0.0.0.0:10809"                # TCP listener: TLS required
 //! tls_cert = "/etc/blksnap/nbd/server-cert.pem"
 //! tls_key = "/etc/blksnap/nbd/server-key.pem"
@@ -26,11 +27,15 @@ use super::wire::MAX_PAYLOAD_BYTES;
 #[derive(Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct NbdConfig {
-    /// Unix socket to serve NBD on; its file mode and group follow the control socket's
-    /// (0600, or 0660 owned by the configured `group`), and every peer's credentials are
-    /// checked the same way (root or the group).
+    /// Unix socket to serve NBD on: mode 0600 and root peers only, unless `group_reads`.
     #[serde(default)]
     pub socket: Option<PathBuf>,
+    /// Members of the daemon's `group` may use the Unix socket too (mode 0660, that group):
+    /// they then read **every** snapshot image (and write the `writable_origins`), whoever
+    /// added the device — more than the control socket lets a group member do (its own
+    /// devices only, docs/SECURITY.md), hence an explicit choice, off by default.
+    #[serde(default)]
+    pub group_reads: bool,
     /// TCP address to serve NBD on (`HOST:PORT`).
     #[serde(default)]
     pub tcp: Option<SocketAddr>,
@@ -85,6 +90,7 @@ impl Default for NbdConfig {
     fn default() -> NbdConfig {
         NbdConfig {
             socket: None,
+            group_reads: false,
             tcp: None,
             tls: true,
             tls_cert: None,
@@ -103,6 +109,12 @@ impl NbdConfig {
     /// Whether any listener is configured.
     pub fn enabled(&self) -> bool {
         self.socket.is_some() || self.tcp.is_some()
+    }
+
+    /// The group admitted to the Unix socket besides root: the daemon's `group` only with
+    /// `group_reads` (a member reads every image there).
+    pub fn unix_group(&self, daemon_group: Option<u32>) -> Option<u32> {
+        daemon_group.filter(|_| self.group_reads)
     }
 
     /// Whether the TCP listener speaks TLS.
@@ -175,6 +187,13 @@ mod tests {
         )
         .unwrap();
         assert!(c.tcp_tls());
+    }
+
+    #[test]
+    fn the_group_reads_images_only_when_asked() {
+        assert_eq!(parse("").unwrap().unix_group(Some(34)), None, "root only by default");
+        assert_eq!(parse("group_reads = true").unwrap().unix_group(Some(34)), Some(34));
+        assert_eq!(parse("group_reads = true").unwrap().unix_group(None), None);
     }
 
     #[test]

@@ -21,8 +21,8 @@
 //! connections in total (closed at accept) and per export (refused at `NBD_OPT_GO`), request
 //! payload (at most NBD's 32 MiB), idle time.
 //!
-//! Trust: the Unix socket is the control socket's model (mode 0600, 0660 with the configured
-//! group; peer credentials checked: root or the group). TCP peers are trusted by their TLS
+//! Trust: the Unix socket admits root only (mode 0600, peer credentials checked), or with
+//! `group_reads` also the daemon's group (0660), whose members then read every image. TCP peers are trusted by their TLS
 //! client certificate (verified against `tls_ca`); `tls = false` is accepted only on a
 //! loopback address, where every local user can connect (see docs/SECURITY.md).
 
@@ -210,9 +210,9 @@ pub struct Listeners {
 }
 
 impl Listeners {
-    /// Binds what `config` names (the Unix socket replaces a stale one; its mode and group as
-    /// the control socket's, `group` being the daemon's configured group) and loads the TLS
-    /// files.
+    /// Binds what `config` names (the Unix socket replaces a stale one; mode 0600 and root
+    /// peers only, or 0660 and that group's members too when `group` is given — the caller
+    /// passes the daemon's group only with `group_reads`) and loads the TLS files.
     pub fn bind(config: &NbdConfig, group: Option<u32>) -> Result<Listeners, String> {
         config.validate()?;
         let tls = if config.tcp_tls() { Some(tls::server_config(config)?) } else { None };
