@@ -4,14 +4,15 @@
 //! incremental after a generation change, no progress output off a terminal, the long-running
 //! commands (watcher, stretch), and the daemon backend over a socket.
 
+mod common;
+
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use blksnap_engine::{Engine, EngineConfig};
-use blksnap_service::{Config, ControlServer, Daemon, NullFrontend};
+use blksnap_service::Daemon;
 use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_blksnap");
@@ -569,12 +570,7 @@ fn daemon() -> DaemonFixture {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().to_path_buf();
     let socket = dir.join("control");
-    let cfg = Config { socket: socket.clone(), link_dir: dir.clone(), ..Config::default() };
-    let engine = Arc::new(Engine::new(EngineConfig::default()).unwrap());
-    let daemon = Arc::new(Daemon::new(engine, Box::new(NullFrontend::default()), cfg));
-    let server = ControlServer::bind(&socket, None).unwrap();
-    let d = daemon.clone();
-    std::thread::spawn(move || server.serve(d));
+    let daemon = common::serve_null(&socket, &dir);
     DaemonFixture { _tmp: tmp, dir, socket, daemon }
 }
 

@@ -2,6 +2,8 @@
 //! devices), its socket, and the protocol — every request kind, errors, version mismatch,
 //! malformed frames, access rules.
 
+mod common;
+
 use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
@@ -12,7 +14,7 @@ use blksnap_proto::{
     PROTOCOL_VERSION,
 };
 use blksnap_service::control::{allowed, peer_cred, peer_groups, Limits, Peer};
-use blksnap_service::{Client, Config, ControlServer, Daemon, NullFrontend};
+use blksnap_service::{Client, Config, Daemon, NullFrontend};
 
 struct Fixture {
     _dir: tempfile::TempDir,
@@ -26,12 +28,7 @@ fn fixture(n: usize) -> Fixture {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().to_path_buf();
     let socket = dir.join("run/control");
-    let cfg = Config { socket: socket.clone(), link_dir: dir.clone(), ..Config::default() };
-    let engine = Arc::new(Engine::new(EngineConfig::default()).unwrap());
-    let daemon = Arc::new(Daemon::new(engine, Box::new(NullFrontend::default()), cfg));
-    let server = ControlServer::bind(&socket, None).unwrap();
-    let d = daemon.clone();
-    std::thread::spawn(move || server.serve(d));
+    let daemon = common::serve_null(&socket, &dir);
     let mut devs = Vec::new();
     for i in 0..n {
         let backing = dir.join(format!("b{i}.img"));
@@ -257,11 +254,8 @@ fn access_rules() {
 fn served_with(limits: Limits) -> (tempfile::TempDir, std::path::PathBuf) {
     let tmp = tempfile::tempdir().unwrap();
     let socket = tmp.path().join("control");
-    let cfg = Config { socket: socket.clone(), link_dir: tmp.path().into(), ..Config::default() };
-    let engine = Arc::new(Engine::new(EngineConfig::default()).unwrap());
-    let daemon = Arc::new(Daemon::new(engine, Box::new(NullFrontend::default()), cfg));
-    let server = ControlServer::bind(&socket, None).unwrap().with_limits(limits);
-    std::thread::spawn(move || server.serve(daemon));
+    let frontend = Box::new(NullFrontend::default());
+    common::serve_with(&socket, tmp.path(), EngineConfig::default(), frontend, Some(limits));
     (tmp, socket)
 }
 
@@ -388,14 +382,9 @@ fn a_take_whose_image_cannot_be_served_is_rolled_back() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let socket = dir.join("control");
-    let cfg = Config { socket: socket.clone(), link_dir: dir.to_path_buf(), ..Config::default() };
-    let engine = Arc::new(Engine::new(EngineConfig::default()).unwrap());
     let fail = Arc::new(std::sync::atomic::AtomicBool::new(true));
-    let frontend = NullFrontend::failing_images(fail.clone());
-    let daemon = Arc::new(Daemon::new(engine, Box::new(frontend), cfg));
-    let server = ControlServer::bind(&socket, None).unwrap();
-    let d = daemon.clone();
-    std::thread::spawn(move || server.serve(d));
+    let frontend = Box::new(NullFrontend::failing_images(fail.clone()));
+    let daemon = common::serve_with(&socket, dir, EngineConfig::default(), frontend, None);
     let backing = dir.join("b.img");
     std::fs::File::create(&backing).unwrap().set_len(8 << 20).unwrap();
     let dev: Dev = daemon.add_origin(&backing, true).unwrap().into();
@@ -441,15 +430,10 @@ fn events_are_not_lost_to_a_client_that_hung_up() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let socket = dir.join("control");
-    let cfg = Config { socket: socket.clone(), link_dir: dir.to_path_buf(), ..Config::default() };
     let mut params = blksnap_model::Params::default();
     params.set("diff_storage_minimum_sectors", 1024).unwrap();
     let config = EngineConfig::new(params, None, blksnap_engine::clock::Clock::monotonic());
-    let engine = Arc::new(Engine::new(config).unwrap());
-    let daemon = Arc::new(Daemon::new(engine, Box::new(NullFrontend::default()), cfg));
-    let server = ControlServer::bind(&socket, None).unwrap();
-    let d = daemon.clone();
-    std::thread::spawn(move || server.serve(d));
+    let daemon = common::serve_with(&socket, dir, config, Box::new(NullFrontend::default()), None);
     let backing = dir.join("b.img");
     std::fs::File::create(&backing).unwrap().set_len(8 << 20).unwrap();
     let dev: Dev = daemon.add_origin(&backing, true).unwrap().into();

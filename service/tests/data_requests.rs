@@ -2,11 +2,10 @@
 //! devices) serves origin and image data over its socket through the engine — change tracking
 //! and copy-on-write as the ublk front end does — to several connections (processes) at once.
 
-use std::sync::Arc;
+mod common;
 
-use blksnap_engine::{Engine, EngineConfig};
 use blksnap_proto::{Bytes, Dev, Reply, Request, RequestFrame, Role, Storage, MAX_DATA_BYTES};
-use blksnap_service::{Client, Config, ControlServer, Daemon, NullFrontend};
+use blksnap_service::Client;
 
 const ENOENT: i32 = 2;
 const EIO: i32 = 5;
@@ -26,12 +25,7 @@ fn fixture() -> Fixture {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().to_path_buf();
     let socket = dir.join("run/control");
-    let cfg = Config { socket: socket.clone(), link_dir: dir.clone(), ..Config::default() };
-    let engine = Arc::new(Engine::new(EngineConfig::default()).unwrap());
-    let daemon = Arc::new(Daemon::new(engine, Box::new(NullFrontend::default()), cfg));
-    let server = ControlServer::bind(&socket, None).unwrap();
-    let d = daemon.clone();
-    std::thread::spawn(move || server.serve(d));
+    let daemon = common::serve_null(&socket, &dir);
     let backing = dir.join("disk.img");
     let content: Vec<u8> = (0..DISK_BYTES).map(|i| (i / 512 % 251) as u8).collect();
     std::fs::write(&backing, &content).unwrap();
