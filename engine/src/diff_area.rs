@@ -108,7 +108,14 @@ impl DiffArea {
             corrupted: AtomicBool::new(false),
             error: Mutex::new(LockRank::DiffAreaError, None),
             image_open: AtomicBool::new(false),
-            buffers: DiffBufferPool::new(layout.chunk_size_bytes() as usize),
+            // Sized by the largest chunk that exists (chunk 0: a whole chunk, or the whole
+            // device when it is smaller than one chunk), not by the chunk size: a small device
+            // with a huge chunk size must not ask for a chunk-sized buffer (found by fuzzing).
+            buffers: DiffBufferPool::new(if layout.chunk_count == 0 {
+                0
+            } else {
+                (layout.sectors_of(0) << SECTOR_SHIFT) as usize
+            }),
             live: live.clone(),
         };
         Kref::new(area, ObjKind::DiffArea, live)
