@@ -733,7 +733,7 @@ fn main() {
         std::process::exit(if require { 1 } else { 0 });
     }
     let exe = std::env::current_exe().expect("own path");
-    let (mut passed, mut failed) = (0, 0);
+    let (mut passed, mut failed) = (0, Vec::new());
     let total = Instant::now();
     for name in &names {
         let t = Instant::now();
@@ -741,7 +741,7 @@ fn main() {
             Ok(c) => c,
             Err(e) => {
                 println!("scenario {name}: cannot start: {e}");
-                failed += 1;
+                failed.push(name.clone());
                 continue;
             }
         };
@@ -763,11 +763,16 @@ fn main() {
             passed += 1;
             println!("scenario {name}: ok in {secs:.1} s");
         } else {
-            failed += 1;
+            failed.push(name.clone());
             println!("scenario {name}: FAILED in {secs:.1} s");
         }
     }
     println!("vm scenarios took {:.1} s", total.elapsed().as_secs_f64());
-    println!("{passed} passed, {failed} failed");
-    std::process::exit(if failed == 0 { 0 } else { 1 });
+    // CI shows only the tail of a run: the last line names what failed.
+    if failed.is_empty() {
+        println!("{passed} passed, 0 failed");
+    } else {
+        println!("{passed} passed, {} failed: {}", failed.len(), failed.join(", "));
+    }
+    std::process::exit(if failed.is_empty() { 0 } else { 1 });
 }

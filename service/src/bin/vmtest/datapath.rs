@@ -15,7 +15,8 @@
 //!
 //! Short by default (CI: the defaults only, 1 s per run, 50 µs only, tracking and taken rows);
 //! `BLKSNAP_DATAPATH_FULL=1` (`BLKSNAP_DATAPATH_RUNTIME_SECS` to change the 5 s per run) for the
-//! README table.
+//! README table. `BLKSNAP_DATAPATH_VERIFY_ONLY=N` runs the verify run alone, N times (a soak of
+//! take under load).
 
 use super::*;
 use blksnap_service::daemon::backing_io::DirectIo;
@@ -401,9 +402,12 @@ fn verify_across_take(env: &Env, fio: &Fio) -> R {
     };
     c.req(Request::SnapshotAdd { id, dev })?;
     let mut args = common("randwrite");
-    args.extend(["--loops=2".to_string(), "--randrepeat=0".into()]);
+    // long enough to be still writing at the take (asserted below)
+    args.extend(["--loops=6".to_string(), "--randrepeat=0".into()]);
     let mut all = vec![
         "--name=verify".to_string(),
+        // one process: SIGSTOP below stops the job itself (fio forks a process per job otherwise)
+        "--thread".into(),
         format!("--filename={origin}"),
         "--direct=1".into(),
         format!("--ioengine={}", fio.engine),
@@ -417,12 +421,27 @@ fn verify_across_take(env: &Env, fio: &Fio) -> R {
         .spawn()
         .map_err(|e| format!("fio: {e}"))?;
     std::thread::sleep(Duration::from_millis(1500));
+    let mut child = child;
+    ensure!(
+        child.try_wait().map_err(|e| e.to_string())?.is_none(),
+        "fio finished before the take: the verify run tests nothing (make it longer)"
+    );
     let pid = child.id() as i32;
     // SAFETY: signals to our own child by its pid.
     unsafe { libc::kill(pid, libc::SIGSTOP) };
     std::thread::sleep(Duration::from_millis(500));
     let region = (VERIFY_AT_MIB * MIB, VERIFY_MIB * MIB);
     let copy = read_region(&origin, region)?;
+    // The copy is the pre-take content only if fio really stopped (its job is a thread of the
+    // stopped process: `--thread`); a second read a moment later proves it.
+    std::thread::sleep(Duration::from_millis(200));
+    let moved = differing_blocks(&copy, &read_region(&origin, region)?).len();
+    if moved > 0 {
+        // SAFETY: as above.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        let _ = child.wait_with_output();
+        return Err(format!("{moved} blocks of the origin changed while fio was stopped"));
+    }
     let took = c.req(Request::SnapshotTake { id });
     // SAFETY: as above.
     unsafe { libc::kill(pid, libc::SIGCONT) };
@@ -437,14 +456,40 @@ fn verify_across_take(env: &Env, fio: &Fio) -> R {
     );
     let image = read_region(&image_link(dev, false), region)?;
     let same = image == copy;
-    let changed = read_region(&origin, region)? != copy;
+    let now = read_region(&origin, region)?;
+    let changed = now != copy;
+    if !same {
+        // What kind of difference: post-take data in the image (a copy-on-write missed), or
+        // something else; and whether the image reads the same twice.
+        let again = read_region(&image_link(dev, false), region)?;
+        let differ = differing_blocks(&image, &copy);
+        let post_take =
+            differ.iter().filter(|i| image[*i * 4096..][..4096] == now[*i * 4096..][..4096]);
+        println!(
+            "    image != pre-take copy in {} of {} 4 KiB blocks (first {:?}); {} of them hold \
+             the origin's current data; a second image read differs from the first in {}",
+            differ.len(),
+            copy.len() / 4096,
+            &differ[..differ.len().min(8)],
+            post_take.count(),
+            differing_blocks(&image, &again).len()
+        );
+    }
     c.req(Request::SnapshotDestroy { id })?;
     ensure!(same, "the image differs from the pre-take copy of the verify region");
+    ensure!(changed, "the origin was not written after the take: copy-on-write was not tested");
     println!(
         "    fio --verify=crc32c clean across a take; image == pre-take copy ({VERIFY_MIB} MiB; \
          origin changed after the take: {changed})"
     );
     Ok(())
+}
+
+/// The 4 KiB blocks in which `a` and `b` differ.
+fn differing_blocks(a: &[u8], b: &[u8]) -> Vec<usize> {
+    (0..a.len().min(b.len()) / 4096)
+        .filter(|i| a[i * 4096..][..4096] != b[i * 4096..][..4096])
+        .collect()
 }
 
 fn read_region(path: &str, (at, len): (u64, u64)) -> R<Vec<u8>> {
@@ -462,6 +507,11 @@ pub(crate) fn datapath(env: &Env) -> R {
         .and_then(|v| v.parse().ok())
         .unwrap_or(if full { 5 } else { 1 });
     let mut fio = Fio::new(runtime_secs)?;
+    // BLKSNAP_DATAPATH_VERIFY_ONLY=N: the verify run alone, N times (a soak of take under load)
+    let verify_only: u32 = std::env::var("BLKSNAP_DATAPATH_VERIFY_ONLY")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
     // io_uring may be disabled by sysctl; libaio then
     let probe = env.path("probe");
     sparse_file(&probe, MIB)?;
@@ -469,6 +519,13 @@ pub(crate) fn datapath(env: &Env) -> R {
     if fio.run(&p, &["--rw=read".into(), "--bs=4k".into(), "--size=64k".into()]).is_err() {
         fio.engine = "libaio";
         println!("    note: fio's io_uring engine failed here: libaio");
+    }
+    if verify_only > 0 {
+        for round in 1..=verify_only {
+            println!("    verify round {round} of {verify_only}");
+            verify_across_take(env, &fio)?;
+        }
+        return Ok(());
     }
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     println!(
