@@ -12,6 +12,8 @@
 //!                                   # request at a time on the queue thread)
 //! backing_direct_io = "auto"        # O_DIRECT on backings: "auto" (block devices), "always",
 //!                                   # "never"
+//! queue_uring_reads = true          # origin reads that go direct are issued on the queue's
+//!                                   # io_uring (no worker thread; false: workers serve them)
 //! state_dir = "/var/lib/blksnap"  # CBT kept across clean restarts; crash marker; device map
 //! remove_devices_on_stop = false    # a clean stop leaves the devices to the next daemon
 //! freeze = true                     # TAKE freezes the filesystems mounted on the origins
@@ -154,6 +156,10 @@ pub struct Config {
     /// Direct I/O on the origins' backings (`crate::daemon::backing_io`).
     #[serde(default)]
     pub backing_direct_io: crate::daemon::backing_io::DirectIo,
+    /// Origin reads that go direct to the backing are issued on the ublk queue's own io_uring
+    /// (asynchronous, no hand-off to a worker thread); false: the workers serve them too.
+    #[serde(default = "default_true")]
+    pub queue_uring_reads: bool,
     /// State directory (`crate::state`): saved CBT, the running marker, the device map.
     #[serde(default = "default_state_dir")]
     pub state_dir: PathBuf,
@@ -259,6 +265,9 @@ fn default_max_devices() -> usize {
 fn default_depth() -> u16 {
     64
 }
+fn default_true() -> bool {
+    true
+}
 fn default_queue_workers() -> u16 {
     8
 }
@@ -278,6 +287,7 @@ impl Default for Config {
             io_buf_bytes: default_io_buf(),
             queue_workers: default_queue_workers(),
             backing_direct_io: Default::default(),
+            queue_uring_reads: true,
             state_dir: default_state_dir(),
             remove_devices_on_stop: false,
             keep_devices: None,

@@ -7,7 +7,9 @@
 //! of one queue are in flight at once — a copy-on-write no longer holds up every other tag of
 //! its queue — while the engine keeps its order (copy-on-write before the origin write, one
 //! writer per chunk). The engine's API is synchronous, hence threads rather than io_uring on
-//! the backing. `queue_workers = 0` serves one request at a time on the queue thread (the
+//! the backing — except origin reads that go direct to the backing, which the queue thread
+//! issues on its own io_uring ([`UringReads`], config `queue_uring_reads`). `queue_workers = 0`
+//! serves one request at a time on the queue thread (the
 //! earlier behaviour, kept for comparison). Flush requests carry start sector `u64::MAX`: they
 //! are recognised before any range check.
 //!
@@ -55,6 +57,9 @@ pub struct UblkFrontend {
     /// Worker threads per queue serving its requests at once (0: one request at a time on the
     /// queue thread); at most `depth` are used.
     pub workers: u16,
+    /// Origin reads that go direct are issued on the queue's io_uring ([`UringReads`]); needs
+    /// `workers > 0` (config `queue_uring_reads`).
+    pub uring_reads: bool,
 }
 
 fn neg(e: Errno) -> i32 {
@@ -208,7 +213,108 @@ fn tag_slice<'b>(tag_bufs: &[(usize, usize)], tag: u16) -> &'b mut [u8] {
     unsafe { std::slice::from_raw_parts_mut(p as *mut u8, len) }
 }
 
-fn queue_fn(qid: u16, dev: &UblkDev, target: &Arc<Target>, workers: u16) {
+/// Origin reads issued on the queue's own io_uring: an origin read needs nothing of the engine
+/// (it checks the range and reads the backing), so when it would go direct to the backing
+/// ([`BackingDev::direct_read_fd`]) the queue thread submits it as a target I/O into the tag's
+/// buffer and completes the request when its completion arrives — many reads in flight per
+/// queue with no thread hand-off. A read that comes back short or failed is served again
+/// through the engine on the queue thread (the same answer `read_at` gives, e.g. EIO).
+///
+/// Invariant: a tag's buffer is used by its read until that read's completion is reaped; the
+/// queue does not return (and free the buffers) before every submitted read is reaped
+/// ([`UringReads::drain`]).
+///
+/// [`BackingDev::direct_read_fd`]: crate::daemon::backing_io::BackingDev::direct_read_fd
+struct UringReads {
+    /// Submitted and not reaped.
+    in_flight: std::cell::Cell<u32>,
+}
+
+/// The target-I/O op code of a read in the user data (any value but the wake poll's).
+const READ_OP: u32 = 1;
+
+impl UringReads {
+    /// Submits `req` as an io_uring read into `buf` if it may go that way; false: serve it
+    /// otherwise.
+    fn try_submit(
+        &self,
+        q: &UblkQueue,
+        t: &Target,
+        tag: u16,
+        req: &DataRequest,
+        buf: &mut [u8],
+    ) -> bool {
+        use std::sync::atomic::Ordering;
+        if req.op != DataOp::Read || t.image_of.is_some() || t.failed.load(Ordering::Acquire) {
+            return false;
+        }
+        let Some(backing) = &t.direct_reads else { return false };
+        let Ok(len) = u32::try_from(req.len_bytes) else { return false };
+        if len == 0 || len as usize > buf.len() {
+            return false;
+        }
+        let Some(fd) =
+            backing.direct_read_fd(req.offset_bytes, len as usize, buf.as_ptr() as usize)
+        else {
+            return false;
+        };
+        let sqe = io_uring::opcode::Read::new(io_uring::types::Fd(fd), buf.as_mut_ptr(), len)
+            .offset(req.offset_bytes)
+            .build()
+            .user_data(UblkIOCtx::build_user_data(tag, READ_OP, 0, true));
+        match q.ublk_submit_sqe_sync(sqe) {
+            Ok(()) => {
+                self.in_flight.set(self.in_flight.get() + 1);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// A read's completion: the request's result (`len` bytes, or the engine's answer).
+    fn reaped(&self, t: &Target, req: Result<DataRequest, Errno>, res: i32, buf: &mut [u8]) -> i32 {
+        debug_assert!(self.in_flight.get() > 0, "a read reaped that was never submitted");
+        self.in_flight.set(self.in_flight.get().saturating_sub(1));
+        match req {
+            Ok(r) if res >= 0 && res as u64 == r.len_bytes => res,
+            _ => handle(t, req, buf),
+        }
+    }
+
+    /// After the queue loop ended: waits for the reads still in flight, so that no read fills a
+    /// buffer after the queue freed it (their requests are gone with the queue).
+    fn drain(&self) {
+        while self.in_flight.get() > 0 {
+            let reaped = libublk::io::with_task_io_ring_mut(|ring| {
+                if let Err(e) = ring.submit_and_wait(1) {
+                    if e.raw_os_error() != Some(libc::EINTR) {
+                        return Err(e);
+                    }
+                }
+                let mut n = 0;
+                for cqe in ring.completion() {
+                    let data = cqe.user_data();
+                    let tgt = data & libublk::UblkUringData::Target as u64 != 0;
+                    if tgt && UblkIOCtx::user_data_to_op(data) == READ_OP {
+                        n += 1;
+                    }
+                }
+                Ok(n)
+            });
+            match reaped {
+                Ok(n) => self.in_flight.set(self.in_flight.get().saturating_sub(n)),
+                Err(e) => {
+                    // the ring is unusable: the kernel tears it down with the buffers' pages
+                    // still pinned by the reads; leak the buffers rather than free them
+                    eprintln!("blksnapd: waiting for a ublk queue's reads: {e}");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn queue_fn(qid: u16, dev: &UblkDev, target: &Arc<Target>, workers: u16, uring_reads: bool) {
     let bufs = dev.alloc_queue_io_bufs();
     let queue = match UblkQueue::new(qid, dev)
         .and_then(|q| q.submit_fetch_commands_unified(BufDescList::Slices(Some(&bufs))))
@@ -268,6 +374,7 @@ fn queue_fn(qid: u16, dev: &UblkDev, target: &Arc<Target>, workers: u16) {
     arm_wake(&queue, efd);
     // requests handed to the workers and not completed yet
     let in_flight = std::cell::Cell::new(0u32);
+    let reads = UringReads { in_flight: std::cell::Cell::new(0) };
     queue.wait_and_handle_io(|q: &UblkQueue, tag: u16, ctx: &UblkIOCtx| {
         if ctx.is_tgt_io() {
             if tag == WAKE_TAG {
@@ -276,13 +383,27 @@ fn queue_fn(qid: u16, dev: &UblkDev, target: &Arc<Target>, workers: u16) {
                     complete(q, tag, res);
                 }
                 arm_wake(q, efd);
+            } else if UblkIOCtx::user_data_to_op(ctx.user_data()) == READ_OP {
+                let res = reads.reaped(&t, request_of(q.get_iod(tag)), ctx.result(), slice(tag));
+                complete(q, tag, res);
             }
             return;
         }
         let req = request_of(q.get_iod(tag));
+        if uring_reads {
+            if let Ok(r) = &req {
+                if reads.try_submit(q, &t, tag, r, slice(tag)) {
+                    return;
+                }
+            }
+        }
         // A lone request while nothing else is in flight (queue depth 1) is served here: a
         // hand-off to a worker would only add two thread switches to its latency.
-        if in_flight.get() == 0 && ctx.is_first_cqe() && ctx.is_last_cqe() {
+        if in_flight.get() == 0
+            && reads.in_flight.get() == 0
+            && ctx.is_first_cqe()
+            && ctx.is_last_cqe()
+        {
             let res = handle(&t, req, slice(tag));
             complete(q, tag, res);
             return;
@@ -291,7 +412,9 @@ fn queue_fn(qid: u16, dev: &UblkDev, target: &Arc<Target>, workers: u16) {
         in_flight.set(in_flight.get() + 1);
         jobs.push(Job { tag, req, buf: TagBuf { ptr: ptr as *mut u8, len } });
     });
-    // the queue is down: the workers finish what they hold (its completion is moot) and end
+    // the queue is down: the reads in flight end, the workers finish what they hold (its
+    // completion is moot) and end
+    reads.drain();
     jobs.close();
     for h in threads {
         let _ = h.join();
@@ -519,8 +642,8 @@ fn run_device(
         Ok(())
     };
     let q_target = target.clone();
-    let workers = shape.workers;
-    let q_fn = move |qid: u16, dev: &UblkDev| queue_fn(qid, dev, &q_target, workers);
+    let (workers, uring_reads) = (shape.workers, shape.uring_reads);
+    let q_fn = move |qid: u16, dev: &UblkDev| queue_fn(qid, dev, &q_target, workers, uring_reads);
     let tx2 = std::sync::Mutex::new(tx.clone());
     let recovering = recover.is_some();
     let started = std::sync::Mutex::new(started);

@@ -188,6 +188,21 @@ impl BackingDev {
             .then_some(f)
     }
 
+    /// The direct descriptor for a read of `len_bytes` at `offset_bytes` into `buf_addr` that
+    /// another party (a ublk queue's io_uring) may issue itself, exactly as [`Self::read_at`]
+    /// would: inside the backing, the range a multiple of its logical block size, the buffer
+    /// page aligned. None: use `read_at`.
+    pub fn direct_read_fd(
+        &self,
+        offset_bytes: u64,
+        len_bytes: usize,
+        buf_addr: usize,
+    ) -> Option<std::os::fd::RawFd> {
+        self.check(offset_bytes, len_bytes as u64).ok()?;
+        let f = self.direct_for(offset_bytes, len_bytes)?;
+        buf_addr.is_multiple_of(DIRECT_ALIGN_BYTES).then(|| f.as_raw_fd())
+    }
+
     fn check(&self, offset_bytes: u64, len_bytes: u64) -> Result<()> {
         match offset_bytes.checked_add(len_bytes) {
             Some(end) if end <= self.len_bytes() => Ok(()),

@@ -18,6 +18,11 @@ pub struct Target {
     pub origin: RwLock<Option<DeviceId>>,
     /// The origin's backing.
     pub backing: Dev,
+    /// The same backing as its concrete type when a front end may read it directly (origins
+    /// served by the daemon; None for images and tests): origin reads need nothing of the
+    /// engine (it only checks the range), so a front end may issue them asynchronously
+    /// ([`BackingDev::direct_read_fd`]).
+    pub direct_reads: Option<Arc<crate::daemon::backing_io::BackingDev>>,
     /// The difference storage backends of the snapshot the origin is in (flushed on flush/FUA).
     pub storages: Mutex<Vec<Dev>>,
     /// `Some(origin)` for an image device.

@@ -249,11 +249,14 @@ impl Daemon {
                 "too many devices (max_devices in blksnapd.toml)",
             ));
         }
-        let dev: Dev = Arc::new(BackingDev::new(file, self.config.backing_direct_io, &canonical)?);
+        let backing_dev =
+            Arc::new(BackingDev::new(file, self.config.backing_direct_io, &canonical)?);
+        let dev: Dev = backing_dev.clone();
         let target = Arc::new(Target {
             engine: self.engine.clone(),
             origin: RwLock::new(None),
             backing: dev.clone(),
+            direct_reads: Some(backing_dev),
             storages: Mutex::new(Vec::new()),
             image_of: None,
             failed: Default::default(),
@@ -746,6 +749,7 @@ impl Daemon {
                         engine: self.engine.clone(),
                         origin: RwLock::new(Some(*origin)),
                         backing: o.target.backing.clone(),
+                        direct_reads: None,
                         storages: Mutex::new(storages),
                         image_of: Some(*origin),
                         failed: Default::default(),

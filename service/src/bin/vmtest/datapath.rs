@@ -553,6 +553,10 @@ pub(crate) fn datapath(env: &Env) -> R {
             Env::with("datapath-workers", &[], |cfg| cfg.backing_direct_io = DirectIo::Never)?,
         ));
         envs.push((
+            "defaults but origin reads through the workers",
+            Env::with("datapath-no-uring-reads", &[], |cfg| cfg.queue_uring_reads = false)?,
+        ));
+        envs.push((
             "1 request per queue, direct backing",
             Env::with("datapath-direct", &[], |cfg| cfg.queue_workers = 0)?,
         ));
