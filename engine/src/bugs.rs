@@ -34,4 +34,8 @@ pub enum Bug {
     /// intact, so a read in flight when a copy-on-write fails returns an origin write made
     /// after the take (writers stop copying once the diff area is corrupted) as success.
     ReadIgnoresCorruption,
+    /// Not upstream: the take does not wait for origin writes in flight outside the gate
+    /// (`WriteTicket`s, the asynchronous write path): a write that passed its copy-on-write
+    /// check before the take lands after it, uncopied, and the image changes.
+    TakeIgnoresWriteTickets,
 }

@@ -218,6 +218,15 @@ impl DiffArea {
         })
     }
 
+    /// Whether every chunk of `[first_sector, first_sector + sectors)` is stored already (an
+    /// origin write there needs no copy-on-write). Stored is final: true stays true.
+    pub fn range_stored(&self, first_sector: u64, sectors: u64) -> bool {
+        debug_assert!(sectors > 0);
+        let first = self.layout.chunk_of_sector(first_sector);
+        let last = self.layout.chunk_of_sector(first_sector + sectors - 1);
+        (first..=last).all(|index| self.stored.is_set(index))
+    }
+
     /// Copy-on-write for an origin write of `[first_sector, first_sector + sectors)`: every New
     /// chunk it touches is copied to the storage before this returns (the synchronous COW rule:
     /// the caller writes the origin only afterwards). A failure corrupts the diff area and stops

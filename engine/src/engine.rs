@@ -9,6 +9,10 @@
 //! 3. a snapshot's `state` — add, take, destroy.
 //! 4. device gates, write side, in ascending device order — attach, detach, take switch,
 //!    teardown; read side — origin writes, CBT ctls, image request start.
+//!    4a. a disk's write-ticket count — counted under the read side (`try_write_begin`), and
+//!    every write section waits for it to reach zero before it changes anything (a take does
+//!    so after it holds all its gates). Tickets end without any lock but this one, so that wait
+//!    ends when the ticket holders' writes complete.
 //! 5. a tracker's `owner` — leaf.
 //!
 //! I/O side (inside a gate read section): chunk map → chunk permits (ascending) → storage state
@@ -37,7 +41,7 @@ use crate::io::Dev;
 use crate::kref::{Kref, LiveCounts, ObjKind};
 use crate::snapshot::{SnapState, Snapshot};
 use crate::sync::{Arc, LockRank, Mutex, RwLock};
-use crate::tracker::{Disk, Gate, Tracker};
+use crate::tracker::{Disk, Gate, Tracker, WriteTicket};
 use crate::Shared;
 
 /// How to build an engine.
@@ -181,6 +185,7 @@ impl Engine {
                 (u64::from(dev.major) << 32) | u64::from(dev.minor),
                 Gate::default(),
             ),
+            tickets: Default::default(),
         };
         disks.insert(dev, Arc::new(disk));
         Ok(())
@@ -490,6 +495,44 @@ impl Engine {
         };
         drop(gate);
         result
+    }
+
+    /// The asynchronous origin write's first half, for a caller that must never block (a ublk
+    /// queue thread): if the disk's gate is free for reading right now and the write needs no
+    /// copy-on-write (no snapshot, a corrupted one, or every chunk stored already), marks the
+    /// CBT and returns a [`WriteTicket`]; the caller then writes `len_bytes` at `offset_bytes`
+    /// to the disk's backing itself and drops the ticket when that write has completed (every
+    /// gate write section — a take — waits for it). `Ok(None)`: nothing was done, use
+    /// [`Engine::write`]. Errors as `write`'s range and disk checks.
+    pub fn try_write_begin(
+        &self,
+        dev: DeviceId,
+        offset_bytes: u64,
+        len_bytes: u64,
+    ) -> Result<Option<WriteTicket>> {
+        let disk = self.disk(dev)?;
+        check_io_range(offset_bytes, len_bytes, disk.capacity_bytes)?;
+        if len_bytes == 0 {
+            return Ok(None);
+        }
+        let range = SectorRange::new(offset_bytes >> SECTOR_SHIFT, len_bytes >> SECTOR_SHIFT);
+        let Some(gate) = disk.gate.try_read() else {
+            return Ok(None);
+        };
+        if gate.removed {
+            return Err(Error::new(Errno::ENODEV, "the disk was removed"));
+        }
+        if let Some(area) = &gate.diff_area {
+            if !area.is_corrupted() && !area.range_stored(range.offset, range.count) {
+                return Ok(None);
+            }
+        }
+        if let Some(tracker) = &gate.tracker {
+            tracker.cbt.mark_write(range)?;
+        }
+        let ticket = WriteTicket::new(disk.clone(), &gate);
+        drop(gate);
+        Ok(Some(ticket))
     }
 
     /// Flush the origin's backing.

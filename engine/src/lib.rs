@@ -32,6 +32,7 @@ pub use clock::{Clock, ManualClock};
 pub use diff_storage::StorageSpec;
 pub use engine::{Engine, EngineConfig};
 pub use kref::LiveCounts;
+pub use tracker::WriteTicket;
 
 use blksnap_model::{IdGen, Params, Uuid};
 

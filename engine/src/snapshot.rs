@@ -133,6 +133,16 @@ impl Snapshot {
         order.sort_by_key(|&i| st.members[i].disk.id);
         let mut gates: Vec<_> =
             order.iter().map(|&i| (i, st.members[i].disk.gate.write())).collect();
+        // Every gate first (ascending), then each disk's writes in flight outside its gate.
+        #[cfg(blksnap_bugs)]
+        let quiesce = !shared.injected(crate::bugs::Bug::TakeIgnoresWriteTickets);
+        #[cfg(not(blksnap_bugs))]
+        let quiesce = true;
+        if quiesce {
+            for (i, gate) in &gates {
+                st.members[*i].disk.quiesce(gate);
+            }
+        }
         // Switch in add order (the generation ids of wrapping maps are drawn in that order).
         gates.sort_by_key(|(i, _)| *i);
         for (i, gate) in gates.iter_mut() {
@@ -155,7 +165,10 @@ impl Snapshot {
     /// reference. In-flight I/O keeps each diff area alive until it finishes.
     fn unpublish(st: &mut SnapState) {
         for m in &st.members {
-            let area = m.disk.gate.write().diff_area.take();
+            let mut gate = m.disk.gate.write();
+            m.disk.quiesce(&gate);
+            let area = gate.diff_area.take();
+            drop(gate);
             if let Some(area) = area {
                 area.set_image_open(false);
             }

@@ -16,7 +16,7 @@ mod backend {
     pub use std::sync::Arc;
     pub use std::sync::{
         Condvar as RawCondvar, Mutex as RawMutex, MutexGuard, RwLock as RawRwLock, RwLockReadGuard,
-        RwLockWriteGuard,
+        RwLockWriteGuard, TryLockError,
     };
     pub use std::thread;
 }
@@ -29,6 +29,7 @@ mod backend {
         Condvar as RawCondvar, Mutex as RawMutex, MutexGuard, RwLock as RawRwLock, RwLockReadGuard,
         RwLockWriteGuard,
     };
+    pub use std::sync::TryLockError;
     pub use loom::thread;
 }
 
@@ -40,6 +41,7 @@ mod backend {
         Condvar as RawCondvar, Mutex as RawMutex, MutexGuard, RwLock as RawRwLock, RwLockReadGuard,
         RwLockWriteGuard,
     };
+    pub use std::sync::TryLockError;
     pub use shuttle::thread;
 }
 
@@ -139,6 +141,16 @@ impl<T> RwLock<T> {
         let held = Held::acquire(self.rank, self.key);
         RwLockReadGuard { inner: self.raw.read().expect("engine rwlock poisoned"), _held: held }
     }
+    /// Shared access if nobody holds or waits for exclusive access right now, else None (never
+    /// blocks: for a thread that must not wait behind a writer).
+    pub fn try_read(&self) -> Option<RwLockReadGuard<'_, T>> {
+        let held = Held::acquire(self.rank, self.key);
+        match self.raw.try_read() {
+            Ok(inner) => Some(RwLockReadGuard { inner, _held: held }),
+            Err(backend::TryLockError::WouldBlock) => None,
+            Err(backend::TryLockError::Poisoned(_)) => panic!("engine rwlock poisoned"),
+        }
+    }
     /// Exclusive access.
     pub fn write(&self) -> RwLockWriteGuard<'_, T> {
         let held = Held::acquire(self.rank, self.key);
@@ -225,6 +237,9 @@ mod order {
         SnapshotState,
         /// Device gates, in ascending device order (key: the device number).
         Gate,
+        /// A disk's count of origin writes in flight outside its gate (`WriteTicket`): taken
+        /// under the gate, held only to count or to wait for zero.
+        WriteTickets,
         /// A tracker's owner (leaf of the control side).
         TrackerOwner,
         /// A tracker's CBT generation.

@@ -16,7 +16,7 @@ use crate::cbt::CbtMap;
 use crate::diff_area::DiffArea;
 use crate::io::Dev;
 use crate::kref::Kref;
-use crate::sync::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use crate::sync::{Arc, Condvar, LockRank, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 /// Change tracking of one device.
 #[derive(Debug)]
@@ -55,6 +55,59 @@ pub struct Disk {
     pub io_min_sectors: u64,
     /// The I/O barrier.
     pub gate: RwLock<Gate>,
+    /// Origin writes in flight outside the gate ([`WriteTicket`]s not yet dropped).
+    pub tickets: WriteTickets,
+}
+
+/// The count of a disk's [`WriteTicket`]s and the wait for none to remain.
+///
+/// Invariant: a ticket is counted only inside a gate read section, and every gate write
+/// section starts only after the count is zero ([`Disk::quiesce`]), so a write section (take,
+/// attach, detach, destroy's unpublish, removal) excludes every write in flight exactly as the
+/// gate's read side does for the synchronous path — the kernel's queue freeze waits for the
+/// requests in flight the same way.
+#[derive(Debug)]
+pub struct WriteTickets {
+    count: Mutex<u64>,
+    drained: Condvar,
+}
+
+impl Default for WriteTickets {
+    fn default() -> WriteTickets {
+        WriteTickets { count: Mutex::new(LockRank::WriteTickets, 0), drained: Condvar::new() }
+    }
+}
+
+/// An origin write whose change tracking is done and whose chunks need no copy-on-write
+/// (`Engine::try_write_begin`); the caller writes the backing itself (asynchronously) and
+/// drops the ticket once that write has completed. Until then every gate write section of the
+/// disk waits: a take cannot start while the write may still land.
+pub struct WriteTicket {
+    disk: Arc<Disk>,
+}
+
+impl WriteTicket {
+    /// Counts a new ticket; the caller holds the gate for reading.
+    pub(crate) fn new(disk: Arc<Disk>, _gate: &RwLockReadGuard<'_, Gate>) -> WriteTicket {
+        *disk.tickets.count.lock() += 1;
+        WriteTicket { disk }
+    }
+
+    /// The disk's backing (to retry the write synchronously, without the gate).
+    pub fn backend(&self) -> &Dev {
+        &self.disk.backend
+    }
+}
+
+impl Drop for WriteTicket {
+    fn drop(&mut self) {
+        let mut n = self.disk.tickets.count.lock();
+        assert!(*n > 0, "a write ticket ended that was never counted");
+        *n -= 1;
+        if *n == 0 {
+            self.disk.tickets.drained.notify_all();
+        }
+    }
 }
 
 impl Disk {
@@ -67,13 +120,24 @@ impl Disk {
         Ok(gate)
     }
 
-    /// The gate, exclusive, unless the disk was removed (ENODEV).
+    /// The gate, exclusive, unless the disk was removed (ENODEV); every write ticket has ended.
     pub fn gate_write(&self) -> Result<RwLockWriteGuard<'_, Gate>> {
         let gate = self.gate.write();
+        self.quiesce(&gate);
         if gate.removed {
             return Err(Error::new(Errno::ENODEV, "the disk was removed"));
         }
         Ok(gate)
+    }
+
+    /// Waits, with the gate held for writing, until no write ticket is left (none can be
+    /// counted meanwhile: counting needs the read side). Their holders never need this gate to
+    /// end them, so the wait ends once their writes complete.
+    pub fn quiesce(&self, _gate: &RwLockWriteGuard<'_, Gate>) {
+        let mut n = self.tickets.count.lock();
+        while *n > 0 {
+            n = self.tickets.drained.wait(n);
+        }
     }
 
     /// Capacity in sectors.

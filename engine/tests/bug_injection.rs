@@ -278,6 +278,22 @@ fn image_read_ignores_corruption() {
     );
 }
 
+/// The take that does not wait for write tickets: a write that passed its copy-on-write check
+/// before the take lands after it, and the image changes. Both checkers must catch it.
+#[test]
+fn take_ignores_write_tickets() {
+    expect_caught(
+        "take ignores write tickets",
+        "the image changed after the take",
+        Bug::TakeIgnoresWriteTickets,
+        |bug| {
+            let mut config = common::config();
+            config.bug = bug;
+            common::write_ticket_racing_take(config)
+        },
+    );
+}
+
 fn lost_wakeup_scenario(bug: Option<Bug>) {
     let q =
         Arc::new(if bug.is_some() { EventQueue::with_lost_wakeup() } else { EventQueue::new() });

@@ -213,3 +213,60 @@ fn remove_disk_refuses_a_member_and_frees_the_number() {
     // the number can be registered again (a new device that got the same MAJ:MIN)
     e.add_disk(D0, mem(64 * KIB), 1).unwrap();
 }
+
+/// The asynchronous write path's first half (`try_write_begin`): a ticket marks the CBT like a
+/// write; none is given for an uncopied chunk of a taken snapshot (the caller writes through
+/// `write`, which copies), one is for a stored chunk, a corrupted snapshot or no snapshot; range
+/// and disk errors are `write`'s; a zero-length write gets none.
+#[test]
+fn write_tickets_mark_the_cbt_and_never_skip_a_copy() {
+    let e = engine();
+    e.add_disk(D0, mem(64 * KIB), 1).unwrap();
+    // untracked: a ticket, nothing to mark
+    let t = e.try_write_begin(D0, 0, 4096).unwrap().expect("untracked: a ticket");
+    t.backend().write_at(&pattern(4096, 1), 0).unwrap();
+    drop(t);
+    e.attach(D0).unwrap();
+    let t = e.try_write_begin(D0, 8 * KIB, 4096).unwrap().expect("tracked, no snapshot: a ticket");
+    t.backend().write_at(&[7; 4096], 8 * KIB).unwrap();
+    drop(t);
+    e.write(D0, 16 * KIB, &[7; 4096]).unwrap();
+    assert_eq!(read(&e, D0, 8 * KIB, 4096), vec![7; 4096]);
+    // errors and nothing-to-do
+    assert_eq!(e.try_write_begin(D0, 64 * KIB, 512).err().map(|x| x.errno), Some(Errno::EINVAL));
+    assert_eq!(e.try_write_begin(D1, 0, 512).err().map(|x| x.errno), Some(Errno::ENODEV));
+    assert!(e.try_write_begin(D0, 0, 0).unwrap().is_none());
+    // taken: no ticket for an uncopied chunk; the write copies it, then tickets are given
+    let id = e
+        .snapshot_create(StorageSpec::File {
+            backend: StdArc::new(MemDev::growable(0, 1 << 20)),
+            limit_sectors: 1 << 11,
+        })
+        .unwrap();
+    e.snapshot_add(id, D0).unwrap();
+    e.snapshot_take(id).unwrap();
+    // the take made the marks readable (the read map): the ticket's block as the write's
+    let (mut map, info) = (Vec::new(), e.cbt_info(D0).unwrap());
+    e.cbt_map(D0, 0, info.block_count, &mut map).unwrap();
+    let block = |at: u64| map[(at / u64::from(info.block_size_bytes)) as usize];
+    assert_eq!(block(8 * KIB), block(16 * KIB), "the ticket marked its block like a write");
+    assert_ne!(block(8 * KIB), block(32 * KIB), "an unwritten block is not marked");
+    let before = image(&e, D0, 0, 64 * KIB as usize);
+    assert!(e.try_write_begin(D0, 0, 512).unwrap().is_none(), "chunk 0 is not copied yet");
+    assert!(e.try_write_begin(D0, 4096 - 512, 1024).unwrap().is_none(), "spans chunk 1 too");
+    e.write(D0, 0, &[9; 512]).unwrap();
+    let t = e.try_write_begin(D0, 512, 512).unwrap().expect("chunk 0 is stored: a ticket");
+    t.backend().write_at(&[9; 512], 512).unwrap();
+    drop(t);
+    assert!(e.try_write_begin(D0, 4096 - 512, 1024).unwrap().is_none(), "chunk 1 still is not");
+    assert_eq!(image(&e, D0, 0, 64 * KIB as usize), before, "the image is the content at take");
+    assert_eq!(read(&e, D0, 0, 1024), vec![9; 1024]);
+    e.snapshot_destroy(id).unwrap();
+    // no snapshot again: a ticket; and a ticket outstanding does not stop reads or a second one
+    let a = e.try_write_begin(D0, 0, 512).unwrap().expect("after destroy: a ticket");
+    let b = e.try_write_begin(D0, 512, 512).unwrap().expect("two tickets at once");
+    drop((a, b));
+    e.detach(D0).unwrap();
+    e.remove_disk(D0).unwrap();
+    assert_eq!(e.live(), LiveCounts::default());
+}

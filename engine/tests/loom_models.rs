@@ -222,6 +222,13 @@ fn image_read_racing_corruption_never_returns_post_take_data() {
     model(|| common::image_read_racing_corruption(common::config()));
 }
 
+/// The asynchronous write path racing a take: the take waits for every write ticket, a write
+/// after the take gets no ticket for an uncopied chunk; the image is fixed at the take.
+#[test]
+fn write_ticket_racing_take_never_changes_the_image() {
+    model(|| common::write_ticket_racing_take(common::config()));
+}
+
 /// Faults under racing copies: a torn storage write, then ENOSPC, meets whichever of an image
 /// write and an origin write to one New chunk copies first.
 #[test]

@@ -309,6 +309,12 @@ fn image_read_racing_corruption() {
     check(|| common::image_read_racing_corruption(common::config()));
 }
 
+/// The asynchronous write path racing a take (see `common::write_ticket_racing_take`).
+#[test]
+fn write_ticket_racing_take() {
+    check(|| common::write_ticket_racing_take(common::config()));
+}
+
 // ---- the blind classes of issue 11: rules that only matter under concurrency ----------------
 
 /// Two copies fail at once with different errors: the diff area keeps one of them, reports it

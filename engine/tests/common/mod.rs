@@ -101,3 +101,53 @@ pub fn racing_copies_of_one_chunk_meet_a_storage_fault(config: EngineConfig, fau
     }
     e.snapshot_destroy(id).unwrap();
 }
+
+/// The asynchronous origin write (`Engine::try_write_begin`, a ublk queue's path) racing a take:
+/// a writer that got a ticket writes the backing itself and ends the ticket; the take must wait
+/// for it (its write is then pre-take content), and a writer that comes after the take gets no
+/// ticket for an uncopied chunk (the synchronous write copies it first). Either way the image
+/// is fixed at the take: two image reads, one before the writer ends and one after, are equal.
+/// A second writer makes the chunk stored after the take and then takes the ticket path.
+pub fn write_ticket_racing_take(config: EngineConfig) {
+    let e = Arc::new(Engine::new(config).unwrap());
+    e.add_disk(D0, mem(2 * CHUNK), 1).unwrap();
+    e.write(D0, 0, &[0xaa; 2 * CHUNK]).unwrap();
+    e.attach(D0).unwrap();
+    let plan = FaultPlan::shared();
+    let id = e.snapshot_create(faulty_file_storage(&plan, 64)).unwrap();
+    e.snapshot_add(id, D0).unwrap();
+    let write = |e: &Engine, offset: u64, byte: u8| {
+        let data = [byte; 512];
+        match e.try_write_begin(D0, offset, 512).unwrap() {
+            Some(ticket) => {
+                ticket.backend().write_at(&data, offset).unwrap();
+                drop(ticket);
+                true
+            }
+            None => {
+                e.write(D0, offset, &data).unwrap();
+                false
+            }
+        }
+    };
+    let e2 = e.clone();
+    let writer = thread::spawn(move || write(&e2, 0, 0xbb));
+    e.snapshot_take(id).unwrap();
+    let mut first = [0u8; 512];
+    e.image_read(D0, 0, &mut first).unwrap();
+    assert!(first.iter().all(|b| *b == first[0]) && (first[0] == 0xaa || first[0] == 0xbb));
+    writer.join().unwrap();
+    let mut second = [0u8; 512];
+    e.image_read(D0, 0, &mut second).unwrap();
+    assert_eq!(first, second, "the image changed after the take: a write in flight landed uncopied");
+    // After the take: chunk 0 is stored now (copied by the write above, or by this one), so a
+    // second write to it takes the ticket path and leaves the image alone.
+    e.write(D0, 512, &[0xcc; 512]).unwrap();
+    assert!(write(&e, 1024, 0xdd), "a write to a stored chunk needs no copy: a ticket");
+    e.image_read(D0, 0, &mut second).unwrap();
+    assert_eq!(first, second, "a ticket write to a stored chunk changed the image");
+    let mut origin = [0u8; 512];
+    e.read(D0, 1024, &mut origin).unwrap();
+    assert!(origin.iter().all(|b| *b == 0xdd));
+    e.snapshot_destroy(id).unwrap();
+}
