@@ -12,8 +12,8 @@
 //!                                   # request at a time on the queue thread)
 //! backing_direct_io = "auto"        # O_DIRECT on backings: "auto" (block devices), "always",
 //!                                   # "never"
-//! queue_uring_reads = true          # origin reads that go direct are issued on the queue's
-//!                                   # io_uring (no worker thread; false: workers serve them)
+//! queue_uring = true                # origin reads, and writes that need no copy, that go direct
+//!                                   # are issued on the queue's io_uring (false: the workers)
 //! state_dir = "/var/lib/blksnap"  # CBT kept across clean restarts; crash marker; device map
 //! remove_devices_on_stop = false    # a clean stop leaves the devices to the next daemon
 //! freeze = true                     # TAKE freezes the filesystems mounted on the origins
@@ -156,10 +156,11 @@ pub struct Config {
     /// Direct I/O on the origins' backings (`crate::daemon::backing_io`).
     #[serde(default)]
     pub backing_direct_io: crate::daemon::backing_io::DirectIo,
-    /// Origin reads that go direct to the backing are issued on the ublk queue's own io_uring
-    /// (asynchronous, no hand-off to a worker thread); false: the workers serve them too.
+    /// Origin reads, and origin writes that need no copy-on-write, that go direct to the backing
+    /// are issued on the ublk queue's own io_uring (asynchronous, no hand-off to a worker
+    /// thread); false: the workers serve them too.
     #[serde(default = "default_true")]
-    pub queue_uring_reads: bool,
+    pub queue_uring: bool,
     /// State directory (`crate::state`): saved CBT, the running marker, the device map.
     #[serde(default = "default_state_dir")]
     pub state_dir: PathBuf,
@@ -287,7 +288,7 @@ impl Default for Config {
             io_buf_bytes: default_io_buf(),
             queue_workers: default_queue_workers(),
             backing_direct_io: Default::default(),
-            queue_uring_reads: true,
+            queue_uring: true,
             state_dir: default_state_dir(),
             remove_devices_on_stop: false,
             keep_devices: None,

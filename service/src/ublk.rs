@@ -7,8 +7,9 @@
 //! of one queue are in flight at once — a copy-on-write no longer holds up every other tag of
 //! its queue — while the engine keeps its order (copy-on-write before the origin write, one
 //! writer per chunk). The engine's API is synchronous, hence threads rather than io_uring on
-//! the backing — except origin reads that go direct to the backing, which the queue thread
-//! issues on its own io_uring ([`UringReads`], config `queue_uring_reads`). `queue_workers = 0`
+//! the backing — except origin reads, and origin writes that need no copy-on-write, that go
+//! direct to the backing: the queue thread issues those on its own io_uring ([`UringIo`],
+//! config `queue_uring`). `queue_workers = 0`
 //! serves one request at a time on the queue thread (the
 //! earlier behaviour, kept for comparison). Flush requests carry start sector `u64::MAX`: they
 //! are recognised before any range check.
@@ -32,6 +33,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use blksnap_engine::WriteTicket;
 use blksnap_model::{DeviceId, Errno, Error};
 use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
 use libublk::io::{BufDescList, UblkDev, UblkIOCtx, UblkQueue};
@@ -57,9 +59,9 @@ pub struct UblkFrontend {
     /// Worker threads per queue serving its requests at once (0: one request at a time on the
     /// queue thread); at most `depth` are used.
     pub workers: u16,
-    /// Origin reads that go direct are issued on the queue's io_uring ([`UringReads`]); needs
-    /// `workers > 0` (config `queue_uring_reads`).
-    pub uring_reads: bool,
+    /// Origin reads, and writes that need no copy, that go direct are issued on the queue's
+    /// io_uring ([`UringIo`]); needs `workers > 0` (config `queue_uring`).
+    pub uring: bool,
 }
 
 fn neg(e: Errno) -> i32 {
@@ -213,29 +215,48 @@ fn tag_slice<'b>(tag_bufs: &[(usize, usize)], tag: u16) -> &'b mut [u8] {
     unsafe { std::slice::from_raw_parts_mut(p as *mut u8, len) }
 }
 
-/// Origin reads issued on the queue's own io_uring: an origin read needs nothing of the engine
-/// (it checks the range and reads the backing), so when it would go direct to the backing
-/// ([`BackingDev::direct_read_fd`]) the queue thread submits it as a target I/O into the tag's
-/// buffer and completes the request when its completion arrives — many reads in flight per
-/// queue with no thread hand-off. A read that comes back short or failed is served again
-/// through the engine on the queue thread (the same answer `read_at` gives, e.g. EIO).
+/// Origin reads and writes issued on the queue's own io_uring, with no hand-off to a worker:
+/// * a read needs nothing of the engine (it checks the range and reads the backing);
+/// * a write whose chunks need no copy-on-write gets a [`WriteTicket`] from
+///   `Engine::try_write_begin` (CBT marked; the engine never blocks the queue thread: a busy
+///   gate or a chunk to copy means no ticket), and the ticket is dropped when the backing write
+///   has completed — a take waits for it, as the kernel's queue freeze waits for requests in
+///   flight. FUA writes, discards and write-zeroes go to the workers.
 ///
-/// Invariant: a tag's buffer is used by its read until that read's completion is reaped; the
-/// queue does not return (and free the buffers) before every submitted read is reaped
-/// ([`UringReads::drain`]).
+/// Either goes this way only when it would go direct to the backing anyway
+/// ([`BackingDev::direct_fd`]: aligned range, page-aligned tag buffer). A read that comes back
+/// short or failed is served again through the engine; a write is retried once synchronously
+/// on the backing under its ticket (their answer is the request's).
 ///
-/// [`BackingDev::direct_read_fd`]: crate::daemon::backing_io::BackingDev::direct_read_fd
-struct UringReads {
+/// Invariants: a tag's buffer is used by its I/O until that I/O's completion is reaped; the
+/// queue does not return (and free the buffers) before every submitted I/O is reaped
+/// ([`UringIo::drain`]); a ticket is dropped only after its write completed, or at the drain
+/// when the ring failed (a take must not wait for a queue that is gone). While any I/O of this
+/// queue is in flight, the queue thread serves nothing synchronously through the engine (a
+/// write there could wait on a gate whose take waits for this queue's tickets).
+///
+/// [`BackingDev::direct_fd`]: crate::daemon::backing_io::BackingDev::direct_fd
+struct UringIo {
     /// Submitted and not reaped.
     in_flight: std::cell::Cell<u32>,
+    /// The ticket of each tag's write in flight.
+    tickets: std::cell::RefCell<Vec<Option<WriteTicket>>>,
 }
 
-/// The target-I/O op code of a read in the user data (any value but the wake poll's).
+/// The target-I/O op codes in the user data (any values but the wake poll's 0).
 const READ_OP: u32 = 1;
+const WRITE_OP: u32 = 2;
 
-impl UringReads {
-    /// Submits `req` as an io_uring read into `buf` if it may go that way; false: serve it
-    /// otherwise.
+impl UringIo {
+    fn new(depth: usize) -> UringIo {
+        UringIo {
+            in_flight: std::cell::Cell::new(0),
+            tickets: std::cell::RefCell::new((0..depth).map(|_| None).collect()),
+        }
+    }
+
+    /// Submits `req` on the queue's io_uring if it may go that way; false: serve it otherwise
+    /// (nothing was done).
     fn try_submit(
         &self,
         q: &UblkQueue,
@@ -245,44 +266,92 @@ impl UringReads {
         buf: &mut [u8],
     ) -> bool {
         use std::sync::atomic::Ordering;
-        if req.op != DataOp::Read || t.image_of.is_some() || t.failed.load(Ordering::Acquire) {
+        let write = match req.op {
+            DataOp::Read => false,
+            DataOp::Write if !req.fua => true,
+            _ => return false,
+        };
+        if t.image_of.is_some() || t.failed.load(Ordering::Acquire) {
             return false;
         }
         let Some(backing) = &t.direct_reads else { return false };
         let Ok(len) = u32::try_from(req.len_bytes) else { return false };
-        if len == 0 || len as usize > buf.len() {
+        if len == 0 || len as usize > buf.len() || tag as usize >= self.tickets.borrow().len() {
             return false;
         }
-        let Some(fd) =
-            backing.direct_read_fd(req.offset_bytes, len as usize, buf.as_ptr() as usize)
+        let Some(fd) = backing.direct_fd(req.offset_bytes, len as usize, buf.as_ptr() as usize)
         else {
             return false;
         };
-        let sqe = io_uring::opcode::Read::new(io_uring::types::Fd(fd), buf.as_mut_ptr(), len)
-            .offset(req.offset_bytes)
-            .build()
-            .user_data(UblkIOCtx::build_user_data(tag, READ_OP, 0, true));
-        match q.ublk_submit_sqe_sync(sqe) {
-            Ok(()) => {
-                self.in_flight.set(self.in_flight.get() + 1);
-                true
-            }
-            Err(_) => false,
+        let fd = io_uring::types::Fd(fd);
+        let sqe = if write {
+            let id = *t.origin.read().unwrap_or_else(|p| p.into_inner());
+            let Some(id) = id else { return false };
+            let Ok(Some(ticket)) = t.engine.try_write_begin(id, req.offset_bytes, req.len_bytes)
+            else {
+                return false; // a copy to make, a busy gate, or an error the engine reports
+            };
+            self.tickets.borrow_mut()[tag as usize] = Some(ticket);
+            io_uring::opcode::Write::new(fd, buf.as_ptr(), len)
+                .offset(req.offset_bytes)
+                .build()
+                .user_data(UblkIOCtx::build_user_data(tag, WRITE_OP, 0, true))
+        } else {
+            io_uring::opcode::Read::new(fd, buf.as_mut_ptr(), len)
+                .offset(req.offset_bytes)
+                .build()
+                .user_data(UblkIOCtx::build_user_data(tag, READ_OP, 0, true))
+        };
+        if q.ublk_submit_sqe_sync(sqe).is_err() {
+            // not submitted: nothing was written; the ticket ends and the request takes the
+            // other way (the engine marks the CBT again: the same marks)
+            self.tickets.borrow_mut()[tag as usize] = None;
+            return false;
         }
+        self.in_flight.set(self.in_flight.get() + 1);
+        true
     }
 
-    /// A read's completion: the request's result (`len` bytes, or the engine's answer).
-    fn reaped(&self, t: &Target, req: Result<DataRequest, Errno>, res: i32, buf: &mut [u8]) -> i32 {
-        debug_assert!(self.in_flight.get() > 0, "a read reaped that was never submitted");
+    /// An I/O's completion (`op` from its user data): the request's result.
+    fn reaped(
+        &self,
+        t: &Target,
+        tag: u16,
+        op: u32,
+        req: Result<DataRequest, Errno>,
+        res: i32,
+        buf: &mut [u8],
+    ) -> i32 {
+        debug_assert!(self.in_flight.get() > 0, "an I/O reaped that was never submitted");
         self.in_flight.set(self.in_flight.get().saturating_sub(1));
-        match req {
-            Ok(r) if res >= 0 && res as u64 == r.len_bytes => res,
-            _ => handle(t, req, buf),
+        let done = matches!(&req, Ok(r) if res >= 0 && res as u64 == r.len_bytes);
+        if op == WRITE_OP {
+            let ticket = self.tickets.borrow_mut().get_mut(tag as usize).and_then(Option::take);
+            debug_assert!(ticket.is_some(), "a write reaped without its ticket");
+            match (done, req) {
+                (true, _) => res,
+                (false, Ok(r)) => {
+                    let n = r.len_bytes as usize;
+                    let retry = ticket.map(|k| k.backend().write_at(&buf[..n], r.offset_bytes));
+                    match retry {
+                        Some(Ok(())) => n as i32,
+                        Some(Err(e)) => neg(e.errno),
+                        None => neg(Errno::EIO),
+                    }
+                }
+                (false, Err(e)) => neg(e),
+            }
+            // the ticket ends here, after its write (or the retry) completed
+        } else if done {
+            res
+        } else {
+            handle(t, req, buf)
         }
     }
 
-    /// After the queue loop ended: waits for the reads still in flight, so that no read fills a
-    /// buffer after the queue freed it (their requests are gone with the queue).
+    /// After the queue loop ended: waits for the I/O still in flight, so that none fills or
+    /// reads a buffer after the queue freed it (their requests are gone with the queue), then
+    /// ends every ticket.
     fn drain(&self) {
         while self.in_flight.get() > 0 {
             let reaped = libublk::io::with_task_io_ring_mut(|ring| {
@@ -295,7 +364,8 @@ impl UringReads {
                 for cqe in ring.completion() {
                     let data = cqe.user_data();
                     let tgt = data & libublk::UblkUringData::Target as u64 != 0;
-                    if tgt && UblkIOCtx::user_data_to_op(data) == READ_OP {
+                    let op = UblkIOCtx::user_data_to_op(data);
+                    if tgt && (op == READ_OP || op == WRITE_OP) {
                         n += 1;
                     }
                 }
@@ -305,16 +375,17 @@ impl UringReads {
                 Ok(n) => self.in_flight.set(self.in_flight.get().saturating_sub(n)),
                 Err(e) => {
                     // the ring is unusable: the kernel tears it down with the buffers' pages
-                    // still pinned by the reads; leak the buffers rather than free them
-                    eprintln!("blksnapd: waiting for a ublk queue's reads: {e}");
-                    return;
+                    // still pinned by the I/O; the buffers are leaked rather than freed
+                    eprintln!("blksnapd: waiting for a ublk queue's I/O: {e}");
+                    break;
                 }
             }
         }
+        self.tickets.borrow_mut().iter_mut().for_each(|k| drop(k.take()));
     }
 }
 
-fn queue_fn(qid: u16, dev: &UblkDev, target: &Arc<Target>, workers: u16, uring_reads: bool) {
+fn queue_fn(qid: u16, dev: &UblkDev, target: &Arc<Target>, workers: u16, uring: bool) {
     let bufs = dev.alloc_queue_io_bufs();
     let queue = match UblkQueue::new(qid, dev)
         .and_then(|q| q.submit_fetch_commands_unified(BufDescList::Slices(Some(&bufs))))
@@ -374,7 +445,7 @@ fn queue_fn(qid: u16, dev: &UblkDev, target: &Arc<Target>, workers: u16, uring_r
     arm_wake(&queue, efd);
     // requests handed to the workers and not completed yet
     let in_flight = std::cell::Cell::new(0u32);
-    let reads = UringReads { in_flight: std::cell::Cell::new(0) };
+    let uring_io = UringIo::new(queue.get_depth() as usize);
     queue.wait_and_handle_io(|q: &UblkQueue, tag: u16, ctx: &UblkIOCtx| {
         if ctx.is_tgt_io() {
             if tag == WAKE_TAG {
@@ -383,16 +454,20 @@ fn queue_fn(qid: u16, dev: &UblkDev, target: &Arc<Target>, workers: u16, uring_r
                     complete(q, tag, res);
                 }
                 arm_wake(q, efd);
-            } else if UblkIOCtx::user_data_to_op(ctx.user_data()) == READ_OP {
-                let res = reads.reaped(&t, request_of(q.get_iod(tag)), ctx.result(), slice(tag));
-                complete(q, tag, res);
+            } else {
+                let op = UblkIOCtx::user_data_to_op(ctx.user_data());
+                if op == READ_OP || op == WRITE_OP {
+                    let req = request_of(q.get_iod(tag));
+                    let res = uring_io.reaped(&t, tag, op, req, ctx.result(), slice(tag));
+                    complete(q, tag, res);
+                }
             }
             return;
         }
         let req = request_of(q.get_iod(tag));
-        if uring_reads {
+        if uring {
             if let Ok(r) = &req {
-                if reads.try_submit(q, &t, tag, r, slice(tag)) {
+                if uring_io.try_submit(q, &t, tag, r, slice(tag)) {
                     return;
                 }
             }
@@ -400,7 +475,7 @@ fn queue_fn(qid: u16, dev: &UblkDev, target: &Arc<Target>, workers: u16, uring_r
         // A lone request while nothing else is in flight (queue depth 1) is served here: a
         // hand-off to a worker would only add two thread switches to its latency.
         if in_flight.get() == 0
-            && reads.in_flight.get() == 0
+            && uring_io.in_flight.get() == 0
             && ctx.is_first_cqe()
             && ctx.is_last_cqe()
         {
@@ -414,7 +489,7 @@ fn queue_fn(qid: u16, dev: &UblkDev, target: &Arc<Target>, workers: u16, uring_r
     });
     // the queue is down: the reads in flight end, the workers finish what they hold (its
     // completion is moot) and end
-    reads.drain();
+    uring_io.drain();
     jobs.close();
     for h in threads {
         let _ = h.join();
@@ -642,8 +717,8 @@ fn run_device(
         Ok(())
     };
     let q_target = target.clone();
-    let (workers, uring_reads) = (shape.workers, shape.uring_reads);
-    let q_fn = move |qid: u16, dev: &UblkDev| queue_fn(qid, dev, &q_target, workers, uring_reads);
+    let (workers, uring) = (shape.workers, shape.uring);
+    let q_fn = move |qid: u16, dev: &UblkDev| queue_fn(qid, dev, &q_target, workers, uring);
     let tx2 = std::sync::Mutex::new(tx.clone());
     let recovering = recover.is_some();
     let started = std::sync::Mutex::new(started);

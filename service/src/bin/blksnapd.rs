@@ -216,7 +216,7 @@ fn ublk_frontend(cfg: &Config) -> Result<Box<dyn blksnap_service::Frontend>, Str
         depth: cfg.queue_depth,
         io_buf_bytes: cfg.io_buf_bytes,
         workers: cfg.queue_workers,
-        uring_reads: cfg.queue_uring_reads,
+        uring: cfg.queue_uring,
     }))
 }
 

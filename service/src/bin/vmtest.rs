@@ -218,7 +218,7 @@ impl Env {
             depth: cfg.queue_depth,
             io_buf_bytes: cfg.io_buf_bytes,
             workers: cfg.queue_workers,
-            uring_reads: cfg.queue_uring_reads,
+            uring: cfg.queue_uring,
         };
         let daemon = Arc::new(Daemon::new(engine, Box::new(frontend), cfg));
         let server = ControlServer::bind(&socket, None).map_err(|e| e.to_string())?;

@@ -192,7 +192,7 @@ impl BackingDev {
     /// another party (a ublk queue's io_uring) may issue itself, exactly as [`Self::read_at`]
     /// would: inside the backing, the range a multiple of its logical block size, the buffer
     /// page aligned. None: use `read_at`.
-    pub fn direct_read_fd(
+    pub fn direct_fd(
         &self,
         offset_bytes: u64,
         len_bytes: usize,

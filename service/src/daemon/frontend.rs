@@ -21,7 +21,7 @@ pub struct Target {
     /// The same backing as its concrete type when a front end may read it directly (origins
     /// served by the daemon; None for images and tests): origin reads need nothing of the
     /// engine (it only checks the range), so a front end may issue them asynchronously
-    /// ([`BackingDev::direct_read_fd`]).
+    /// ([`BackingDev::direct_fd`]).
     pub direct_reads: Option<Arc<crate::daemon::backing_io::BackingDev>>,
     /// The difference storage backends of the snapshot the origin is in (flushed on flush/FUA).
     pub storages: Mutex<Vec<Dev>>,

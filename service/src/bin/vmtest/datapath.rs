@@ -554,7 +554,7 @@ pub(crate) fn datapath(env: &Env) -> R {
         ));
         envs.push((
             "defaults but origin reads through the workers",
-            Env::with("datapath-no-uring-reads", &[], |cfg| cfg.queue_uring_reads = false)?,
+            Env::with("datapath-no-uring", &[], |cfg| cfg.queue_uring = false)?,
         ));
         envs.push((
             "1 request per queue, direct backing",
