@@ -10,7 +10,7 @@
 //!
 //! Run: `RUSTFLAGS="--cfg blksnap_shuttle" CARGO_TARGET_DIR=target/shuttle cargo test --release
 //! -p blksnap-engine --test shuttle_pairs`. `BLKSNAP_SHUTTLE_PAIR_ITERATIONS` sets the schedules
-//! per strategy and pair (default 40: 2 phases x 210 pairs x 80 schedules = 33,600).
+//! per strategy and pair (default 40: 2 phases x 231 pairs x 80 schedules = 36,960).
 #![cfg(blksnap_shuttle)]
 
 use blksnap_engine::io::{Dev, MemDev};
@@ -52,9 +52,13 @@ enum PairOp {
     Read0,
     Collect,
     AddDisk2,
+    /// A write through `try_write_begin` (the ublk queue's asynchronous path): with a ticket the
+    /// caller writes the backing itself, without one it falls back to `write` — the model's
+    /// write either way.
+    TicketWrite0,
 }
 
-const OPS: [PairOp; 20] = [
+const OPS: [PairOp; 21] = [
     PairOp::Attach1,
     PairOp::Detach1,
     PairOp::RemoveDisk1,
@@ -75,6 +79,7 @@ const OPS: [PairOp; 20] = [
     PairOp::Read0,
     PairOp::Collect,
     PairOp::AddDisk2,
+    PairOp::TicketWrite0,
 ];
 
 /// A disk that `AddDisk2` registers.
@@ -164,6 +169,10 @@ fn run_engine(e: &Engine, s: SnapshotId, backend: &Dev, op: PairOp) -> String {
             show(e.snapshot_append_storage(s, backend.clone(), &[SectorRange::new(16, 16)]))
         }
         PairOp::Write0 => show(e.write(D0, 512, &[0x99; 512])),
+        PairOp::TicketWrite0 => show(e.try_write_begin(D0, 1024, 512).and_then(|t| match t {
+            Some(ticket) => ticket.backend().write_at(&[0x77; 512], 1024),
+            None => e.write(D0, 1024, &[0x77; 512]),
+        })),
         PairOp::ImageRead0 => {
             let mut buf = vec![0u8; D0_BYTES as usize];
             bytes(e.image_read(D0, 0, &mut buf).map(|()| buf))
@@ -220,6 +229,7 @@ fn run_model(m: &mut Model, s: SnapshotId, op: PairOp) -> String {
         PairOp::Read0 => bytes(m.read(D0, 0, D0_BYTES)),
         PairOp::Collect => show(Ok(m.snapshot_collect())),
         PairOp::AddDisk2 => show(m.add_disk(D2, D1_BYTES, 1)),
+        PairOp::TicketWrite0 => show(m.write(D0, 1024, &[0x77; 512])),
     }
 }
 
