@@ -29,8 +29,8 @@ mod backend {
         Condvar as RawCondvar, Mutex as RawMutex, MutexGuard, RwLock as RawRwLock, RwLockReadGuard,
         RwLockWriteGuard,
     };
-    pub use std::sync::TryLockError;
     pub use loom::thread;
+    pub use std::sync::TryLockError;
 }
 
 #[cfg(blksnap_shuttle)]
@@ -41,8 +41,8 @@ mod backend {
         Condvar as RawCondvar, Mutex as RawMutex, MutexGuard, RwLock as RawRwLock, RwLockReadGuard,
         RwLockWriteGuard,
     };
-    pub use std::sync::TryLockError;
     pub use shuttle::thread;
+    pub use std::sync::TryLockError;
 }
 
 pub use backend::{atomic, thread, Arc};

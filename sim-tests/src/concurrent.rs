@@ -139,7 +139,8 @@ impl EngineSide {
                 observe_bytes(e.read(disk(d), sector * SECTOR_SIZE_BYTES, &mut buf).map(|()| buf))
             }
             Op::Write { disk: d, sector, sectors, seed } => {
-                observe(e.write(disk(d), sector * SECTOR_SIZE_BYTES, &data_of(sectors, seed)))
+                let data = data_of(sectors, seed);
+                observe(crate::engine_write(e, disk(d), sector * SECTOR_SIZE_BYTES, &data, seed))
             }
             Op::Discard { disk: d, sector, sectors } => {
                 observe(e.discard(disk(d), sector * SECTOR_SIZE_BYTES, sectors * SECTOR_SIZE_BYTES))

@@ -410,6 +410,26 @@ pub fn data_of(sectors: u64, seed: u8) -> Vec<u8> {
     (0..len).map(|i| (i as u8).wrapping_mul(13).wrapping_add(seed) ^ (i >> 9) as u8).collect()
 }
 
+/// An origin write the way `seed` picks: odd seeds take the ublk queue's asynchronous path
+/// (`Engine::try_write_begin`; with a ticket the caller writes the backing itself, as the queue
+/// does, without one `Engine::write`), even seeds `Engine::write`. The model's write either way:
+/// the two paths must be indistinguishable.
+pub fn engine_write(
+    e: &Engine,
+    dev: DeviceId,
+    offset_bytes: u64,
+    data: &[u8],
+    seed: u8,
+) -> Result<()> {
+    if seed % 2 == 0 {
+        return e.write(dev, offset_bytes, data);
+    }
+    match e.try_write_begin(dev, offset_bytes, data.len() as u64)? {
+        Some(ticket) => ticket.backend().write_at(data, offset_bytes),
+        None => e.write(dev, offset_bytes, data),
+    }
+}
+
 impl Harness {
     /// A harness with `disks`, parameters `params`, ids seeded with `seed`.
     pub fn new(params: Params, disks: &[DiskSetup], seed: u64) -> Harness {
@@ -705,7 +725,8 @@ impl Harness {
                 let d = self.disk(disk);
                 let data = data_of(sectors, seed);
                 let off = sector * SECTOR_SIZE_BYTES;
-                let (m, e) = (self.model.write(d, off, &data), self.engine.write(d, off, &data));
+                let m = self.model.write(d, off, &data);
+                let e = engine_write(&self.engine, d, off, &data, seed);
                 self.same(&what, &m, &e)
             }
             Op::Discard { disk, sector, sectors } => {

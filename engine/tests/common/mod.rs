@@ -139,7 +139,10 @@ pub fn write_ticket_racing_take(config: EngineConfig) {
     writer.join().unwrap();
     let mut second = [0u8; 512];
     e.image_read(D0, 0, &mut second).unwrap();
-    assert_eq!(first, second, "the image changed after the take: a write in flight landed uncopied");
+    assert_eq!(
+        first, second,
+        "the image changed after the take: a write in flight landed uncopied"
+    );
     // After the take: chunk 0 is stored now (copied by the write above, or by this one), so a
     // second write to it takes the ticket path and leaves the image alone.
     e.write(D0, 512, &[0xcc; 512]).unwrap();
