@@ -421,7 +421,7 @@ pub fn engine_write(
     data: &[u8],
     seed: u8,
 ) -> Result<()> {
-    if seed % 2 == 0 {
+    if seed.is_multiple_of(2) {
         return e.write(dev, offset_bytes, data);
     }
     match e.try_write_begin(dev, offset_bytes, data.len() as u64)? {
