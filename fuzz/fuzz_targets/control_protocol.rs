@@ -14,15 +14,14 @@
 //! `BLKSNAP_FUZZ_TRACE=1` prints each request and its response (to read a seed or an artifact).
 #![no_main]
 
-use std::fs::OpenOptions;
-use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
 use blksnap_engine::{Clock, Engine, EngineConfig};
+use blksnap_fuzz::{reset_file, FileEnv};
 use blksnap_model::Params;
 use blksnap_proto::{
-    decode_request, decode_response, encode, read_frame, Id, Reply, Request, ResponseFrame, Storage,
-    MAX_PATH_BYTES, PROTOCOL_VERSION,
+    decode_request, decode_response, encode, read_frame, Id, Reply, Request, ResponseFrame,
+    Storage, MAX_PATH_BYTES, PROTOCOL_VERSION,
 };
 use blksnap_service::{Config, Daemon, NullFrontend};
 use libfuzzer_sys::fuzz_target;
@@ -35,31 +34,10 @@ fn trace() -> bool {
 const ORIGIN_BYTES: u64 = 1 << 20;
 const STORAGE_BYTES: u64 = 1 << 20;
 
-struct Env {
-    dir: PathBuf,
-    origins: [PathBuf; 2],
-    storage: PathBuf,
-    spare: PathBuf,
-}
+static ENV: OnceLock<FileEnv> = OnceLock::new();
 
-static ENV: OnceLock<Env> = OnceLock::new();
-
-fn env() -> &'static Env {
-    ENV.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("blksnap-fuzz-proto-{}", std::process::id()));
-        std::fs::create_dir_all(dir.join("links")).unwrap();
-        Env {
-            origins: [dir.join("b0.img"), dir.join("b1.img")],
-            storage: dir.join("storage.img"),
-            spare: dir.join("b2.img"),
-            dir,
-        }
-    })
-}
-
-fn reset(path: &PathBuf, len: u64) {
-    let f = OpenOptions::new().create(true).truncate(true).write(true).open(path).unwrap();
-    f.set_len(len).unwrap();
+fn env() -> &'static FileEnv {
+    ENV.get_or_init(|| FileEnv::new("proto"))
 }
 
 /// A valid absolute path → a file of the temp dir (the storage, an origin's backing, the
@@ -108,15 +86,12 @@ fn prepare(req: &mut Request, created: &[Id]) {
 fn daemon() -> Daemon {
     let e = env();
     for o in &e.origins {
-        reset(o, ORIGIN_BYTES);
+        reset_file(o, ORIGIN_BYTES);
     }
-    reset(&e.storage, STORAGE_BYTES);
-    reset(&e.spare, ORIGIN_BYTES);
-    let config = EngineConfig {
-        params: Params::small(),
-        id_seed: Some(1),
-        clock: Clock::manual(true),
-    };
+    reset_file(&e.storage, STORAGE_BYTES);
+    reset_file(&e.spare, ORIGIN_BYTES);
+    let config =
+        EngineConfig { params: Params::small(), id_seed: Some(1), clock: Clock::manual(true) };
     let engine = Arc::new(Engine::new(config).unwrap());
     let cfg = Config {
         socket: e.dir.join("control"),
@@ -154,7 +129,8 @@ fuzz_target!(|data: &[u8]| {
             created.push(*id);
         }
         let resp = ResponseFrame { version: PROTOCOL_VERSION, result };
-        let bytes = encode(&resp).unwrap_or_else(|e| panic!("{req:?}: response does not encode: {e:?}"));
+        let bytes =
+            encode(&resp).unwrap_or_else(|e| panic!("{req:?}: response does not encode: {e:?}"));
         let back = decode_response(&bytes[4..])
             .unwrap_or_else(|e| panic!("{req:?}: response {resp:?} does not decode: {e:?}"));
         assert_eq!(back, resp, "{req:?}: response changed in a round trip");

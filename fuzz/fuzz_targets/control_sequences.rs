@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use arbitrary::Unstructured;
 use blksnap_engine::{Clock, Engine, EngineConfig};
-use blksnap_fuzz::Rd;
+use blksnap_fuzz::{reset_file, FileEnv, Rd};
 use blksnap_model::Params;
 use blksnap_proto::client::Client;
 use blksnap_proto::fds::MAX_FDS_PER_FRAME;
@@ -40,31 +40,10 @@ use libfuzzer_sys::fuzz_target;
 
 const ORIGIN_BYTES: u64 = 1 << 20;
 
-struct Env {
-    dir: PathBuf,
-    origins: [PathBuf; 2],
-    storage: PathBuf,
-    spare: PathBuf,
-}
+static ENV: OnceLock<FileEnv> = OnceLock::new();
 
-static ENV: OnceLock<Env> = OnceLock::new();
-
-fn env() -> &'static Env {
-    ENV.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("blksnap-fuzz-seq-{}", std::process::id()));
-        std::fs::create_dir_all(dir.join("links")).unwrap();
-        Env {
-            origins: [dir.join("b0.img"), dir.join("b1.img")],
-            storage: dir.join("storage.img"),
-            spare: dir.join("b2.img"),
-            dir,
-        }
-    })
-}
-
-fn reset(path: &PathBuf, len: u64) {
-    let f = OpenOptions::new().create(true).truncate(true).write(true).open(path).unwrap();
-    f.set_len(len).unwrap();
+fn env() -> &'static FileEnv {
+    ENV.get_or_init(|| FileEnv::new("seq"))
 }
 
 fn open_fds() -> usize {
@@ -74,11 +53,12 @@ fn open_fds() -> usize {
 fn daemon() -> (Daemon, Vec<Dev>) {
     let e = env();
     for o in &e.origins {
-        reset(o, ORIGIN_BYTES);
+        reset_file(o, ORIGIN_BYTES);
     }
-    reset(&e.storage, ORIGIN_BYTES);
-    reset(&e.spare, ORIGIN_BYTES);
-    let config = EngineConfig { params: Params::small(), id_seed: Some(1), clock: Clock::manual(true) };
+    reset_file(&e.storage, ORIGIN_BYTES);
+    reset_file(&e.spare, ORIGIN_BYTES);
+    let config =
+        EngineConfig { params: Params::small(), id_seed: Some(1), clock: Clock::manual(true) };
     let engine = Arc::new(Engine::new(config).unwrap());
     let cfg = Config {
         socket: e.dir.join("control"),
@@ -198,7 +178,11 @@ struct Conn {
     raw: UnixStream,
 }
 
-fn connect(d: &Arc<Daemon>, who: Principal, threads: &mut Vec<std::thread::JoinHandle<()>>) -> Conn {
+fn connect(
+    d: &Arc<Daemon>,
+    who: Principal,
+    threads: &mut Vec<std::thread::JoinHandle<()>>,
+) -> Conn {
     let (a, b) = UnixStream::pair().unwrap();
     a.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let d = d.clone();
@@ -222,7 +206,8 @@ fuzz_target!(|data: &[u8]| {
     let (d, devs) = daemon();
     let d = Arc::new(d);
     let mut threads = Vec::new();
-    let mut conns: Vec<Conn> = (0..1 + r.below(3)).map(|_| connect(&d, principal(r), &mut threads)).collect();
+    let mut conns: Vec<Conn> =
+        (0..1 + r.below(3)).map(|_| connect(&d, principal(r), &mut threads)).collect();
     let mut created: Vec<Id> = Vec::new();
     for _ in 0..48 {
         if !r.more() {
@@ -232,7 +217,8 @@ fuzz_target!(|data: &[u8]| {
         match r.below(10) {
             0..=5 => {
                 let req = request(r, &created, &devs);
-                let n = if r.u8() < 200 { req.fds_expected() } else { r.below(MAX_FDS_PER_FRAME + 1) };
+                let n =
+                    if r.u8() < 200 { req.fds_expected() } else { r.below(MAX_FDS_PER_FRAME + 1) };
                 let fds: Vec<OwnedFd> = (0..n).map(|_| descriptor(r.below(10))).collect();
                 let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
                 let Some(client) = conns[c].client.as_mut() else { continue };

@@ -6,6 +6,8 @@
 //! is a plain byte script: a variant byte, then the variant's field bytes. Values come from
 //! realistic ranges most of the time and from tables of edge values otherwise.
 
+use std::path::{Path, PathBuf};
+
 use arbitrary::{Arbitrary, Unstructured};
 use blksnap_model::{Errno, IoKind, Params, SectorRange};
 use blksnap_sim_tests::{Op, StorageKind};
@@ -100,16 +102,8 @@ pub const DISK_SECTORS: [u64; 8] = [64, 75, 131, 8, 1, 0, 256, 17];
 /// io_min values in sectors.
 pub const IO_MIN: [u64; 4] = [1, 16, 8, 64];
 /// Sector edges (every one times 512 still fits u64, as the harness computes bytes).
-pub const SECTOR_EDGES: [u64; 8] = [
-    u64::MAX / 512,
-    u64::MAX / 512 - 7,
-    1 << 32,
-    (1 << 32) - 1,
-    1 << 45,
-    255,
-    256,
-    257,
-];
+pub const SECTOR_EDGES: [u64; 8] =
+    [u64::MAX / 512, u64::MAX / 512 - 7, 1 << 32, (1 << 32) - 1, 1 << 45, 255, 256, 257];
 /// Lengths in sectors for I/O that allocates a buffer (at most 256 sectors).
 pub const LEN_EDGES: [u64; 4] = [0, 128, 256, 255];
 /// Range field edges (no allocation follows from them).
@@ -188,7 +182,11 @@ pub fn op(r: &mut Rd) -> Op {
         4 => Op::CbtDirty { disk: disk(r), ranges: ranges(r, 240, 40) },
         5 => Op::Create { storage: storage(r) },
         6 => Op::Destroy { snap: snap(r) },
-        7 => Op::Append { snap: snap(r), backend: usize::from(r.u8() % 2), ranges: ranges(r, 250, 250) },
+        7 => Op::Append {
+            snap: snap(r),
+            backend: usize::from(r.u8() % 2),
+            ranges: ranges(r, 250, 250),
+        },
         8 => Op::Add { snap: snap(r), disk: disk(r) },
         9 => Op::Take { snap: snap(r) },
         10 => Op::Collect,
@@ -196,8 +194,16 @@ pub fn op(r: &mut Rd) -> Op {
         12 => Op::WaitEvent { snap: snap(r), timeout_ms: r.pick(&TIMEOUTS) },
         13 => Op::Read { disk: disk(r), sector: sector(r), sectors: io_len(r) },
         14 | 15 => Op::Write { disk: disk(r), sector: sector(r), sectors: io_len(r), seed: r.u8() },
-        16 => Op::Discard { disk: disk(r), sector: sector(r), sectors: r.small_or_edge(65, &SECTOR_EDGES) },
-        17 => Op::WriteZeroes { disk: disk(r), sector: sector(r), sectors: r.small_or_edge(65, &SECTOR_EDGES) },
+        16 => Op::Discard {
+            disk: disk(r),
+            sector: sector(r),
+            sectors: r.small_or_edge(65, &SECTOR_EDGES),
+        },
+        17 => Op::WriteZeroes {
+            disk: disk(r),
+            sector: sector(r),
+            sectors: r.small_or_edge(65, &SECTOR_EDGES),
+        },
         18 => Op::ImageRead { disk: disk(r), sector: sector(r), sectors: io_len(r) },
         19 => Op::ImageWrite { disk: disk(r), sector: sector(r), sectors: io_len(r), seed: r.u8() },
         20 => {
@@ -325,4 +331,38 @@ pub mod ops_enc {
     pub fn destroy(e: &mut Enc, snap: u8) {
         e.u8(6).u8(snap);
     }
+}
+
+/// The files a control-socket target's daemon serves from, in a directory of its own per process
+/// (`blksnap-fuzz-NAME-PID`, with a `links` subdirectory for symlinks): two origin backings, a
+/// storage file and a spare backing.
+pub struct FileEnv {
+    /// The directory.
+    pub dir: PathBuf,
+    /// The origins' backings.
+    pub origins: [PathBuf; 2],
+    /// The storage file.
+    pub storage: PathBuf,
+    /// A backing no origin uses at the start.
+    pub spare: PathBuf,
+}
+
+impl FileEnv {
+    /// Makes the directory (the files are made by [`reset_file`]).
+    pub fn new(name: &str) -> FileEnv {
+        let dir = std::env::temp_dir().join(format!("blksnap-fuzz-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("links")).unwrap();
+        FileEnv {
+            origins: [dir.join("b0.img"), dir.join("b1.img")],
+            storage: dir.join("storage.img"),
+            spare: dir.join("b2.img"),
+            dir,
+        }
+    }
+}
+
+/// `path` as a file of `len` zero bytes (created or truncated).
+pub fn reset_file(path: &Path, len: u64) {
+    let f = std::fs::OpenOptions::new().create(true).truncate(true).write(true).open(path).unwrap();
+    f.set_len(len).unwrap();
 }
