@@ -28,18 +28,28 @@ pub fn faulty_file_storage(plan: &Arc<FaultPlan>, limit_sectors: u64) -> Storage
     StorageSpec::File { backend: StdArc::new(FaultDev::new(inner, plan.clone())), limit_sectors }
 }
 
+/// An engine with `D0` (`disk_bytes` of 0xaa, tracked) in a created, not yet taken, snapshot
+/// whose storage is a growable file behind the returned fault plan.
+pub fn created_snapshot(
+    config: EngineConfig,
+    disk_bytes: usize,
+) -> (Arc<Engine>, blksnap_model::SnapshotId, Arc<FaultPlan>) {
+    let e = Arc::new(Engine::new(config).unwrap());
+    e.add_disk(D0, mem(disk_bytes), 1).unwrap();
+    e.write(D0, 0, &vec![0xaa; disk_bytes]).unwrap();
+    e.attach(D0).unwrap();
+    let plan = FaultPlan::shared();
+    let id = e.snapshot_create(faulty_file_storage(&plan, 64)).unwrap();
+    e.snapshot_add(id, D0).unwrap();
+    (e, id, plan)
+}
+
 /// The race of issue 11: an image read of an uncopied chunk in flight while a copy-on-write of
 /// another chunk fails (the snapshot becomes corrupted) and a write to the read's chunk then goes
 /// straight to the origin (copying has stopped). The read must return the content at take, or
 /// EIO — never the post-take write as success.
 pub fn image_read_racing_corruption(config: EngineConfig) {
-    let e = Arc::new(Engine::new(config).unwrap());
-    e.add_disk(D0, mem(2 * CHUNK), 1).unwrap();
-    e.write(D0, 0, &[0xaa; 2 * CHUNK]).unwrap();
-    e.attach(D0).unwrap();
-    let plan = FaultPlan::shared();
-    let id = e.snapshot_create(faulty_file_storage(&plan, 64)).unwrap();
-    e.snapshot_add(id, D0).unwrap();
+    let (e, id, plan) = created_snapshot(config, 2 * CHUNK);
     e.snapshot_take(id).unwrap();
     // The first storage write (the copy of chunk 1) fails.
     plan.fail_next(IoKind::Write, Fault::Error(Errno::EIO));
@@ -67,13 +77,7 @@ pub fn image_read_racing_corruption(config: EngineConfig) {
 /// snapshot is corrupted with the fault's errno and reads fail — never a torn or post-take chunk;
 /// the origin keeps its write either way.
 pub fn racing_copies_of_one_chunk_meet_a_storage_fault(config: EngineConfig, fault: Fault) {
-    let e = Arc::new(Engine::new(config).unwrap());
-    e.add_disk(D0, mem(CHUNK), 1).unwrap();
-    e.write(D0, 0, &[0xaa; CHUNK]).unwrap();
-    e.attach(D0).unwrap();
-    let plan = FaultPlan::shared();
-    let id = e.snapshot_create(faulty_file_storage(&plan, 64)).unwrap();
-    e.snapshot_add(id, D0).unwrap();
+    let (e, id, plan) = created_snapshot(config, CHUNK);
     e.snapshot_take(id).unwrap();
     plan.fail_next(IoKind::Write, fault);
     let e2 = e.clone();
@@ -109,13 +113,7 @@ pub fn racing_copies_of_one_chunk_meet_a_storage_fault(config: EngineConfig, fau
 /// is fixed at the take: two image reads, one before the writer ends and one after, are equal.
 /// A second writer makes the chunk stored after the take and then takes the ticket path.
 pub fn write_ticket_racing_take(config: EngineConfig) {
-    let e = Arc::new(Engine::new(config).unwrap());
-    e.add_disk(D0, mem(2 * CHUNK), 1).unwrap();
-    e.write(D0, 0, &[0xaa; 2 * CHUNK]).unwrap();
-    e.attach(D0).unwrap();
-    let plan = FaultPlan::shared();
-    let id = e.snapshot_create(faulty_file_storage(&plan, 64)).unwrap();
-    e.snapshot_add(id, D0).unwrap();
+    let (e, id, _plan) = created_snapshot(config, 2 * CHUNK);
     let write = |e: &Engine, offset: u64, byte: u8| {
         let data = [byte; 512];
         match e.try_write_begin(D0, offset, 512).unwrap() {
