@@ -274,7 +274,7 @@ impl UringIo {
         if t.image_of.is_some() || t.failed.load(Ordering::Acquire) {
             return false;
         }
-        let Some(backing) = &t.direct_reads else { return false };
+        let Some(backing) = &t.direct_backing else { return false };
         let Ok(len) = u32::try_from(req.len_bytes) else { return false };
         if len == 0 || len as usize > buf.len() || tag as usize >= self.tickets.borrow().len() {
             return false;
@@ -287,9 +287,20 @@ impl UringIo {
         let sqe = if write {
             let id = *t.origin.read().unwrap_or_else(|p| p.into_inner());
             let Some(id) = id else { return false };
-            let Ok(Some(ticket)) = t.engine.try_write_begin(id, req.offset_bytes, req.len_bytes)
-            else {
-                return false; // a copy to make, a busy gate, or an error the engine reports
+            // a panic here fails the target as one in `serve` does (every request EIO from
+            // now on) instead of ending the queue thread with its requests hanging
+            let begun = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                t.engine.try_write_begin(id, req.offset_bytes, req.len_bytes)
+            }));
+            let ticket = match begun {
+                Ok(Ok(Some(ticket))) => ticket,
+                // a copy to make, a busy gate, or an error the engine reports on the other way
+                Ok(_) => return false,
+                Err(_) => {
+                    t.failed.store(true, Ordering::Release);
+                    eprintln!("blksnapd: an origin write panicked: the device fails every request from now on");
+                    return false;
+                }
             };
             self.tickets.borrow_mut()[tag as usize] = Some(ticket);
             io_uring::opcode::Write::new(fd, buf.as_ptr(), len)

@@ -18,11 +18,12 @@ pub struct Target {
     pub origin: RwLock<Option<DeviceId>>,
     /// The origin's backing.
     pub backing: Dev,
-    /// The same backing as its concrete type when a front end may read it directly (origins
-    /// served by the daemon; None for images and tests): origin reads need nothing of the
-    /// engine (it only checks the range), so a front end may issue them asynchronously
-    /// ([`BackingDev::direct_fd`]).
-    pub direct_reads: Option<Arc<crate::daemon::backing_io::BackingDev>>,
+    /// The same backing as its concrete type when a front end may read and write it directly
+    /// (origins served by the daemon; None for images and tests): origin reads need nothing of
+    /// the engine (it only checks the range), and origin writes need only its
+    /// `try_write_begin`, so a front end may issue them asynchronously
+    /// ([`crate::daemon::backing_io::BackingDev::direct_fd`]).
+    pub direct_backing: Option<Arc<crate::daemon::backing_io::BackingDev>>,
     /// The difference storage backends of the snapshot the origin is in (flushed on flush/FUA).
     pub storages: Mutex<Vec<Dev>>,
     /// `Some(origin)` for an image device.

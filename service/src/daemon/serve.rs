@@ -180,7 +180,7 @@ mod tests {
             engine,
             origin: RwLock::new(attached.then_some(origin)),
             backing,
-            direct_reads: None,
+            direct_backing: None,
             storages: Mutex::new(Vec::new()),
             image_of: None,
             failed: AtomicBool::new(false),
