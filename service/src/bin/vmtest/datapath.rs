@@ -369,11 +369,9 @@ fn goals(rows: &[Row], first1: f64, first32: f64) {
 /// fio writes a region with verification headers; while a second fio rewrites it with
 /// verification, it is stopped (SIGSTOP; in-flight I/O drains), the region copied, the snapshot
 /// taken, fio continued: fio's verify must be clean and the image must equal the copy.
-fn verify_across_take(env: &Env, fio: &Fio) -> R {
-    let Some((origin, dev)) = env.origins()?.into_iter().next() else {
-        return Err("no origin for the verify run".into());
-    };
-    let mut c = env.client()?; // (attached by the environment)
+fn verify_across_take(env: &Env, fio: &Fio, origin: &str, dev: Dev, what: &str) -> R {
+    let origin = origin.to_string();
+    let mut c = env.client()?; // (attached)
     let common = |rw: &str| {
         vec![
             format!("--rw={rw}"),
@@ -479,8 +477,8 @@ fn verify_across_take(env: &Env, fio: &Fio) -> R {
     ensure!(same, "the image differs from the pre-take copy of the verify region");
     ensure!(changed, "the origin was not written after the take: copy-on-write was not tested");
     println!(
-        "    fio --verify=crc32c clean across a take; image == pre-take copy ({VERIFY_MIB} MiB; \
-         origin changed after the take: {changed})"
+        "    {what}: fio --verify=crc32c clean across a take; image == pre-take copy \
+         ({VERIFY_MIB} MiB; origin changed after the take: {changed})"
     );
     Ok(())
 }
@@ -490,6 +488,49 @@ fn differing_blocks(a: &[u8], b: &[u8]) -> Vec<usize> {
     (0..a.len().min(b.len()) / 4096)
         .filter(|i| a[i * 4096..][..4096] != b[i * 4096..][..4096])
         .collect()
+}
+
+/// Both ways an origin write can go, verified across a take: the environment's file backing
+/// (buffered: every request through the queue workers) and a block device served with direct
+/// I/O (reads and copy-free writes on the queue's io_uring, under write tickets).
+fn verify_both_ways(env: &Env, fio: &Fio) -> R {
+    let Some((origin, dev)) = env.origins()?.into_iter().next() else {
+        return Err("no origin for the verify run".into());
+    };
+    verify_across_take(env, fio, &origin, dev, "file backing (workers)")?;
+    with_direct_origin(env, "nullb0", |origin, dev| {
+        verify_across_take(env, fio, origin, dev, "block device, direct (queue io_uring)")
+    })
+}
+
+/// Runs `f` on a tracked origin that `env`'s daemon serves over a fresh memory-backed null_blk
+/// `name` (a loop device with direct I/O over tmpfs when the kernel has no null_blk): a block
+/// device, so direct I/O and the queue's io_uring path. Removed afterwards.
+fn with_direct_origin(env: &Env, name: &str, f: impl FnOnce(&str, Dev) -> R) -> R {
+    let raw = if nullb_available() {
+        nullb_create(name, DEV_MIB, 0)?
+    } else {
+        let file = env.path(&format!("{name}.img"));
+        sparse_file(&file, DEV_MIB * MIB)?;
+        loop_dio(&file.display().to_string())?
+    };
+    let result = (|| -> R {
+        let dev_id = env.daemon.add_origin(Path::new(&raw), true).map_err(|e| format!("{e:?}"))?;
+        let dev = Dev { major: dev_id.major, minor: dev_id.minor };
+        let found = env.origins()?.into_iter().find(|(_, d)| *d == dev);
+        let result = match found {
+            Some((origin, _)) => f(&origin, dev),
+            None => Err("the direct origin is not served".into()),
+        };
+        env.daemon.remove_origin(dev_id).map_err(|e| format!("{e:?}"))?;
+        result
+    })();
+    if raw.starts_with("/dev/loop") {
+        let _ = run("losetup", &["-d", &raw]);
+    } else {
+        nullb_remove(name);
+    }
+    result
 }
 
 fn read_region(path: &str, (at, len): (u64, u64)) -> R<Vec<u8>> {
@@ -520,10 +561,16 @@ pub(crate) fn datapath(env: &Env) -> R {
         fio.engine = "libaio";
         println!("    note: fio's io_uring engine failed here: libaio");
     }
+    // BLKSNAP_DATAPATH_PERF="<fio rw> <bs> <qd>": that workload alone on the tracked origin under
+    // `perf record -a -g -e cpu-clock` (the host's perf, copied in beside fio); prints the top
+    // of the report (where the CPU goes, guest kernel and daemon alike).
+    if let Ok(spec) = std::env::var("BLKSNAP_DATAPATH_PERF") {
+        return profile(env, &fio, &spec);
+    }
     if verify_only > 0 {
         for round in 1..=verify_only {
             println!("    verify round {round} of {verify_only}");
-            verify_across_take(env, &fio)?;
+            verify_both_ways(env, &fio)?;
         }
         return Ok(());
     }
@@ -567,8 +614,53 @@ pub(crate) fn datapath(env: &Env) -> R {
     for ns in latencies {
         pass(&variants, &fio, *ns, full)?;
     }
-    verify_across_take(env, &fio)?;
+    verify_both_ways(env, &fio)?;
     sparse_backing(env)
+}
+
+/// See `BLKSNAP_DATAPATH_PERF` in [`datapath`].
+fn profile(env: &Env, fio: &Fio, spec: &str) -> R {
+    let perf = sibling("perf")?;
+    let [rw, bs, qd] = spec.split_whitespace().collect::<Vec<_>>()[..] else {
+        return Err(format!("BLKSNAP_DATAPATH_PERF={spec:?}: want \"<rw> <bs> <qd>\""));
+    };
+    with_direct_origin(env, "nullb0", |origin, _| perf_record(fio, &perf, origin, (rw, bs, qd)))
+}
+
+fn perf_record(fio: &Fio, perf: &Path, origin: &str, (rw, bs, qd): (&str, &str, &str)) -> R {
+    let data = Path::new("/tmp/blksnap-datapath-perf.data");
+    let mut cmd = Command::new(perf);
+    cmd.args(["record", "-a", "-g", "-e", "cpu-clock", "-o"]).arg(data).arg("--").arg(&fio.bin);
+    cmd.args([
+        "--name=perf".to_string(),
+        format!("--filename={origin}"),
+        "--direct=1".into(),
+        format!("--ioengine={}", fio.engine),
+        format!("--rw={rw}"),
+        format!("--bs={bs}"),
+        format!("--iodepth={qd}"),
+        format!("--size={REGION_MIB}M"),
+        format!("--runtime={}", fio.runtime_secs),
+        "--time_based".into(),
+    ]);
+    println!("{}", run_client(cmd, "perf record")?);
+    let mut report = Command::new(perf);
+    report.args([
+        "report",
+        "--stdio",
+        "--no-children",
+        "--sort",
+        "comm,dso,sym",
+        "-g",
+        "none",
+        "-i",
+    ]);
+    report.arg(data);
+    let out = run_client(report, "perf report")?;
+    for line in out.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()).take(45) {
+        println!("    {line}");
+    }
+    Ok(())
 }
 
 /// Bytes allocated to a file (`st_blocks`).
