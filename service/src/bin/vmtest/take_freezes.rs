@@ -4,7 +4,8 @@
 //! files and a directory written just before the take with no `sync`, and no freezing by the
 //! scenario: the image fscks clean and holds every file with its content. A control run with
 //! `--no-freeze` shows what the image holds without the daemon's freeze (printed, not
-//! asserted: it depends on writeback timing).
+//! asserted: it depends on writeback timing). The asserted run is repeated over a loop device
+//! (a block device: direct I/O, reads and copy-free writes on the queue's io_uring).
 
 use super::*;
 
@@ -120,6 +121,26 @@ pub(crate) fn take_freezes(env: &Env) -> R {
     // The origin is thawed and clean.
     fsck(&node)?;
     drop(d);
+
+    // The same on a block-device backing (a loop device): served with direct I/O, so the
+    // filesystem's reads and copy-free writes go on the queue's io_uring, the writes under
+    // write tickets that the take waits for.
+    let file = env.path("tf-loop.img");
+    sparse_file(&file, 64 * MIB)?;
+    let lo = run("losetup", &["-f"])?.trim().to_string();
+    run("losetup", &[&lo, &file.display().to_string()])?;
+    let _ = std::fs::remove_dir_all(env.path("state"));
+    let on_loop = (|| -> R {
+        let d = DaemonProc::start(env, Path::new(&lo), 2)?;
+        let (node, _) = d.origin()?;
+        mkfs_journaled(&node)?;
+        println!("    {fstype} on {node} over {lo} (direct I/O, the queue's io_uring)");
+        let (n, total) = take_and_count(env, &d, fstype, 81, true)?;
+        ensure!(n == total, "over {lo}: only {n} of {total} files written before the take");
+        fsck(&node)
+    })();
+    let _ = run("losetup", &["-d", &lo]);
+    on_loop?;
 
     // Control: the same without the daemon's freeze.
     let backing = env.path("tf-control.img");
