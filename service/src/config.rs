@@ -14,6 +14,8 @@
 //!                                   # "never"
 //! queue_uring = true                # origin reads, and writes that need no copy, that go direct
 //!                                   # are issued on the queue's io_uring (false: the workers)
+//! ublk_zero_copy = "auto"           # "auto": the driver's zero copy and user copy where the
+//!                                   # kernel offers both (6.16+); "never": it copies each request
 //! state_dir = "/var/lib/blksnap"  # CBT kept across clean restarts; crash marker; device map
 //! remove_devices_on_stop = false    # a clean stop leaves the devices to the next daemon
 //! freeze = true                     # TAKE freezes the filesystems mounted on the origins
@@ -93,6 +95,17 @@ pub enum FrontendKind {
     None,
 }
 
+/// Config `ublk_zero_copy`.
+#[derive(Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ZeroCopy {
+    /// Where the running kernel offers both `UBLK_F_AUTO_BUF_REG` and `UBLK_F_USER_COPY`.
+    #[default]
+    Auto,
+    /// Never: the driver copies every request's data to or from a buffer per tag.
+    Never,
+}
+
 /// Image link naming: the upstream clients' two conventions.
 #[derive(Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
@@ -161,6 +174,10 @@ pub struct Config {
     /// thread); false: the workers serve them too.
     #[serde(default = "default_true")]
     pub queue_uring: bool,
+    /// Whether new ublk devices use the driver's zero copy (`UBLK_F_AUTO_BUF_REG`) and user copy
+    /// (`UBLK_F_USER_COPY`) where the kernel offers both (`crate::ublk`, "Zero copy").
+    #[serde(default)]
+    pub ublk_zero_copy: ZeroCopy,
     /// State directory (`crate::state`): saved CBT, the running marker, the device map.
     #[serde(default = "default_state_dir")]
     pub state_dir: PathBuf,
@@ -289,6 +306,7 @@ impl Default for Config {
             queue_workers: default_queue_workers(),
             backing_direct_io: Default::default(),
             queue_uring: true,
+            ublk_zero_copy: ZeroCopy::Auto,
             state_dir: default_state_dir(),
             remove_devices_on_stop: false,
             keep_devices: None,
@@ -536,6 +554,12 @@ mod tests {
         assert!(Config::parse("unknown = 1").is_err());
         assert!(Config::parse("queues = 0").is_err());
         assert!(Config::parse("io_buf_bytes = 1000").is_err());
+        assert!(Config::parse("ublk_zero_copy = \"sometimes\"").is_err());
+        assert_eq!(Config::default().ublk_zero_copy, ZeroCopy::Auto);
+        assert_eq!(
+            Config::parse("ublk_zero_copy = \"never\"").unwrap().ublk_zero_copy,
+            ZeroCopy::Never
+        );
         assert!(Config::parse("freeze_timeout_secs = 0").is_err());
         assert!(Config::parse("max_connections = 0").is_err());
         assert!(Config::parse("idle_timeout_secs = 0").is_err());

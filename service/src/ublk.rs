@@ -14,6 +14,11 @@
 //! earlier behaviour, kept for comparison). Flush requests carry start sector `u64::MAX`: they
 //! are recognised before any range check.
 //!
+//! How request data reaches the daemon is the device's [`DataMode`]: the driver copies it into
+//! a buffer per tag, or — where the kernel offers automatic buffer registration and user copy
+//! (6.16+; config `ublk_zero_copy`, default "auto") — the queue's io_uring reads and writes the
+//! backing with the request's own pages and the workers copy only what they serve.
+//!
 //! A device's thread runs libublk's `run_target`; stopping is `STOP_DEV` from the control side
 //! (the kernel removes the disk even while it is open or mounted, aborts the queues, and the
 //! queue threads end), then `DEL_DEV_ASYNC`, which does not wait for the last opener to close.
@@ -28,6 +33,7 @@
 
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::ptr::{null, null_mut};
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -62,6 +68,112 @@ pub struct UblkFrontend {
     /// Origin reads, and writes that need no copy, that go direct are issued on the queue's
     /// io_uring ([`UringIo`]); needs `workers > 0` (config `queue_uring`).
     pub uring: bool,
+    /// New devices ask for zero copy and user copy ([`DataMode::ZeroCopy`]) when the driver
+    /// offers both (config `ublk_zero_copy`).
+    pub zero_copy: bool,
+}
+
+impl UblkFrontend {
+    /// The shape a configuration asks for.
+    pub fn of(cfg: &crate::config::Config) -> UblkFrontend {
+        UblkFrontend {
+            queues: cfg.nr_queues(),
+            depth: cfg.queue_depth,
+            io_buf_bytes: cfg.io_buf_bytes,
+            workers: cfg.queue_workers,
+            uring: cfg.queue_uring,
+            zero_copy: cfg.ublk_zero_copy == crate::config::ZeroCopy::Auto,
+        }
+    }
+}
+
+/// How a device's request data moves between the kernel's pages and the backing, fixed when
+/// the device is added (its flags) and followed by every daemon that serves it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum DataMode {
+    /// The driver copies each request's data into (write) or out of (read) a buffer per tag
+    /// that the daemon owns: one memory copy per request in the kernel, `depth` buffers of
+    /// `io_buf_bytes` per queue.
+    Copy,
+    /// `UBLK_F_AUTO_BUF_REG | UBLK_F_USER_COPY` (kernel 6.16+): the driver registers each
+    /// request's own pages in the queue thread's io_uring at buffer index = tag before handing
+    /// the request over; the queue's io_uring I/O ([`UringIo`]) reads and writes the backing
+    /// with them in place (`READ_FIXED`/`WRITE_FIXED`, no copy at all), and everything else
+    /// (workers: copy-on-write, images, FUA, discard) copies the data with `pread`/`pwrite` on
+    /// `/dev/ublkcN` ([`UserCopy`]) into a buffer per worker. A request the driver could not
+    /// register (`UBLK_IO_F_NEED_REG_BUF`) takes the worker path. Every commit carries the
+    /// tag's registration (index, fallback), since the driver reads the next request's from it.
+    ZeroCopy,
+}
+
+/// The device flags zero copy needs (both: the registration, and the fallback's copy).
+const ZERO_COPY_FLAGS: u64 = (sys::UBLK_F_AUTO_BUF_REG | sys::UBLK_F_USER_COPY) as u64;
+
+impl DataMode {
+    fn of_flags(flags: u64) -> DataMode {
+        if flags & ZERO_COPY_FLAGS == ZERO_COPY_FLAGS {
+            DataMode::ZeroCopy
+        } else {
+            DataMode::Copy
+        }
+    }
+}
+
+/// User copy (`UBLK_F_USER_COPY`): between a request's dispatch and its commit, any thread may
+/// read a write request's data (`pread`) or fill a read request's pages (`pwrite`) on the
+/// device's `/dev/ublkcN`, at a position that names the queue, the tag and the byte offset.
+#[derive(Clone, Copy)]
+struct UserCopy {
+    /// `/dev/ublkcN` (the one descriptor libublk opened: a second open is refused).
+    cdev: i32,
+    qid: u16,
+}
+
+/// Largest request a user-copy position can address (its offset field, 25 bits).
+const USER_COPY_MAX_BYTES: usize = 1 << 25;
+
+impl UserCopy {
+    /// A write request's data into `buf` (its length: the request's).
+    fn read_request(&self, tag: u16, buf: &mut [u8]) -> Result<(), Errno> {
+        self.copy(tag, buf.as_mut_ptr(), buf.len(), false)
+    }
+
+    /// `buf` (the request's length) into a read request's pages.
+    fn fill_request(&self, tag: u16, buf: &[u8]) -> Result<(), Errno> {
+        self.copy(tag, buf.as_ptr().cast_mut(), buf.len(), true)
+    }
+
+    fn copy(&self, tag: u16, buf: *mut u8, len: usize, into_request: bool) -> Result<(), Errno> {
+        if len > USER_COPY_MAX_BYTES {
+            return Err(Errno::EINVAL);
+        }
+        let mut done = 0usize;
+        while done < len {
+            let pos = UblkIOCtx::ublk_user_copy_pos(self.qid, tag, done as u32) as libc::off_t;
+            // SAFETY: `buf` is valid for `len` bytes (a slice the callers hold); `into_request`
+            // only reads it (pwrite), else it is written (pread, from a `&mut` slice).
+            let n = unsafe {
+                if into_request {
+                    libc::pwrite(self.cdev, buf.add(done).cast(), len - done, pos)
+                } else {
+                    libc::pread(self.cdev, buf.add(done).cast(), len - done, pos)
+                }
+            };
+            if n < 0 {
+                let code = std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO);
+                if code == libc::EINTR {
+                    continue;
+                }
+                return Err(Errno::from_code(code).unwrap_or(Errno::EIO));
+            }
+            if n == 0 {
+                // the request is shorter than its descriptor said: never expected
+                return Err(Errno::EIO);
+            }
+            done += n as usize;
+        }
+        Ok(())
+    }
 }
 
 fn neg(e: Errno) -> i32 {
@@ -99,6 +211,53 @@ fn handle(t: &Target, req: Result<DataRequest, Errno>, buf: &mut [u8]) -> i32 {
     }
 }
 
+/// Serves one request of a zero-copy device through `buf` (a buffer of this thread's, at least
+/// the request's length): a write's data is copied in from the request first, a read's out to
+/// it after ([`UserCopy`]).
+fn handle_copied(
+    t: &Target,
+    uc: UserCopy,
+    tag: u16,
+    req: Result<DataRequest, Errno>,
+    buf: &mut [u8],
+) -> i32 {
+    let r = match req {
+        Ok(r) => r,
+        Err(e) => return neg(e),
+    };
+    if r.op == DataOp::Write {
+        let Some(data) = usize::try_from(r.len_bytes).ok().and_then(|n| buf.get_mut(..n)) else {
+            return neg(Errno::EINVAL);
+        };
+        if let Err(e) = uc.read_request(tag, data) {
+            return neg(e);
+        }
+    }
+    let res = handle(t, Ok(r), buf);
+    if r.op == DataOp::Read && res > 0 {
+        // `serve` checked that the length fits `buf`
+        if let Err(e) = uc.fill_request(tag, &buf[..res as usize]) {
+            return neg(e);
+        }
+    }
+    res
+}
+
+/// Serves one request on this thread with `buf`: the tag's buffer (copy mode, `uc` None) or
+/// this thread's own (zero copy).
+fn handle_in(
+    t: &Target,
+    uc: Option<UserCopy>,
+    tag: u16,
+    req: Result<DataRequest, Errno>,
+    buf: &mut [u8],
+) -> i32 {
+    match uc {
+        Some(uc) => handle_copied(t, uc, tag, req, buf),
+        None => handle(t, req, buf),
+    }
+}
+
 /// A tag's buffer handed to a worker. The buffer of a tag is used by one party at a time: the
 /// kernel until the tag's request arrives, then the worker serving it, then the queue thread
 /// completing it (which hands it back to the kernel).
@@ -114,7 +273,8 @@ unsafe impl Send for TagBuf {}
 struct Job {
     tag: u16,
     req: Result<DataRequest, Errno>,
-    buf: TagBuf,
+    /// The tag's buffer (copy mode); None: zero copy, the worker copies through its own.
+    buf: Option<TagBuf>,
 }
 
 /// Completions from the workers to the queue thread: the list and an eventfd that wakes the
@@ -197,12 +357,25 @@ impl Jobs {
     }
 }
 
-fn worker(t: &Target, jobs: &Jobs, done: &Completions) {
+/// A queue's worker: serves jobs until the list is closed. Zero copy (`uc`): the data goes
+/// through the worker's own buffer of `buf_bytes` (so a queue holds `workers` buffers, not
+/// `depth`).
+fn worker(t: &Target, jobs: &Jobs, done: &Completions, uc: Option<UserCopy>, buf_bytes: usize) {
+    let mut own = uc.map(|_| libublk::helpers::IoBuf::<u8>::new(buf_bytes));
     while let Some(job) = jobs.next() {
-        // SAFETY: see `TagBuf`: this worker is the buffer's only user until it pushes the
-        // completion below.
-        let buf = unsafe { std::slice::from_raw_parts_mut(job.buf.ptr, job.buf.len) };
-        let res = handle(t, job.req, buf);
+        let res = match (&job.buf, own.as_mut()) {
+            (Some(b), _) => {
+                // SAFETY: see `TagBuf`: this worker is the buffer's only user until it pushes
+                // the completion below.
+                let buf = unsafe { std::slice::from_raw_parts_mut(b.ptr, b.len) };
+                handle(t, job.req, buf)
+            }
+            (None, Some(own)) => handle_in(t, uc, job.tag, job.req, own.as_mut_slice()),
+            (None, None) => {
+                debug_assert!(false, "a zero-copy job for a copy-mode worker");
+                neg(Errno::EIO)
+            }
+        };
         done.push(job.tag, res);
     }
 }
@@ -224,7 +397,10 @@ fn tag_slice<'b>(tag_bufs: &[(usize, usize)], tag: u16) -> &'b mut [u8] {
 ///   flight. FUA writes, discards and write-zeroes go to the workers.
 ///
 /// Either goes this way only when it would go direct to the backing anyway
-/// ([`BackingDev::direct_fd`]: aligned range, page-aligned tag buffer). A read that comes back
+/// ([`BackingDev::direct_fd`]: aligned range, page-aligned tag buffer). On a zero-copy device
+/// the I/O uses the request's own pages, registered at buffer index = tag
+/// (`READ_FIXED`/`WRITE_FIXED`, [`RingBuf::Registered`]); whether they suit direct I/O the kernel
+/// decides, and one it refuses fails here and is served the other way. A read that comes back
 /// short or failed is served again through the engine; a write is retried once synchronously
 /// on the backing under its ticket (their answer is the request's).
 ///
@@ -241,6 +417,16 @@ struct UringIo {
     in_flight: std::cell::Cell<u32>,
     /// The ticket of each tag's write in flight.
     tickets: std::cell::RefCell<Vec<Option<WriteTicket>>>,
+    /// Zero copy: how a request failed here gets its data for serving it the other way.
+    uc: Option<UserCopy>,
+}
+
+/// A request's data for the queue's io_uring.
+enum RingBuf<'b> {
+    /// The tag's buffer (copy mode).
+    Slice(&'b mut [u8]),
+    /// The request's own pages, registered by the driver at buffer index = tag (zero copy).
+    Registered,
 }
 
 /// The target-I/O op codes in the user data (any values but the wake poll's 0).
@@ -248,10 +434,11 @@ const READ_OP: u32 = 1;
 const WRITE_OP: u32 = 2;
 
 impl UringIo {
-    fn new(depth: usize) -> UringIo {
+    fn new(depth: usize, uc: Option<UserCopy>) -> UringIo {
         UringIo {
             in_flight: std::cell::Cell::new(0),
             tickets: std::cell::RefCell::new((0..depth).map(|_| None).collect()),
+            uc,
         }
     }
 
@@ -263,7 +450,7 @@ impl UringIo {
         t: &Target,
         tag: u16,
         req: &DataRequest,
-        buf: &mut [u8],
+        buf: RingBuf<'_>,
     ) -> bool {
         use std::sync::atomic::Ordering;
         let write = match req.op {
@@ -276,11 +463,16 @@ impl UringIo {
         }
         let Some(backing) = &t.direct_backing else { return false };
         let Ok(len) = u32::try_from(req.len_bytes) else { return false };
-        if len == 0 || len as usize > buf.len() || tag as usize >= self.tickets.borrow().len() {
+        // a registered buffer's address is an offset into the request (0); whether its pages
+        // suit direct I/O the kernel checks (EINVAL: served again the other way)
+        let (addr, cap) = match &buf {
+            RingBuf::Slice(b) => (b.as_ptr() as usize, b.len()),
+            RingBuf::Registered => (0, USER_COPY_MAX_BYTES),
+        };
+        if len == 0 || len as usize > cap || tag as usize >= self.tickets.borrow().len() {
             return false;
         }
-        let Some(fd) = backing.direct_fd(req.offset_bytes, len as usize, buf.as_ptr() as usize)
-        else {
+        let Some(fd) = backing.direct_fd(req.offset_bytes, len as usize, addr) else {
             return false;
         };
         let fd = io_uring::types::Fd(fd);
@@ -303,16 +495,28 @@ impl UringIo {
                 }
             };
             self.tickets.borrow_mut()[tag as usize] = Some(ticket);
-            io_uring::opcode::Write::new(fd, buf.as_ptr(), len)
-                .offset(req.offset_bytes)
-                .build()
-                .user_data(UblkIOCtx::build_user_data(tag, WRITE_OP, 0, true))
+            let at = req.offset_bytes;
+            match buf {
+                RingBuf::Slice(b) => {
+                    io_uring::opcode::Write::new(fd, b.as_ptr(), len).offset(at).build()
+                }
+                RingBuf::Registered => {
+                    io_uring::opcode::WriteFixed::new(fd, null(), len, tag).offset(at).build()
+                }
+            }
         } else {
-            io_uring::opcode::Read::new(fd, buf.as_mut_ptr(), len)
-                .offset(req.offset_bytes)
-                .build()
-                .user_data(UblkIOCtx::build_user_data(tag, READ_OP, 0, true))
+            let at = req.offset_bytes;
+            match buf {
+                RingBuf::Slice(b) => {
+                    io_uring::opcode::Read::new(fd, b.as_mut_ptr(), len).offset(at).build()
+                }
+                RingBuf::Registered => {
+                    io_uring::opcode::ReadFixed::new(fd, null_mut(), len, tag).offset(at).build()
+                }
+            }
         };
+        let op = if write { WRITE_OP } else { READ_OP };
+        let sqe = sqe.user_data(UblkIOCtx::build_user_data(tag, op, 0, true));
         if q.ublk_submit_sqe_sync(sqe).is_err() {
             // not submitted: nothing was written; the ticket ends and the request takes the
             // other way (the engine marks the CBT again: the same marks)
@@ -333,6 +537,7 @@ impl UringIo {
         res: i32,
         buf: &mut [u8],
     ) -> i32 {
+        let uc = self.uc;
         debug_assert!(self.in_flight.get() > 0, "an I/O reaped that was never submitted");
         self.in_flight.set(self.in_flight.get().saturating_sub(1));
         let done = matches!(&req, Ok(r) if res >= 0 && res as u64 == r.len_bytes);
@@ -343,6 +548,13 @@ impl UringIo {
                 (true, _) => res,
                 (false, Ok(r)) => {
                     let n = r.len_bytes as usize;
+                    if n > buf.len() {
+                        return neg(Errno::EINVAL);
+                    }
+                    // zero copy: the data is still in the request's pages; take a copy
+                    if let Some(Err(e)) = uc.map(|uc| uc.read_request(tag, &mut buf[..n])) {
+                        return neg(e);
+                    }
                     let retry = ticket.map(|k| k.backend().write_at(&buf[..n], r.offset_bytes));
                     match retry {
                         Some(Ok(())) => n as i32,
@@ -356,7 +568,7 @@ impl UringIo {
         } else if done {
             res
         } else {
-            handle(t, req, buf)
+            handle_in(t, uc, tag, req, buf)
         }
     }
 
@@ -397,9 +609,27 @@ impl UringIo {
 }
 
 fn queue_fn(qid: u16, dev: &UblkDev, target: &Arc<Target>, workers: u16, uring: bool) {
-    let bufs = dev.alloc_queue_io_bufs();
-    let queue = match UblkQueue::new(qid, dev)
-        .and_then(|q| q.submit_fetch_commands_unified(BufDescList::Slices(Some(&bufs))))
+    let mode = DataMode::of_flags(dev.dev_info.flags);
+    let depth = dev.dev_info.queue_depth as usize;
+    let buf_bytes = dev.dev_info.max_io_buf_bytes as usize;
+    // copy mode: the buffers the driver copies into, one per tag; zero copy: none (each
+    // request's own pages), and the registration every fetch and commit of a tag carries
+    let bufs = match mode {
+        DataMode::Copy => dev.alloc_queue_io_bufs(),
+        DataMode::ZeroCopy => Vec::new(),
+    };
+    let regs: Vec<sys::ublk_auto_buf_reg> = (0..depth)
+        .map(|tag| sys::ublk_auto_buf_reg {
+            index: tag as u16,
+            flags: sys::UBLK_AUTO_BUF_REG_FALLBACK as u8,
+            ..Default::default()
+        })
+        .collect();
+    let fetch = match mode {
+        DataMode::Copy => BufDescList::Slices(Some(&bufs)),
+        DataMode::ZeroCopy => BufDescList::AutoRegs(&regs),
+    };
+    let queue = match UblkQueue::new(qid, dev).and_then(|q| q.submit_fetch_commands_unified(fetch))
     {
         Ok(q) => q,
         Err(e) => {
@@ -407,22 +637,42 @@ fn queue_fn(qid: u16, dev: &UblkDev, target: &Arc<Target>, workers: u16, uring: 
             return;
         }
     };
-    // the buffers' addresses, taken once: `bufs` outlives the queue loop and the workers
+    let uc = (mode == DataMode::ZeroCopy).then(|| UserCopy { cdev: dev.tgt.fds[0], qid });
+    // zero copy: the queue thread's own buffer for the requests it serves itself
+    let mut own = uc.map(|_| libublk::helpers::IoBuf::<u8>::new(buf_bytes));
+    let own_buf = own.as_mut().map(|b| (b.as_mut_ptr() as usize, b.len()));
+    // the buffers' addresses, taken once: `bufs` and `own` outlive the queue loop and the
+    // workers
     let tag_bufs: Vec<(usize, usize)> =
         bufs.iter().map(|b| (b.as_slice().as_ptr() as usize, b.as_slice().len())).collect();
-    let slice = |tag: u16| tag_slice(&tag_bufs, tag);
+    // the buffer a request is served with on this thread: the tag's, or the thread's own
+    let slice = |tag: u16| match own_buf {
+        // SAFETY: `own` lives until this function returns; only this thread uses it, for one
+        // request at a time (each use ends before the next slice is made).
+        Some((p, len)) => unsafe { std::slice::from_raw_parts_mut(p as *mut u8, len) },
+        None => tag_slice(&tag_bufs, tag),
+    };
     let complete = |q: &UblkQueue, tag: u16, res: i32| {
-        if let Err(e) =
-            q.complete_io_cmd_unified(tag, BufDesc::Slice(slice(tag)), Ok(UblkIORes::Result(res)))
-        {
+        let desc = match mode {
+            DataMode::Copy => BufDesc::Slice(tag_slice(&tag_bufs, tag)),
+            DataMode::ZeroCopy => BufDesc::AutoReg(regs[tag as usize]),
+        };
+        if let Err(e) = q.complete_io_cmd_unified(tag, desc, Ok(UblkIORes::Result(res))) {
             eprintln!("blksnapd: completing tag {tag}: {e}");
         }
+    };
+    // what the queue's io_uring may read or write a request's data with
+    let ring_buf = |q: &UblkQueue, tag: u16| match mode {
+        DataMode::Copy => Some(RingBuf::Slice(tag_slice(&tag_bufs, tag))),
+        // the driver could not register this request's pages: the worker path copies
+        DataMode::ZeroCopy if q.get_iod(tag).op_flags & sys::UBLK_IO_F_NEED_REG_BUF != 0 => None,
+        DataMode::ZeroCopy => Some(RingBuf::Registered),
     };
     let t = target.clone();
     if workers == 0 {
         // one request at a time on the queue thread
         queue.wait_and_handle_io(|q: &UblkQueue, tag: u16, _ctx: &UblkIOCtx| {
-            let res = handle(&t, request_of(q.get_iod(tag)), slice(tag));
+            let res = handle_in(&t, uc, tag, request_of(q.get_iod(tag)), slice(tag));
             complete(q, tag, res);
         });
         return;
@@ -442,7 +692,7 @@ fn queue_fn(qid: u16, dev: &UblkDev, target: &Arc<Target>, workers: u16, uring: 
         let (t, jobs, done) = (t.clone(), jobs.clone(), done.clone());
         match std::thread::Builder::new()
             .name(format!("blksnapd-q{qid}w{i}"))
-            .spawn(move || worker(&t, &jobs, &done))
+            .spawn(move || worker(&t, &jobs, &done, uc, buf_bytes))
         {
             Ok(h) => threads.push(h),
             Err(e) => eprintln!("blksnapd: queue {qid}: worker {i}: {e}"),
@@ -456,7 +706,7 @@ fn queue_fn(qid: u16, dev: &UblkDev, target: &Arc<Target>, workers: u16, uring: 
     arm_wake(&queue, efd);
     // requests handed to the workers and not completed yet
     let in_flight = std::cell::Cell::new(0u32);
-    let uring_io = UringIo::new(queue.get_depth() as usize);
+    let uring_io = UringIo::new(queue.get_depth() as usize, uc);
     queue.wait_and_handle_io(|q: &UblkQueue, tag: u16, ctx: &UblkIOCtx| {
         if ctx.is_tgt_io() {
             if tag == WAKE_TAG {
@@ -477,8 +727,8 @@ fn queue_fn(qid: u16, dev: &UblkDev, target: &Arc<Target>, workers: u16, uring: 
         }
         let req = request_of(q.get_iod(tag));
         if uring {
-            if let Ok(r) = &req {
-                if uring_io.try_submit(q, &t, tag, r, slice(tag)) {
+            if let (Ok(r), Some(buf)) = (&req, ring_buf(q, tag)) {
+                if uring_io.try_submit(q, &t, tag, r, buf) {
                     return;
                 }
             }
@@ -490,13 +740,13 @@ fn queue_fn(qid: u16, dev: &UblkDev, target: &Arc<Target>, workers: u16, uring: 
             && ctx.is_first_cqe()
             && ctx.is_last_cqe()
         {
-            let res = handle(&t, req, slice(tag));
+            let res = handle_in(&t, uc, tag, req, slice(tag));
             complete(q, tag, res);
             return;
         }
-        let (ptr, len) = tag_bufs[tag as usize];
+        let buf = tag_bufs.get(tag as usize).map(|&(p, len)| TagBuf { ptr: p as *mut u8, len });
         in_flight.set(in_flight.get() + 1);
-        jobs.push(Job { tag, req, buf: TagBuf { ptr: ptr as *mut u8, len } });
+        jobs.push(Job { tag, req, buf });
     });
     // the queue is down: the reads in flight end, the workers finish what they hold (its
     // completion is moot) and end
@@ -506,6 +756,7 @@ fn queue_fn(qid: u16, dev: &UblkDev, target: &Arc<Target>, workers: u16, uring: 
         let _ = h.join();
     }
     drop(bufs);
+    drop(own);
 }
 
 /// The `MAJ:MIN` of `/dev/ublkbN` (from sysfs).
@@ -530,6 +781,16 @@ fn existing(dev_id: u32) -> Option<(sys::ublksrv_ctrl_dev_info, u64)> {
         .and_then(|t| t.trim().parse::<u64>().ok())
         .unwrap_or(0);
     Some((ctrl.dev_info(), sectors * 512))
+}
+
+/// Whether this host's ublk driver offers zero copy (both flags [`DataMode::ZeroCopy`] needs).
+pub fn zero_copy_available() -> bool {
+    zero_copy_offered() != 0
+}
+
+/// Whether ublk device `dev_id` moves its data by zero copy (None: no such device).
+pub fn zero_copy_of(dev_id: u32) -> Option<bool> {
+    existing(dev_id).map(|(info, _)| DataMode::of_flags(info.flags) == DataMode::ZeroCopy)
 }
 
 /// A running ublk device.
@@ -652,6 +913,30 @@ impl Frontend for UblkFrontend {
     }
 }
 
+/// [`ZERO_COPY_FLAGS`] if the driver offers both (once per process: the driver does not change
+/// under a running daemon), else 0. Privilege is not checked here: without CAP_SYS_ADMIN the
+/// driver refuses these flags and the device fails to add, said in the log.
+fn zero_copy_offered() -> u64 {
+    static OFFERED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *OFFERED.get_or_init(|| {
+        let features = UblkCtrl::get_features().unwrap_or(0);
+        let offered = features & ZERO_COPY_FLAGS == ZERO_COPY_FLAGS;
+        eprintln!(
+            "blksnapd: ublk driver features {features:#x}: zero copy {}",
+            if offered {
+                "on (auto buffer registration + user copy)"
+            } else {
+                "not offered: copying"
+            }
+        );
+        if offered {
+            ZERO_COPY_FLAGS
+        } else {
+            0
+        }
+    })
+}
+
 fn ublk_error(e: &libublk::UblkError) -> Error {
     eprintln!("blksnapd: ublk: {e}");
     Error::new(Errno::EIO, "ublk control command failed")
@@ -684,10 +969,17 @@ fn run_device(
         }
     }
     // Origins survive a crash of the daemon (user recovery, requests reissued); images do not.
-    let ctrl_flags = if target.image_of.is_none() {
+    let mut ctrl_flags = if target.image_of.is_none() {
         u64::from(sys::UBLK_F_USER_RECOVERY | sys::UBLK_F_USER_RECOVERY_REISSUE)
     } else {
         0
+    };
+    // Zero copy: asked for where the driver offers it; a recovered device keeps what it was
+    // added with (the driver fixed its flags then).
+    ctrl_flags |= match recover {
+        Some(id) => existing(id).map_or(0, |(info, _)| info.flags & ZERO_COPY_FLAGS),
+        None if shape.zero_copy => zero_copy_offered(),
+        None => 0,
     };
     let dev_flags = if recover.is_some() {
         UblkFlags::UBLK_DEV_F_RECOVER_DEV
@@ -754,5 +1046,43 @@ fn run_device(
     // DEL_DEV_ASYNC: an image may still be mounted; the kernel frees the device at last close.
     if ctrl.del_dev_async().is_err() {
         let _ = ctrl.del_dev();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_copy_needs_both_flags() {
+        let (auto, user) = (u64::from(sys::UBLK_F_AUTO_BUF_REG), u64::from(sys::UBLK_F_USER_COPY));
+        assert_eq!(DataMode::of_flags(0), DataMode::Copy);
+        assert_eq!(DataMode::of_flags(auto), DataMode::Copy);
+        assert_eq!(DataMode::of_flags(user), DataMode::Copy);
+        let recovery = u64::from(sys::UBLK_F_USER_RECOVERY);
+        assert_eq!(DataMode::of_flags(auto | user | recovery), DataMode::ZeroCopy);
+    }
+
+    /// The copy loop against a regular file standing in for `/dev/ublkcN` (same positions):
+    /// both directions land at the request's position, byte for byte; an end of file (a
+    /// request shorter than its descriptor) is EIO, not a hang or a short success; a request
+    /// past the position's offset field is refused.
+    #[test]
+    fn user_copy_moves_whole_requests_at_their_positions() {
+        let file = tempfile::tempfile().unwrap();
+        let uc = UserCopy { cdev: file.as_raw_fd(), qid: 0 };
+        let data: Vec<u8> = (0..8192u32).map(|i| (i * 7 % 251) as u8).collect();
+        uc.fill_request(3, &data).unwrap();
+        let mut back = vec![0u8; data.len()];
+        uc.read_request(3, &mut back).unwrap();
+        assert_eq!(back, data);
+        let mut at = vec![0u8; 16];
+        let pos = UblkIOCtx::ublk_user_copy_pos(0, 3, 4096);
+        std::os::unix::fs::FileExt::read_exact_at(&file, &mut at, pos).unwrap();
+        assert_eq!(at, data[4096..4112]);
+        // tag 4 starts right after tag 3's 32 MiB window: nothing there (end of file)
+        assert_eq!(uc.read_request(4, &mut back), Err(Errno::EIO));
+        let mut huge = vec![0u8; USER_COPY_MAX_BYTES + 1];
+        assert_eq!(uc.read_request(0, &mut huge), Err(Errno::EINVAL));
     }
 }

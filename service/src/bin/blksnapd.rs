@@ -211,13 +211,7 @@ fn ublk_frontend(cfg: &Config) -> Result<Box<dyn blksnap_service::Frontend>, Str
             "/dev/ublk-control missing: load the ublk_drv module (modprobe ublk_drv)".into()
         );
     }
-    Ok(Box::new(blksnap_service::ublk::UblkFrontend {
-        queues: cfg.nr_queues(),
-        depth: cfg.queue_depth,
-        io_buf_bytes: cfg.io_buf_bytes,
-        workers: cfg.queue_workers,
-        uring: cfg.queue_uring,
-    }))
+    Ok(Box::new(blksnap_service::ublk::UblkFrontend::of(cfg)))
 }
 
 #[cfg(not(feature = "ublk"))]

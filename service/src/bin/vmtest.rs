@@ -213,13 +213,7 @@ impl Env {
         cfg.queue_depth = 32;
         tweak(&mut cfg);
         let engine = Arc::new(Engine::new(EngineConfig::default()).map_err(|e| format!("{e:?}"))?);
-        let frontend = UblkFrontend {
-            queues: 2,
-            depth: cfg.queue_depth,
-            io_buf_bytes: cfg.io_buf_bytes,
-            workers: cfg.queue_workers,
-            uring: cfg.queue_uring,
-        };
+        let frontend = UblkFrontend::of(&cfg);
         let daemon = Arc::new(Daemon::new(engine, Box::new(frontend), cfg));
         let server = ControlServer::bind(&socket, None).map_err(|e| e.to_string())?;
         let d = daemon.clone();

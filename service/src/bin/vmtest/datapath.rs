@@ -19,7 +19,9 @@
 //! take under load).
 
 use super::*;
+use blksnap_service::config::ZeroCopy;
 use blksnap_service::daemon::backing_io::DirectIo;
+use blksnap_service::ublk::{zero_copy_available, zero_copy_of};
 
 /// The raw device's size and the regions the workloads use (all within it).
 const DEV_MIB: u64 = 160;
@@ -492,15 +494,31 @@ fn differing_blocks(a: &[u8], b: &[u8]) -> Vec<usize> {
 
 /// Both ways an origin write can go, verified across a take: the environment's file backing
 /// (buffered: every request through the queue workers) and a block device served with direct
-/// I/O (reads and copy-free writes on the queue's io_uring, under write tickets).
-fn verify_both_ways(env: &Env, fio: &Fio) -> R {
+/// I/O (reads and copy-free writes on the queue's io_uring, under write tickets) — on devices
+/// whose data mode must be `zero_copy` (else the run would test the other mode unawares).
+fn verify_both_ways(env: &Env, fio: &Fio, zero_copy: bool) -> R {
     let Some((origin, dev)) = env.origins()?.into_iter().next() else {
         return Err("no origin for the verify run".into());
     };
-    verify_across_take(env, fio, &origin, dev, "file backing (workers)")?;
+    let mode = if zero_copy { "zero copy" } else { "copying" };
+    expect_mode(&origin, zero_copy)?;
+    verify_across_take(env, fio, &origin, dev, &format!("file backing (workers), {mode}"))?;
     with_direct_origin(env, "nullb0", |origin, dev| {
-        verify_across_take(env, fio, origin, dev, "block device, direct (queue io_uring)")
+        expect_mode(origin, zero_copy)?;
+        let what = format!("block device, direct (queue io_uring), {mode}");
+        verify_across_take(env, fio, origin, dev, &what)
     })
+}
+
+/// Fails unless the ublk device `node` (`/dev/ublkbN`) moves its data by zero copy exactly
+/// when `zero_copy`.
+fn expect_mode(node: &str, zero_copy: bool) -> R {
+    let id = node.strip_prefix("/dev/ublkb").and_then(|n| n.parse::<u32>().ok());
+    let got = id.and_then(zero_copy_of).ok_or(format!("{node}: not a ublk device"))?;
+    if got != zero_copy {
+        return Err(format!("{node}: zero copy {got}, expected {zero_copy}"));
+    }
+    Ok(())
 }
 
 /// Runs `f` on a tracked origin that `env`'s daemon serves over a fresh memory-backed null_blk
@@ -567,10 +585,25 @@ pub(crate) fn datapath(env: &Env) -> R {
     if let Ok(spec) = std::env::var("BLKSNAP_DATAPATH_PERF") {
         return profile(env, &fio, &spec);
     }
+    // the defaults use zero copy where the kernel offers it; a second daemon copies (the
+    // fallback of older kernels, and the benchmark's comparison)
+    let zero_copy = zero_copy_available();
+    println!(
+        "    ublk zero copy: {}",
+        if zero_copy { "offered: the defaults use it" } else { "not offered: copying only" }
+    );
+    let copying = Env::with("datapath-copying", &[64 * MIB], |cfg| {
+        cfg.ublk_zero_copy = ZeroCopy::Never;
+    })?;
+    let verify = |round: &str| -> R {
+        println!("    verify{round}: the defaults");
+        verify_both_ways(env, &fio, zero_copy)?;
+        println!("    verify{round}: ublk_zero_copy = \"never\"");
+        verify_both_ways(&copying, &fio, false)
+    };
     if verify_only > 0 {
         for round in 1..=verify_only {
-            println!("    verify round {round} of {verify_only}");
-            verify_both_ways(env, &fio)?;
+            verify(&format!(" round {round} of {verify_only}"))?;
         }
         return Ok(());
     }
@@ -609,12 +642,16 @@ pub(crate) fn datapath(env: &Env) -> R {
         ));
     }
     let mut variants: Vec<Variant> = envs.iter().map(|(name, env)| Variant { name, env }).collect();
+    if (full || steps) && zero_copy {
+        variants
+            .push(Variant { name: "defaults but copying (ublk_zero_copy = never)", env: &copying });
+    }
     variants.push(Variant { name: "now (defaults)", env });
     let latencies: &[u64] = if full { &[0, 50_000] } else { &[50_000] };
     for ns in latencies {
         pass(&variants, &fio, *ns, full)?;
     }
-    verify_both_ways(env, &fio)?;
+    verify("")?;
     sparse_backing(env)
 }
 
