@@ -4,8 +4,9 @@
 //!   known, straight to the backing;
 //! * write, discard, write-zeroes → `Engine::write/discard/write_zeroes` (CBT + copy-on-write,
 //!   then the backing: a discard or write-zeroes punches a hole or zeroes a range there, see
-//!   [`super::backing_io`]) / `Engine::image_write` (discard and write-zeroes on an image write
-//!   zero buffers into the difference storage);
+//!   [`super::backing_io`]) / `Engine::image_write` (discard and write-zeroes on an image:
+//!   `Engine::image_write_zeroes`, which zeroes wholly covered chunks in the difference storage
+//!   by its `write_zeroes_at`, no zero buffer);
 //! * flush → the difference storage, then the backing (`fdatasync`); FUA writes flush likewise
 //!   before they complete.
 //!
@@ -47,9 +48,6 @@ pub struct DataRequest {
     /// Force unit access: durable before completion.
     pub fua: bool,
 }
-
-/// Largest zero buffer an image's discard writes at once (bounds memory for huge discards).
-const IMAGE_ZERO_STEP_BYTES: u64 = 1 << 20;
 
 fn serve_unguarded(t: &Target, req: &DataRequest, buf: &mut [u8]) -> Result<(), Error> {
     if req.op == DataOp::Flush {
@@ -117,16 +115,7 @@ fn image_io(t: &Target, origin: DeviceId, req: &DataRequest, buf: &mut [u8]) -> 
     match req.op {
         DataOp::Read => t.engine.image_read(origin, offset, buf),
         DataOp::Write => t.engine.image_write(origin, offset, buf),
-        DataOp::Discard | DataOp::WriteZeroes => {
-            let zeroes = vec![0u8; len.min(IMAGE_ZERO_STEP_BYTES) as usize];
-            let mut done = 0;
-            while done < len {
-                let step = (len - done).min(IMAGE_ZERO_STEP_BYTES);
-                t.engine.image_write(origin, offset + done, &zeroes[..step as usize])?;
-                done += step;
-            }
-            Ok(())
-        }
+        DataOp::Discard | DataOp::WriteZeroes => t.engine.image_write_zeroes(origin, offset, len),
         DataOp::Flush => t.flush(),
     }
 }
