@@ -168,6 +168,7 @@ fn op_name(op: &Op) -> &'static str {
         Op::WriteZeroes { .. } => "write_zeroes",
         Op::ImageRead { .. } => "image_read",
         Op::ImageWrite { .. } => "image_write",
+        Op::ImageWriteZeroes { .. } => "image_write_zeroes",
         Op::Fault { .. } => "fault",
         Op::TornFault { .. } => "torn_fault",
         Op::FailGrowth { .. } => "fail_growth",
@@ -404,7 +405,8 @@ impl Sim {
                     | Op::WriteZeroes { disk, sector: s, sectors: n }
                     | Op::Read { disk, sector: s, sectors: n }
                     | Op::ImageRead { disk, sector: s, sectors: n }
-                    | Op::ImageWrite { disk, sector: s, sectors: n, .. } => {
+                    | Op::ImageWrite { disk, sector: s, sectors: n, .. }
+                    | Op::ImageWriteZeroes { disk, sector: s, sectors: n } => {
                         (*disk, *s, *n) = (focus.0, sector, sectors);
                     }
                     _ => {}
@@ -434,6 +436,10 @@ impl Sim {
                 Op::ImageWrite { disk, sector, sectors, seed } => {
                     let (sector, sectors) = piece(sector, sectors);
                     Op::ImageWrite { disk, sector, sectors, seed }
+                }
+                Op::ImageWriteZeroes { disk, sector, sectors } => {
+                    let (sector, sectors) = piece(sector, sectors);
+                    Op::ImageWriteZeroes { disk, sector, sectors }
                 }
                 Op::CbtMap { disk, offset, length } => {
                     Op::CbtMap { disk, offset, length: length.min(1) }
@@ -734,7 +740,7 @@ impl Sim {
     }
 
     fn random_op(&mut self) -> Op {
-        const WEIGHTS: [u64; 25] = [
+        const WEIGHTS: [u64; 26] = [
             200, // 0 write
             20,  // 1 discard
             20,  // 2 write zeroes
@@ -760,6 +766,7 @@ impl Sim {
             6,   // 22 set storage minimum or shifts
             10,  // 23 advance clock
             5,   // 24 whole-image read
+            30,  // 25 image write zeroes (discard)
         ];
         let n = self.c.disks();
         match self.rng.weighted(&WEIGHTS) {
@@ -871,6 +878,11 @@ impl Sim {
                 tracking_block_minimum_shift: self.rng.pick(&[12, 12, 13, 11]),
             },
             23 => Op::AdvanceClock { ns: self.rng.below(2_000_000_000) },
+            25 => {
+                let disk = self.pick_disk();
+                let (sector, sectors) = self.io_range(disk);
+                Op::ImageWriteZeroes { disk, sector, sectors }
+            }
             _ => {
                 let disk = self.pick_disk();
                 Op::ImageRead { disk, sector: 0, sectors: self.c.disk_sectors(disk) }
