@@ -70,6 +70,15 @@ impl core::ops::Deref for StoragePin {
     }
 }
 
+/// What an image write puts into one segment.
+#[derive(Clone, Copy)]
+enum Piece<'a> {
+    /// These bytes (the segment's length).
+    Bytes(&'a [u8]),
+    /// Zeroes over the segment.
+    Zeroes,
+}
+
 /// A piece of a request that falls in one chunk.
 #[derive(Clone, Copy, Debug)]
 struct Segment {
@@ -351,35 +360,80 @@ impl DiffArea {
         }
         for seg in this.segments(offset_bytes, data.len()) {
             let piece = &data[seg.in_request_bytes..seg.in_request_bytes + seg.len_bytes];
-            Self::write_segment(this, seg, piece)?;
+            Self::write_segment(this, seg, Piece::Bytes(piece))?;
         }
         Ok(())
     }
 
-    fn write_segment(this: &Kref<DiffArea>, seg: Segment, piece: &[u8]) -> Result<()> {
+    /// Zero `len_bytes` of the image at `offset_bytes` (an image's discard or write-zeroes; CBT
+    /// marking is the caller's). The result is that of [`DiffArea::image_write`] of zeroes, and
+    /// so is every error, but no zero buffer is written: a chunk the range covers wholly is
+    /// stored (if it was not) without reading the origin, and its storage range is zeroed by
+    /// the storage's `write_zeroes_at` (a punched hole on a file); a partly covered chunk not
+    /// stored yet is copied from the origin with the covered part zeroed, as a write would.
+    /// EIO once corrupted or on failure.
+    pub fn image_write_zeroes(
+        this: &Kref<DiffArea>,
+        offset_bytes: u64,
+        len_bytes: u64,
+    ) -> Result<()> {
+        if this.is_corrupted() {
+            return Err(Error::new(Errno::EIO, "the snapshot image is corrupted"));
+        }
+        // Segments count in usize (a request buffer's index); a range no address space could
+        // hold as a buffer only exists on 32-bit hosts, where it is refused rather than cut.
+        let len = usize::try_from(len_bytes)
+            .map_err(|_| Error::new(Errno::EINVAL, "image write-zeroes range too large"))?;
+        for seg in this.segments(offset_bytes, len) {
+            Self::write_segment(this, seg, Piece::Zeroes)?;
+        }
+        Ok(())
+    }
+
+    fn write_segment(this: &Kref<DiffArea>, seg: Segment, piece: Piece<'_>) -> Result<()> {
         let eio = |_| Error::new(Errno::EIO, "writing the snapshot image failed");
         let chunk = this.get_or_insert(seg.chunk);
         let permit = ChunkPermit::acquire(this.clone(), chunk, seg.chunk);
+        let whole = seg.len_bytes as u64 == this.chunk_bytes(seg.chunk);
         match permit.state() {
             ChunkState::Stored(loc) => {
-                let r = loc.backend.write_at(piece, loc.byte_offset(0) + seg.in_chunk_bytes);
+                let at = loc.byte_offset(0) + seg.in_chunk_bytes;
+                let r = match piece {
+                    Piece::Bytes(b) => loc.backend.write_at(b, at),
+                    Piece::Zeroes => loc.backend.write_zeroes_at(at, seg.len_bytes as u64),
+                };
                 r.map_err(|e| this.fail_stored(e)).map_err(eio)
             }
             ChunkState::Failed => Err(Error::new(Errno::EIO, "chunk failed")),
-            ChunkState::New if piece.len() as u64 == this.chunk_bytes(seg.chunk) => {
-                // A whole-chunk write replaces the pre-image: no origin read.
-                this.copy_chunk(&permit, Some(piece))
-                    .map_err(|e| this.fail(&permit, e))
-                    .map_err(eio)
+            // A whole-chunk write replaces the pre-image: no origin read.
+            ChunkState::New if whole => {
+                let r = match piece {
+                    Piece::Bytes(b) => this.copy_chunk(&permit, Some(b)),
+                    Piece::Zeroes => this.store_zeroes(&permit),
+                };
+                r.map_err(|e| this.fail(&permit, e)).map_err(eio)
             }
             ChunkState::New => {
                 let mut buf = this.buffers.take(this.chunk_bytes(seg.chunk) as usize);
                 this.origin.read_at(&mut buf, this.chunk_offset_bytes(seg.chunk)).map_err(eio)?;
-                let at = seg.in_chunk_bytes as usize;
-                buf[at..at + piece.len()].copy_from_slice(piece);
+                let part = &mut buf[seg.in_chunk_bytes as usize..][..seg.len_bytes];
+                match piece {
+                    Piece::Bytes(b) => part.copy_from_slice(b),
+                    Piece::Zeroes => part.fill(0),
+                }
                 this.store_new(&permit, &buf).map_err(|e| this.fail(&permit, e)).map_err(eio)
             }
         }
+    }
+
+    /// Store chunk `permit.index()` as all zeroes: its new storage range is zeroed in place
+    /// (the range may hold an earlier snapshot's data: a reused file, appended extents).
+    fn store_zeroes(&self, permit: &ChunkPermit) -> Result<()> {
+        let sectors = self.layout.sectors_of(permit.index());
+        let location = self.storage.alloc(sectors)?;
+        location.backend.write_zeroes_at(location.byte_offset(0), sectors << SECTOR_SHIFT)?;
+        permit.set_stored(location);
+        Ok(())
     }
 
     fn fail(&self, permit: &ChunkPermit, e: Error) -> Error {

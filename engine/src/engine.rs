@@ -592,4 +592,29 @@ impl Engine {
         }
         DiffArea::image_write(&area, offset_bytes, data)
     }
+
+    /// Discard or write zeroes on the snapshot image of `dev`: afterwards the range reads as
+    /// zeroes, exactly as after [`Engine::image_write`] of zeroes (both CBT maps marked first,
+    /// the same checks and errors), without zero buffers: chunks the range covers wholly are
+    /// zeroed in the difference storage by its `write_zeroes_at` (see
+    /// [`DiffArea::image_write_zeroes`]).
+    pub fn image_write_zeroes(
+        &self,
+        dev: DeviceId,
+        offset_bytes: u64,
+        len_bytes: u64,
+    ) -> Result<()> {
+        let (disk, area) = self.image(dev, offset_bytes, len_bytes)?;
+        if area.is_corrupted() {
+            return Err(Error::new(Errno::EIO, "the snapshot image is corrupted"));
+        }
+        if len_bytes == 0 {
+            return Ok(());
+        }
+        let range = SectorRange::new(offset_bytes >> SECTOR_SHIFT, len_bytes >> SECTOR_SHIFT);
+        if let Some(tracker) = &disk.gate.read().tracker {
+            tracker.cbt.mark_both(range)?;
+        }
+        DiffArea::image_write_zeroes(&area, offset_bytes, len_bytes)
+    }
 }

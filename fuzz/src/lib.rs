@@ -138,7 +138,7 @@ pub fn params_variant(i: usize) -> Params {
 }
 
 /// Number of op variants.
-pub const OP_VARIANTS: u8 = 24;
+pub const OP_VARIANTS: u8 = 25;
 
 fn ranges(r: &mut Rd, small_offset: u8, small_count: u8) -> Vec<SectorRange> {
     let n = r.below(5);
@@ -225,7 +225,8 @@ pub fn op(r: &mut Rd) -> Op {
                 Op::SetStorageMinimum { sectors: r.pick(&MINIMUMS) }
             }
         }
-        _ => Op::AdvanceClock { ns: r.pick(&CLOCK_STEPS) },
+        23 => Op::AdvanceClock { ns: r.pick(&CLOCK_STEPS) },
+        _ => Op::ImageWriteZeroes { disk: disk(r), sector: sector(r), sectors: io_len(r) },
     }
 }
 

@@ -12,6 +12,7 @@
 //!                                   # request at a time on the queue thread)
 //! backing_direct_io = "auto"        # O_DIRECT on backings: "auto" (block devices), "always",
 //!                                   # "never"
+//! storage_direct_io = "auto"        # O_DIRECT on difference storages: the same three values
 //! queue_uring = true                # origin reads, and writes that need no copy, that go direct
 //!                                   # are issued on the queue's io_uring (false: the workers)
 //! ublk_zero_copy = "auto"           # "auto": the driver's zero copy and user copy where the
@@ -169,6 +170,11 @@ pub struct Config {
     /// Direct I/O on the origins' backings (`crate::daemon::backing_io`).
     #[serde(default)]
     pub backing_direct_io: crate::daemon::backing_io::DirectIo,
+    /// Direct I/O on difference storages (`crate::daemon::backing::open_storage`): the same rule
+    /// as `backing_direct_io`, set apart because a storage often lives on another medium than
+    /// the backings (a tmpfs or a scratch disk).
+    #[serde(default)]
+    pub storage_direct_io: crate::daemon::backing_io::DirectIo,
     /// Origin reads, and origin writes that need no copy-on-write, that go direct to the backing
     /// are issued on the ublk queue's own io_uring (asynchronous, no hand-off to a worker
     /// thread); false: the workers serve them too.
@@ -305,6 +311,7 @@ impl Default for Config {
             io_buf_bytes: default_io_buf(),
             queue_workers: default_queue_workers(),
             backing_direct_io: Default::default(),
+            storage_direct_io: Default::default(),
             queue_uring: true,
             ublk_zero_copy: ZeroCopy::Auto,
             state_dir: default_state_dir(),
@@ -512,6 +519,13 @@ mod tests {
         assert_eq!(cfg.nr_queues(), 2);
         assert_eq!(cfg.frontend, FrontendKind::None);
         assert_eq!(Config::default().frontend, FrontendKind::Ublk);
+        use crate::daemon::backing_io::DirectIo;
+        assert_eq!(cfg.storage_direct_io, DirectIo::Auto, "the default");
+        let direct = Config::parse("storage_direct_io = \"always\"").unwrap();
+        assert_eq!(
+            (direct.storage_direct_io, direct.backing_direct_io),
+            (DirectIo::Always, DirectIo::Auto)
+        );
         assert!(Config::parse("frontend = \"loop\"").is_err());
     }
 

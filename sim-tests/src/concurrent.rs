@@ -37,7 +37,7 @@ use blksnap_engine::Engine;
 use blksnap_model::{DeviceId, Errno, Model, SnapshotId, SECTOR_SIZE_BYTES};
 
 use crate::sim::{Sim, SimConfig};
-use crate::{data_of, fnv1a, Harness, IoLog, Op};
+use crate::{data_of, fnv1a, zeroes_of, Harness, IoLog, Op};
 
 /// What a concurrent run does.
 #[derive(Clone, Copy, Debug)]
@@ -158,6 +158,11 @@ impl EngineSide {
             Op::ImageWrite { disk: d, sector, sectors, seed } => {
                 observe(e.image_write(disk(d), sector * SECTOR_SIZE_BYTES, &data_of(sectors, seed)))
             }
+            Op::ImageWriteZeroes { disk: d, sector, sectors } => observe(e.image_write_zeroes(
+                disk(d),
+                sector * SECTOR_SIZE_BYTES,
+                sectors * SECTOR_SIZE_BYTES,
+            )),
             other => unreachable!("not a concurrent operation: {other:?}"),
         }
     }
@@ -227,6 +232,9 @@ fn model_apply(m: &mut Model, disks: &[DeviceId], r: &RoundOp) -> Observed {
         )),
         Op::ImageWrite { disk: d, sector, sectors, seed } => {
             observe(m.image_write(disk(d), sector * SECTOR_SIZE_BYTES, &data_of(sectors, seed)))
+        }
+        Op::ImageWriteZeroes { disk: d, sector, sectors } => {
+            observe(m.image_write(disk(d), sector * SECTOR_SIZE_BYTES, &zeroes_of(sectors)))
         }
         other => unreachable!("not a concurrent operation: {other:?}"),
     }

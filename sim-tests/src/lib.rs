@@ -119,6 +119,13 @@ pub enum Op {
         sectors: u64,
         seed: u8,
     },
+    /// An image's discard / write-zeroes (`Engine::image_write_zeroes`); the model's answer is
+    /// its `image_write` of zeroes.
+    ImageWriteZeroes {
+        disk: usize,
+        sector: u64,
+        sectors: u64,
+    },
     Fault {
         target: Option<usize>,
         kind: IoKind,
@@ -408,6 +415,11 @@ pub type Mismatch = String;
 pub fn data_of(sectors: u64, seed: u8) -> Vec<u8> {
     let len = (sectors * SECTOR_SIZE_BYTES) as usize;
     (0..len).map(|i| (i as u8).wrapping_mul(13).wrapping_add(seed) ^ (i >> 9) as u8).collect()
+}
+
+/// The bytes an `Op::ImageWriteZeroes` of `sectors` writes, as the model is told them.
+pub fn zeroes_of(sectors: u64) -> Vec<u8> {
+    vec![0; (sectors * SECTOR_SIZE_BYTES) as usize]
 }
 
 /// An origin write the way `seed` picks: odd seeds take the ublk queue's asynchronous path
@@ -757,6 +769,13 @@ impl Harness {
                 let off = sector * SECTOR_SIZE_BYTES;
                 let m = self.model.image_write(d, off, &data);
                 let e = self.engine.image_write(d, off, &data);
+                self.same(&what, &m, &e)
+            }
+            Op::ImageWriteZeroes { disk, sector, sectors } => {
+                let d = self.disk(disk);
+                let (off, len) = (sector * SECTOR_SIZE_BYTES, sectors * SECTOR_SIZE_BYTES);
+                let m = self.model.image_write(d, off, &zeroes_of(sectors));
+                let e = self.engine.image_write_zeroes(d, off, len);
                 self.same(&what, &m, &e)
             }
             Op::Fault { target, kind, errno } => {

@@ -77,6 +77,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (d.clone(), io()).prop_map(|(disk, (sector, sectors))| Op::WriteZeroes { disk, sector, sectors }),
         6 => (d.clone(), io()).prop_map(|(disk, (sector, sectors))| Op::ImageRead { disk, sector, sectors }),
         5 => (d.clone(), io(), any::<u8>()).prop_map(|(disk, (sector, sectors), seed)| Op::ImageWrite { disk, sector, sectors, seed }),
+        2 => (d.clone(), io()).prop_map(|(disk, (sector, sectors))| Op::ImageWriteZeroes { disk, sector, sectors }),
         2 => (prop::option::of(d.clone()), prop_oneof![Just(IoKind::Read), Just(IoKind::Write)], errno())
             .prop_map(|(target, kind, errno)| Op::Fault { target, kind, errno }),
         1 => errno().prop_map(|errno| Op::FailGrowth { errno }),

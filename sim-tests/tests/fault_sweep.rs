@@ -45,6 +45,7 @@ fn fail_every_io_once() {
         (IoTarget::Origin(2), IoOp::WriteZeroes),
         (IoTarget::Storage, IoOp::Read),
         (IoTarget::Storage, IoOp::Write),
+        (IoTarget::Storage, IoOp::WriteZeroes),
         (IoTarget::Storage, IoOp::SetLen),
     ] {
         assert!(report.by_kind.get(&key).is_some_and(|n| *n > 0), "no {key:?} I/O in the workload");

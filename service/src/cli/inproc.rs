@@ -685,7 +685,9 @@ fn open_storage(
     replay_len: Option<u64>,
     limit_sectors: Option<u64>,
 ) -> Result<EngineDev, Error> {
-    match crate::daemon::open_storage(path) {
+    // No daemon configuration here: the daemon's default rule (direct I/O on block devices).
+    let direct = crate::daemon::backing_io::DirectIo::Auto;
+    match crate::daemon::open_storage(path, direct) {
         Ok(f) => Ok(Arc::new(f)),
         Err(e) => match replay_len {
             Some(len) => Ok(Arc::new(match limit_sectors {

@@ -4,8 +4,9 @@
 
 use std::path::Path;
 
-use blksnap_engine::io::FileDev;
 use blksnap_model::{Errno, Error};
+
+use super::backing_io::{BackingDev, DirectIo};
 
 /// What a backing is, independent of the path used to name it: a block device by its number,
 /// a regular file by device and inode — a second path, a symlink or a hard link to a served
@@ -80,8 +81,10 @@ pub(super) fn exclusive_probe(node: &str) -> Result<Option<std::fs::File>, Error
 
 /// Opens a difference storage by its type, as the newest uapi's CREATE does: a regular file
 /// (growable) or a block device (fixed size) as it is, a directory → an unnamed `O_TMPFILE`
-/// file in it; anything else EINVAL.
-pub fn open_storage(path: &str) -> Result<FileDev, Error> {
+/// file in it; anything else EINVAL. It is served as a backing is ([`BackingDev`]): direct I/O
+/// as `direct` says (config `storage_direct_io`), and zeroing — an image's discard of whole
+/// chunks — punches holes.
+pub fn open_storage(path: &str, direct: DirectIo) -> Result<BackingDev, Error> {
     use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
     let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => Error::new(Errno::ENOENT, "storage path does not exist"),
@@ -98,17 +101,22 @@ pub fn open_storage(path: &str) -> Result<FileDev, Error> {
             .mode(0o600)
             .open(path)
             .map_err(|_| Error::new(Errno::EIO, "cannot create a file in the storage directory"))?;
-        FileDev::from_file(file)
+        BackingDev::new(file, direct, path)
     } else if kind.is_file() || kind.is_block_device() {
-        FileDev::open(path, true)
+        let file = std::fs::OpenOptions::new().read(true).write(true).open(path).map_err(|e| {
+            let errno = e.raw_os_error().and_then(Errno::from_code).unwrap_or(Errno::EIO);
+            Error::new(errno, "cannot open the storage")
+        })?;
+        BackingDev::new(file, direct, path)
     } else {
         Err(Error::new(Errno::EINVAL, "storage must be a file, block device or directory"))
     }
 }
 
 /// An unnamed private storage file in the directory `dir` (`openat(dir, ".", O_TMPFILE |
-/// O_EXCL | O_RDWR, 0600)`), for a directory descriptor root passed.
-pub(super) fn tmpfile_in(dir: &std::fs::File) -> Result<FileDev, Error> {
+/// O_EXCL | O_RDWR, 0600)`), for a directory descriptor root passed; served as
+/// [`open_storage`] serves one.
+pub(super) fn tmpfile_in(dir: &std::fs::File, direct: DirectIo) -> Result<BackingDev, Error> {
     use rustix::fs::{Mode, OFlags};
     let fd = rustix::fs::openat(
         dir,
@@ -120,7 +128,7 @@ pub(super) fn tmpfile_in(dir: &std::fs::File) -> Result<FileDev, Error> {
         let errno = Errno::from_code(e.raw_os_error()).unwrap_or(Errno::EIO);
         Error::new(errno, "cannot create a file in the storage directory")
     })?;
-    FileDev::from_file(std::fs::File::from(fd))
+    BackingDev::new(std::fs::File::from(fd), direct, &fd_path(dir))
 }
 
 /// The path the kernel gives an open file (its `/proc/self/fd` link: the name at open time,

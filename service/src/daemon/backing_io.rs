@@ -1,7 +1,8 @@
-//! [`BackingDev`]: how the daemon reads and writes an origin's backing (the engine's
-//! [`BlockDev`] for it), with what the engine's portable [`FileDev`] cannot do without new
-//! dependencies:
-//! * **direct I/O** (`O_DIRECT`, default for block devices, `backing_direct_io` in the config):
+//! [`BackingDev`]: how the daemon reads and writes an origin's backing and a difference storage
+//! (the engine's [`BlockDev`] for both; a storage file also grows), with what the engine's
+//! portable [`FileDev`] cannot do without new dependencies:
+//! * **direct I/O** (`O_DIRECT`, default for block devices, `backing_direct_io` and
+//!   `storage_direct_io` in the config):
 //!   data is not cached twice (the daemon's page cache and the guest's), a completed write has
 //!   reached the device (its volatile cache: flush/FUA still send a flush), reads are the
 //!   device's speed, not page-cache hits. Requests whose offset and length are multiples of the
@@ -16,7 +17,8 @@
 //!   zeroes with unmap where the device can), else zero the range (`FALLOC_FL_ZERO_RANGE`; on a
 //!   block device `BLKZEROOUT`), else write zeroes — the fallback reported once per backing.
 //!   `BLKDISCARD` is not used: a discarded range must read as zeroes (the model's discard), which
-//!   a plain discard does not promise.
+//!   a plain discard does not promise. On a difference storage the same zeroing serves an
+//!   image's discard of whole chunks (`Engine::image_write_zeroes`).
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -369,6 +371,16 @@ impl BlockDev for BackingDev {
     fn flush(&self) -> Result<()> {
         self.buffered.flush()
     }
+
+    /// A regular file grows (a difference storage does); a block device does not.
+    fn can_grow(&self) -> bool {
+        self.buffered.can_grow()
+    }
+
+    /// `ftruncate` of the file (the direct descriptor is the same file: it sees the new size).
+    fn set_len(&self, len_bytes: u64) -> Result<()> {
+        self.buffered.set_len(len_bytes)
+    }
 }
 
 #[cfg(test)]
@@ -475,6 +487,57 @@ mod tests {
         let mut back = vec![0u8; 8192];
         dev.read_at(&mut back, 5 * MIB).unwrap();
         assert_eq!(back, pattern(8192, 17));
+    }
+
+    /// A difference storage opened as blksnapd opens one (`open_storage`: a directory → an
+    /// unnamed file, a file as it is), direct where the filesystem allows: it starts empty,
+    /// grows (`set_len`, as the engine's file storage does), round-trips data at aligned and
+    /// unaligned offsets and buffers, also past its old end after growing, and punches holes.
+    #[test]
+    fn a_storage_grows_and_round_trips_aligned_and_not() {
+        use crate::daemon::backing::open_storage;
+        let dir = tempfile::tempdir().unwrap();
+        let named = dir.path().join("storage.img");
+        std::fs::File::create(&named).unwrap();
+        for path in [dir.path().to_path_buf(), named] {
+            let dev = open_storage(path.to_str().unwrap(), DirectIo::Always).unwrap();
+            println!("{}: direct {}", path.display(), dev.is_direct());
+            assert!(dev.can_grow(), "a regular file grows");
+            assert_eq!(dev.len_bytes(), 0);
+            dev.set_len(4 * MIB).unwrap();
+            assert_eq!(dev.len_bytes(), 4 * MIB);
+            let mut page = Aligned::new(256 * 1024).unwrap();
+            page.slice(256 * 1024).copy_from_slice(&pattern(256 * 1024, 21));
+            dev.write_at(page.slice(256 * 1024), MIB).unwrap(); // direct from the buffer
+            let chunk = pattern(256 * 1024 + 4096, 22);
+            dev.write_at(&chunk, 2 * MIB).unwrap(); // aligned range, bounce
+            dev.write_at(&pattern(1536, 23), 3 * MIB + 512).unwrap(); // unaligned: buffered
+                                                                      // a write past the end is refused until the storage grows
+            assert_eq!(dev.write_at(&[1u8; 4096], 4 * MIB).unwrap_err().errno, Errno::EIO);
+            dev.set_len(8 * MIB).unwrap();
+            dev.write_at(&pattern(8192, 24), 6 * MIB).unwrap();
+            dev.write_at(&pattern(1024, 25), 7 * MIB + 3584).unwrap();
+            dev.flush().unwrap();
+            let back = |off: u64, len: usize| {
+                let mut b = vec![0xEEu8; len];
+                dev.read_at(&mut b, off).unwrap();
+                b
+            };
+            assert_eq!(back(MIB, 256 * 1024), pattern(256 * 1024, 21));
+            assert_eq!(back(2 * MIB, chunk.len()), chunk);
+            assert_eq!(back(3 * MIB + 512, 1536), pattern(1536, 23));
+            assert_eq!(back(3 * MIB, 512), vec![0u8; 512]);
+            assert_eq!(back(6 * MIB, 8192), pattern(8192, 24));
+            assert_eq!(back(7 * MIB + 3584, 1024), pattern(1024, 25));
+            assert_eq!(back(4 * MIB, 4096), vec![0u8; 4096], "grown sparse: zeroes");
+            // zeroing a stored chunk's range (an image discard) reads back zeroes
+            dev.write_zeroes_at(2 * MIB, 256 * 1024).unwrap();
+            assert_eq!(back(2 * MIB, 256 * 1024), vec![0u8; 256 * 1024]);
+            assert_eq!(back(2 * MIB + 256 * 1024, 4096), chunk[256 * 1024..]);
+        }
+        let bad = |p: &str| open_storage(p, DirectIo::Auto).unwrap_err().errno;
+        assert_eq!(bad("/dev/null"), Errno::EINVAL, "a character device");
+        assert_eq!(bad(dir.path().join("missing").to_str().unwrap()), Errno::ENOENT);
     }
 
     #[test]

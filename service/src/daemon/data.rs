@@ -7,8 +7,9 @@
 //! images `241:N` with the null front end; the ublk devices' numbers otherwise). It is served by
 //! [`serve::serve`], the very code that serves the ublk front end's block requests: origin reads
 //! and writes through the engine (change tracking and copy-on-write), image reads and writes
-//! through the snapshot, discard and write-zeroes as the engine's (origins) or as written zeroes
-//! (images), flush of the difference storage then the backing; an image whose snapshot is gone
+//! through the snapshot, discard and write-zeroes as the engine's (origins) or as
+//! `Engine::image_write_zeroes` (images: wholly covered chunks zeroed in the difference storage,
+//! a hole in a file), flush of the difference storage then the backing; an image whose snapshot is gone
 //! or corrupted answers EIO; a panic marks the device failed (EIO from then on). Ranges past the
 //! end are EINVAL (the block layer never sends them to ublk; here the client could). Limits:
 //! [`blksnap_proto::MAX_DATA_BYTES`] per read or write, [`blksnap_proto::MAX_ZERO_BYTES`] per

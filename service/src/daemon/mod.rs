@@ -563,7 +563,8 @@ impl Daemon {
                 let (spec, backends) = match storage {
                     Storage::Ranges => (StorageSpec::Ranges, Vec::new()),
                     Storage::File { path, limit_sectors } => {
-                        let backend: Dev = Arc::new(open_storage(&path)?);
+                        let backend: Dev =
+                            Arc::new(open_storage(&path, self.config.storage_direct_io)?);
                         (
                             StorageSpec::File { backend: backend.clone(), limit_sectors },
                             vec![backend],
@@ -592,7 +593,8 @@ impl Daemon {
                 let backend: Dev = match key.and_then(|k| st.storage_files.get(&k).cloned()) {
                     Some(open) => open,
                     None => {
-                        let opened: Dev = Arc::new(open_storage(&path)?);
+                        let opened: Dev =
+                            Arc::new(open_storage(&path, self.config.storage_direct_io)?);
                         if let Some(k) = key {
                             st.storage_files.insert(k, opened.clone());
                         }

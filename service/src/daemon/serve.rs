@@ -4,8 +4,9 @@
 //!   known, straight to the backing;
 //! * write, discard, write-zeroes → `Engine::write/discard/write_zeroes` (CBT + copy-on-write,
 //!   then the backing: a discard or write-zeroes punches a hole or zeroes a range there, see
-//!   [`super::backing_io`]) / `Engine::image_write` (discard and write-zeroes on an image write
-//!   zero buffers into the difference storage);
+//!   [`super::backing_io`]) / `Engine::image_write` (discard and write-zeroes on an image:
+//!   `Engine::image_write_zeroes`, which zeroes wholly covered chunks in the difference storage
+//!   by its `write_zeroes_at`, no zero buffer);
 //! * flush → the difference storage, then the backing (`fdatasync`); FUA writes flush likewise
 //!   before they complete.
 //!
@@ -47,9 +48,6 @@ pub struct DataRequest {
     /// Force unit access: durable before completion.
     pub fua: bool,
 }
-
-/// Largest zero buffer an image's discard writes at once (bounds memory for huge discards).
-const IMAGE_ZERO_STEP_BYTES: u64 = 1 << 20;
 
 fn serve_unguarded(t: &Target, req: &DataRequest, buf: &mut [u8]) -> Result<(), Error> {
     if req.op == DataOp::Flush {
@@ -117,16 +115,7 @@ fn image_io(t: &Target, origin: DeviceId, req: &DataRequest, buf: &mut [u8]) -> 
     match req.op {
         DataOp::Read => t.engine.image_read(origin, offset, buf),
         DataOp::Write => t.engine.image_write(origin, offset, buf),
-        DataOp::Discard | DataOp::WriteZeroes => {
-            let zeroes = vec![0u8; len.min(IMAGE_ZERO_STEP_BYTES) as usize];
-            let mut done = 0;
-            while done < len {
-                let step = (len - done).min(IMAGE_ZERO_STEP_BYTES);
-                t.engine.image_write(origin, offset + done, &zeroes[..step as usize])?;
-                done += step;
-            }
-            Ok(())
-        }
+        DataOp::Discard | DataOp::WriteZeroes => t.engine.image_write_zeroes(origin, offset, len),
         DataOp::Flush => t.flush(),
     }
 }
@@ -241,5 +230,90 @@ mod tests {
         );
         assert!(log.log.lock().unwrap().is_empty());
         assert!(!t.failed.load(Ordering::Acquire));
+    }
+
+    /// An image's discard reaches the difference storage as holes, not zero buffers: on a
+    /// sparse storage file (served as blksnapd serves one), the allocated bytes (`st_blocks`)
+    /// do not grow by a discard of whole chunks that were never stored, and shrink by a discard
+    /// of stored ones; the image reads zeroes there, the origin is untouched. The numbers are
+    /// printed (`--nocapture`), with the old way (image writes of zero buffers) beside them.
+    #[test]
+    fn image_discard_punches_holes_in_the_storage() {
+        use std::os::unix::fs::MetadataExt;
+
+        use blksnap_engine::StorageSpec;
+
+        use crate::daemon::backing_io::{BackingDev, DirectIo};
+
+        const MIB: u64 = 1 << 20;
+        const RANGE: u64 = 64 * MIB;
+        // Buffered (the default for files) and direct.
+        for direct in [DirectIo::Auto, DirectIo::Always] {
+            let engine = Arc::new(Engine::new(EngineConfig::default()).unwrap());
+            let origin = DeviceId::new(240, 0);
+            let origin_dev: Dev = Arc::new(MemDev::new(3 * RANGE));
+            origin_dev.write_at(&vec![0x5a; (3 * RANGE) as usize], 0).unwrap();
+            engine.add_disk(origin, origin_dev.clone(), 1).unwrap();
+            engine.attach(origin).unwrap();
+            let tmp = tempfile::NamedTempFile::new().unwrap();
+            let file = std::fs::OpenOptions::new().read(true).write(true).open(tmp.path()).unwrap();
+            let storage: Dev = Arc::new(BackingDev::new(file, direct, "storage").unwrap());
+            let allocated = || tmp.as_file().metadata().unwrap().blocks() * 512;
+            let spec =
+                StorageSpec::File { backend: storage.clone(), limit_sectors: (1 << 30) >> 9 };
+            let id = engine.snapshot_create(spec).unwrap();
+            engine.snapshot_add(id, origin).unwrap();
+            engine.snapshot_take(id).unwrap();
+            let image = Target {
+                engine: engine.clone(),
+                origin: RwLock::new(None),
+                backing: origin_dev.clone(),
+                direct_backing: None,
+                storages: Mutex::new(vec![storage]),
+                image_of: Some(origin),
+                failed: AtomicBool::new(false),
+            };
+            let discard = |offset_bytes: u64| {
+                serve(&image, &req(DataOp::Discard, offset_bytes, RANGE, true), &mut []).unwrap();
+            };
+
+            let start = allocated();
+            // Whole chunks never stored: stored as holes.
+            discard(0);
+            let after_fresh = allocated();
+            // Whole chunks stored by image writes, then discarded: the holes come back.
+            let mut data = vec![0xc3u8; 4 * MIB as usize];
+            for at in (RANGE..2 * RANGE).step_by(data.len()) {
+                serve(&image, &req(DataOp::Write, at, data.len() as u64, false), &mut data)
+                    .unwrap();
+            }
+            let after_write = allocated();
+            discard(RANGE);
+            let after_stored = allocated();
+            // The old way, for comparison: zero buffers written through image_write.
+            let zeroes = vec![0u8; MIB as usize];
+            for at in (2 * RANGE..3 * RANGE).step_by(zeroes.len()) {
+                engine.image_write(origin, at, &zeroes).unwrap();
+            }
+            let after_zero_writes = allocated();
+            println!(
+                "{direct:?} storage allocated bytes: {start} at take, {after_fresh} after a 64 MiB image \
+                 discard of unstored chunks, {after_write} after 64 MiB of image writes, \
+                 {after_stored} after discarding those, {after_zero_writes} after 64 MiB of image \
+                 writes of zero buffers (the old way)"
+            );
+            let slack = 4 * MIB; // metadata and the filesystem's rounding, not the data
+            assert!(after_fresh <= start + slack, "discard allocated {after_fresh} bytes");
+            assert!(after_write >= after_fresh + RANGE, "the writes must allocate: {after_write}");
+            assert!(after_stored <= after_fresh + slack, "no holes punched: {after_stored}");
+            assert!(after_zero_writes >= after_stored + RANGE, "the old way allocates");
+
+            let mut back = vec![0xffu8; (2 * RANGE) as usize];
+            engine.image_read(origin, 0, &mut back).unwrap();
+            assert!(back.iter().all(|b| *b == 0), "the discarded image reads zeroes");
+            engine.read(origin, 0, &mut back).unwrap();
+            assert!(back.iter().all(|b| *b == 0x5a), "the origin is untouched");
+            engine.snapshot_destroy(id).unwrap();
+        }
     }
 }

@@ -18,11 +18,12 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::sync::Arc;
 
-use blksnap_engine::io::{Dev, FileDev};
+use blksnap_engine::io::Dev;
 use blksnap_engine::StorageSpec;
 use blksnap_model::{DeviceId, Errno, Error, SectorRange};
 use blksnap_proto::{Reply, Request, WireError};
 
+use super::backing_io::BackingDev;
 use super::{BackingKey, Daemon, OriginStart, SnapRec, State};
 
 /// Who sent a request: the connection's credentials from `SO_PEERCRED` / `SO_PEERGROUPS`.
@@ -240,7 +241,7 @@ impl Daemon {
             Request::SnapshotCreateFd { limit_sectors } => {
                 let (file, meta) = checked(fd, Use::Storage, who.is_root())?;
                 let backend: Dev = if meta.is_dir() {
-                    Arc::new(super::backing::tmpfile_in(&file)?)
+                    Arc::new(super::backing::tmpfile_in(&file, self.config.storage_direct_io)?)
                 } else {
                     Self::not_served(&self.state(), &meta)?;
                     if !who.is_root() && meta.is_file() {
@@ -254,7 +255,8 @@ impl Daemon {
                             ));
                         }
                     }
-                    Arc::new(FileDev::from_file(file)?)
+                    let name = super::backing::fd_path(&file);
+                    Arc::new(BackingDev::new(file, self.config.storage_direct_io, &name)?)
                 };
                 let mut st = self.state();
                 if st.snapshots.len() >= self.config.max_snapshots {
@@ -277,7 +279,9 @@ impl Daemon {
                 let backend = match st.storage_files.get(&key) {
                     Some(open) => open.clone(),
                     None => {
-                        let opened: Dev = Arc::new(FileDev::from_file(file)?);
+                        let name = super::backing::fd_path(&file);
+                        let direct = self.config.storage_direct_io;
+                        let opened: Dev = Arc::new(BackingDev::new(file, direct, &name)?);
                         st.storage_files.insert(key, opened.clone());
                         opened
                     }

@@ -14,7 +14,7 @@ use blksnap_model::{
     SECTOR_SIZE_BYTES,
 };
 
-use crate::{data_of, fnv1a, DiskSetup, Harness, IoRecord, Op, StorageKind};
+use crate::{data_of, fnv1a, zeroes_of, DiskSetup, Harness, IoRecord, Op, StorageKind};
 
 use super::*;
 
@@ -327,9 +327,13 @@ impl Checker {
                     self.stats.image_bytes_read += sectors * SECTOR_SIZE_BYTES;
                 }
             }
-            Op::ImageWrite { disk, sector, sectors, seed } => {
+            Op::ImageWrite { disk, sector, sectors, .. }
+            | Op::ImageWriteZeroes { disk, sector, sectors } => {
                 let d = disk % n;
-                let data = data_of(sectors, seed);
+                let data = match *op {
+                    Op::ImageWrite { seed, .. } => data_of(sectors, seed),
+                    _ => zeroes_of(sectors),
+                };
                 if ok && sectors > 0 {
                     let frozen = self.frozen.get_mut(&d);
                     let present = frozen.is_some();

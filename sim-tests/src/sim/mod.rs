@@ -168,6 +168,7 @@ fn op_name(op: &Op) -> &'static str {
         Op::WriteZeroes { .. } => "write_zeroes",
         Op::ImageRead { .. } => "image_read",
         Op::ImageWrite { .. } => "image_write",
+        Op::ImageWriteZeroes { .. } => "image_write_zeroes",
         Op::Fault { .. } => "fault",
         Op::TornFault { .. } => "torn_fault",
         Op::FailGrowth { .. } => "fail_growth",
@@ -404,7 +405,8 @@ impl Sim {
                     | Op::WriteZeroes { disk, sector: s, sectors: n }
                     | Op::Read { disk, sector: s, sectors: n }
                     | Op::ImageRead { disk, sector: s, sectors: n }
-                    | Op::ImageWrite { disk, sector: s, sectors: n, .. } => {
+                    | Op::ImageWrite { disk, sector: s, sectors: n, .. }
+                    | Op::ImageWriteZeroes { disk, sector: s, sectors: n } => {
                         (*disk, *s, *n) = (focus.0, sector, sectors);
                     }
                     _ => {}
@@ -434,6 +436,10 @@ impl Sim {
                 Op::ImageWrite { disk, sector, sectors, seed } => {
                     let (sector, sectors) = piece(sector, sectors);
                     Op::ImageWrite { disk, sector, sectors, seed }
+                }
+                Op::ImageWriteZeroes { disk, sector, sectors } => {
+                    let (sector, sectors) = piece(sector, sectors);
+                    Op::ImageWriteZeroes { disk, sector, sectors }
                 }
                 Op::CbtMap { disk, offset, length } => {
                     Op::CbtMap { disk, offset, length: length.min(1) }
@@ -791,7 +797,13 @@ impl Sim {
             5 => {
                 let disk = self.pick_disk();
                 let (sector, sectors) = self.io_range(disk);
-                Op::ImageWrite { disk, sector, sectors, seed: self.rng.next_u64() as u8 }
+                // A third of the image writes are image discards (write-zeroes), chosen by the
+                // seed already drawn: no extra draw, so every seed generates the same sequence
+                // of operations as before image discards existed.
+                match self.rng.next_u64() as u8 {
+                    seed if seed % 3 == 0 => Op::ImageWriteZeroes { disk, sector, sectors },
+                    seed => Op::ImageWrite { disk, sector, sectors, seed },
+                }
             }
             6 => Op::WaitEvent {
                 snap: self.pick_snap(),

@@ -49,6 +49,10 @@ pub fn sweep_workload() -> Vec<Op> {
         ImageRead { disk: 0, sector: 0, sectors: 64 },
         ImageWrite { disk: 0, sector: 3, sectors: 10, seed: 4 },
         ImageWrite { disk: 1, sector: 16, sectors: 8, seed: 5 },
+        // Image discards: partial + whole chunks on the Ranges storage (New), and whole chunks
+        // of which one was stored by the writes above (file storage).
+        ImageWriteZeroes { disk: 2, sector: 4, sectors: 28 },
+        ImageWriteZeroes { disk: 0, sector: 8, sectors: 24 },
         ImageRead { disk: 1, sector: 0, sectors: 75 },
         ImageRead { disk: 2, sector: 0, sectors: 131 },
         Read { disk: 0, sector: 0, sectors: 64 },
