@@ -419,6 +419,19 @@ struct UringIo {
     tickets: std::cell::RefCell<Vec<Option<WriteTicket>>>,
     /// Zero copy: how a request failed here gets its data for serving it the other way.
     uc: Option<UserCopy>,
+    /// I/Os that failed or came back short and were served again the other way (said when the
+    /// queue ends: a steady count means the backing refuses what this path sends it).
+    served_again: std::cell::Cell<u64>,
+}
+
+/// [`UringIo`]'s I/Os served again, over every queue of the process (see [`io_served_again`]).
+static SERVED_AGAIN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How many I/Os on the queues' io_urings of this process failed or came back short and were
+/// served again the other way (the engine, with user copy on zero-copy devices): a fallback a
+/// test can see taken.
+pub fn io_served_again() -> u64 {
+    SERVED_AGAIN.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// A request's data for the queue's io_uring.
@@ -439,6 +452,7 @@ impl UringIo {
             in_flight: std::cell::Cell::new(0),
             tickets: std::cell::RefCell::new((0..depth).map(|_| None).collect()),
             uc,
+            served_again: std::cell::Cell::new(0),
         }
     }
 
@@ -541,6 +555,10 @@ impl UringIo {
         debug_assert!(self.in_flight.get() > 0, "an I/O reaped that was never submitted");
         self.in_flight.set(self.in_flight.get().saturating_sub(1));
         let done = matches!(&req, Ok(r) if res >= 0 && res as u64 == r.len_bytes);
+        if !done {
+            self.served_again.set(self.served_again.get() + 1);
+            SERVED_AGAIN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         if op == WRITE_OP {
             let ticket = self.tickets.borrow_mut().get_mut(tag as usize).and_then(Option::take);
             debug_assert!(ticket.is_some(), "a write reaped without its ticket");
@@ -751,6 +769,14 @@ fn queue_fn(qid: u16, dev: &UblkDev, target: &Arc<Target>, workers: u16, uring: 
     // the queue is down: the reads in flight end, the workers finish what they hold (its
     // completion is moot) and end
     uring_io.drain();
+    if uring_io.served_again.get() > 0 {
+        eprintln!(
+            "blksnapd: queue {qid} of ublk device {}: {} I/Os on the queue's io_uring failed or \
+             came back short and were served again",
+            dev.dev_info.dev_id,
+            uring_io.served_again.get()
+        );
+    }
     jobs.close();
     for h in threads {
         let _ = h.join();

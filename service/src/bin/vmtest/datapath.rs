@@ -21,7 +21,7 @@
 use super::*;
 use blksnap_service::config::ZeroCopy;
 use blksnap_service::daemon::backing_io::DirectIo;
-use blksnap_service::ublk::{zero_copy_available, zero_copy_of};
+use blksnap_service::ublk::{io_served_again, zero_copy_available, zero_copy_of};
 
 /// The raw device's size and the regions the workloads use (all within it).
 const DEV_MIB: u64 = 160;
@@ -506,8 +506,68 @@ fn verify_both_ways(env: &Env, fio: &Fio, zero_copy: bool) -> R {
     with_direct_origin(env, "nullb0", |origin, dev| {
         expect_mode(origin, zero_copy)?;
         let what = format!("block device, direct (queue io_uring), {mode}");
-        verify_across_take(env, fio, origin, dev, &what)
+        verify_across_take(env, fio, origin, dev, &what)?;
+        // a 4 KiB-aligned range (the queue's io_uring may take it) and a 512-byte-aligned one
+        // (the workers: the backing's blocks are 4 KiB)
+        for at_bytes in [SKEWED_AT_BYTES, SKEWED_AT_BYTES + MIB + 512] {
+            skewed_buffers(origin, at_bytes)?;
+        }
+        println!("    null_blk, direct, {mode}: O_DIRECT from 4-byte-aligned buffers round-trips");
+        Ok(())
+    })?;
+    // The kernel loop driver's direct I/O refuses such pages (EINVAL) where null_blk takes them:
+    // on a zero-copy device the fixed write and read fail and are served again by user copy.
+    with_direct_origin(env, "loop-skewed", |origin, _| {
+        let before = io_served_again();
+        skewed_buffers(origin, SKEWED_AT_BYTES)?;
+        let again = io_served_again() - before;
+        if zero_copy {
+            ensure!(again >= 2, "the loop device took skewed pages: the fallback went untested");
+        }
+        println!(
+            "    loop device, direct, {mode}: O_DIRECT from 4-byte-aligned buffers round-trips \
+             ({again} I/Os on the queue's io_uring refused and served again)"
+        );
+        Ok(())
     })
+}
+
+/// Where [`skewed_buffers`] writes: past the verify region.
+const SKEWED_AT_BYTES: u64 = (VERIFY_AT_MIB + VERIFY_MIB + 1) * MIB;
+
+/// `O_DIRECT` writes and reads of 8 KiB from buffers 4 bytes past a page boundary — the least
+/// alignment the ublk device accepts (its DMA alignment stays the driver's default) — at a
+/// sector-aligned offset `at_bytes` outside the verify region. On a zero-copy device a backing
+/// that wants more alignment refuses such pages for its own direct I/O (the loop driver does,
+/// null_blk does not), so this exercises the fallback (user copy); either way the data must
+/// round-trip and equal a page-aligned read.
+fn skewed_buffers(origin: &str, at_bytes: u64) -> R {
+    const LEN_BYTES: usize = 8192;
+    let f = open_direct(origin, true).map_err(|e| format!("{origin}: {e}"))?;
+    let skewed = |raw: &mut Vec<u8>| {
+        let skew = (4096 - raw.as_ptr() as usize % 4096) % 4096 + 4;
+        skew..skew + LEN_BYTES
+    };
+    let mut out = vec![0u8; LEN_BYTES + 8192];
+    let r = skewed(&mut out);
+    for (i, b) in out[r.clone()].iter_mut().enumerate() {
+        *b = (i * 31 % 253) as u8 ^ 0x5a;
+    }
+    f.write_all_at(&out[r.clone()], at_bytes).map_err(|e| format!("skewed O_DIRECT write: {e}"))?;
+    let mut back = vec![0u8; LEN_BYTES + 8192];
+    let rb = skewed(&mut back);
+    f.read_exact_at(&mut back[rb.clone()], at_bytes)
+        .map_err(|e| format!("skewed O_DIRECT read: {e}"))?;
+    ensure!(back[rb] == out[r.clone()], "skewed O_DIRECT: the data read back differs");
+    // the same bytes through a page-aligned buffer (the page holding the range's start)
+    let page_at = at_bytes & !4095;
+    let page = pread_page(&f, page_at).map_err(|e| format!("aligned O_DIRECT read: {e}"))?;
+    let into_page = (at_bytes - page_at) as usize;
+    ensure!(
+        page.0[into_page..] == out[r.start..r.start + 4096 - into_page],
+        "skewed O_DIRECT: a page-aligned read sees other data"
+    );
+    Ok(())
 }
 
 /// Fails unless the ublk device `node` (`/dev/ublkbN`) moves its data by zero copy exactly
@@ -522,10 +582,11 @@ fn expect_mode(node: &str, zero_copy: bool) -> R {
 }
 
 /// Runs `f` on a tracked origin that `env`'s daemon serves over a fresh memory-backed null_blk
-/// `name` (a loop device with direct I/O over tmpfs when the kernel has no null_blk): a block
-/// device, so direct I/O and the queue's io_uring path. Removed afterwards.
+/// `name` (a loop device with direct I/O over tmpfs when the kernel has no null_blk, or when
+/// `name` starts with "loop"): a block device, so direct I/O and the queue's io_uring path.
+/// Removed afterwards.
 fn with_direct_origin(env: &Env, name: &str, f: impl FnOnce(&str, Dev) -> R) -> R {
-    let raw = if nullb_available() {
+    let raw = if nullb_available() && !name.starts_with("loop") {
         nullb_create(name, DEV_MIB, 0)?
     } else {
         let file = env.path(&format!("{name}.img"));
