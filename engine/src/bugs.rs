@@ -38,4 +38,9 @@ pub enum Bug {
     /// (`WriteTicket`s, the asynchronous write path): a write that passed its copy-on-write
     /// check before the take lands after it, uncopied, and the image changes.
     TakeIgnoresWriteTickets,
+    /// Not upstream: this engine's own, found by the concurrent simulation (2026-12). DESTROY
+    /// removes the snapshot from the list and closes its images only later, in the teardown:
+    /// a second destroy answers ENODEV, and an image read started after that answer still
+    /// succeeds — not linearizable.
+    DestroyClosesImagesLate,
 }

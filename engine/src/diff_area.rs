@@ -165,9 +165,10 @@ impl DiffArea {
             .push(Event { time_ns, kind: EventKind::Corrupted { device: self.device, errno } });
     }
 
-    /// Whether the image accepts I/O.
+    /// Whether the image accepts I/O: opened by the take, not closed by the teardown, and its
+    /// snapshot not destroyed (still in the engine's list: [`DiffStorage::mark_destroyed`]).
     pub fn image_open(&self) -> bool {
-        self.image_open.load(Ordering::Acquire)
+        self.image_open.load(Ordering::Acquire) && !self.storage.is_destroyed()
     }
 
     /// Open (after a successful take) or close (first step of teardown) the image.

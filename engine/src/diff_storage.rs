@@ -17,6 +17,7 @@ use blksnap_model::{Errno, Error, Event, EventKind, Result, SectorRange, Storage
 
 use crate::event_queue::EventQueue;
 use crate::io::Dev;
+use crate::sync::atomic::{AtomicBool, Ordering};
 use crate::sync::Arc;
 use crate::sync::{LockRank, Mutex};
 use crate::Shared;
@@ -83,6 +84,12 @@ pub struct DiffStorage {
     /// The snapshot's events.
     pub events: EventQueue,
     shared: Arc<Shared>,
+    /// Set when the snapshot leaves the engine's list (DESTROY's linearization point, under the
+    /// list lock): from then on its images are closed ([`crate::diff_area::DiffArea::image_open`]
+    /// is false), although the teardown that unpublishes them runs after the list lock is
+    /// dropped. Without it, a second destroy could answer ENODEV (the snapshot is gone) and an
+    /// image read started after that answer still succeed.
+    destroyed: AtomicBool,
 }
 
 impl DiffStorage {
@@ -101,8 +108,12 @@ impl DiffStorage {
                     overflow: false,
                 };
                 let events = EventQueue::for_engine(&shared);
-                let s =
-                    DiffStorage { state: Mutex::new(LockRank::StorageState, st), events, shared };
+                let s = DiffStorage {
+                    state: Mutex::new(LockRank::StorageState, st),
+                    events,
+                    shared,
+                    destroyed: AtomicBool::new(false),
+                };
                 s.emit(EventKind::LowFreeSpace { requested_sectors: minimum });
                 s
             }
@@ -112,10 +123,21 @@ impl DiffStorage {
                     state: Mutex::new(LockRank::StorageState, st),
                     events: EventQueue::for_engine(&shared),
                     shared,
+                    destroyed: AtomicBool::new(false),
                 }
             }
         };
         Ok(storage)
+    }
+
+    /// The snapshot left the engine's list: its images serve nothing from now on.
+    pub fn mark_destroyed(&self) {
+        self.destroyed.store(true, Ordering::Release);
+    }
+
+    /// Whether [`Self::mark_destroyed`] was called.
+    pub fn is_destroyed(&self) -> bool {
+        self.destroyed.load(Ordering::Acquire)
     }
 
     /// The engine context.

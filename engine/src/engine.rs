@@ -398,7 +398,17 @@ impl Engine {
             let mut list = self.snapshots.write();
             let pos = list.iter().position(|s| s.id == id);
             let pos = pos.ok_or(Error::new(Errno::ENODEV, "no such snapshot"))?;
-            list.remove(pos)
+            let snapshot = list.remove(pos);
+            // Gone from the list and its images closed in one step (the teardown that
+            // unpublishes them follows): whoever sees it gone sees no image either.
+            #[cfg(blksnap_bugs)]
+            let close_now = !self.shared.injected(crate::bugs::Bug::DestroyClosesImagesLate);
+            #[cfg(not(blksnap_bugs))]
+            let close_now = true;
+            if close_now {
+                snapshot.storage.mark_destroyed();
+            }
+            snapshot
         };
         snapshot.teardown();
         Ok(())

@@ -294,6 +294,22 @@ fn take_ignores_write_tickets() {
     );
 }
 
+/// DESTROY closing the images only in its teardown: a second destroy answers ENODEV and an
+/// image read after that still succeeds. Both checkers must catch it.
+#[test]
+fn destroy_closes_images_late() {
+    expect_caught(
+        "destroy closes images late",
+        "an image read after a destroy answered ENODEV",
+        Bug::DestroyClosesImagesLate,
+        |bug| {
+            let mut config = common::config();
+            config.bug = bug;
+            common::destroy_racing_destroy(config)
+        },
+    );
+}
+
 fn lost_wakeup_scenario(bug: Option<Bug>) {
     let q =
         Arc::new(if bug.is_some() { EventQueue::with_lost_wakeup() } else { EventQueue::new() });

@@ -229,6 +229,13 @@ fn write_ticket_racing_take_never_changes_the_image() {
     model(|| common::write_ticket_racing_take(common::config()));
 }
 
+/// Two destroys racing: the one answering ENODEV never finds the image still open afterwards
+/// (leaving the list closes the images).
+#[test]
+fn destroy_answering_enodev_leaves_no_open_image() {
+    model(|| common::destroy_racing_destroy(common::config()));
+}
+
 /// Faults under racing copies: a torn storage write, then ENOSPC, meets whichever of an image
 /// write and an origin write to one New chunk copies first.
 #[test]

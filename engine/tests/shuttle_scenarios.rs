@@ -315,6 +315,12 @@ fn write_ticket_racing_take() {
     check(|| common::write_ticket_racing_take(common::config()));
 }
 
+/// Two destroys racing (see `common::destroy_racing_destroy`).
+#[test]
+fn destroy_racing_destroy() {
+    check(|| common::destroy_racing_destroy(common::config()));
+}
+
 // ---- the blind classes of issue 11: rules that only matter under concurrency ----------------
 
 /// Two copies fail at once with different errors: the diff area keeps one of them, reports it

@@ -152,3 +152,32 @@ pub fn write_ticket_racing_take(config: EngineConfig) {
     assert!(origin.iter().all(|b| *b == 0xdd));
     e.snapshot_destroy(id).unwrap();
 }
+
+/// Two destroys of one taken snapshot race. The one that answers ENODEV has seen the snapshot
+/// gone, so an image read it starts after that answer must fail with ENODEV too: leaving the
+/// list and closing the images are one step of the winning destroy (its teardown, which
+/// unpublishes the images and frees the members, may still be running).
+pub fn destroy_racing_destroy(config: EngineConfig) {
+    let (e, id, _plan) = created_snapshot(config, CHUNK);
+    e.snapshot_take(id).unwrap();
+    let after_destroy = move |e: &Engine| match e.snapshot_destroy(id) {
+        Ok(()) => true,
+        Err(err) => {
+            assert_eq!(err.errno, Errno::ENODEV, "{err}");
+            let mut buf = [0u8; 512];
+            let read = e.image_read(D0, 0, &mut buf);
+            assert!(
+                matches!(&read, Err(err) if err.errno == Errno::ENODEV),
+                "an image read after a destroy answered ENODEV: {read:?}"
+            );
+            false
+        }
+    };
+    let e2 = e.clone();
+    let other = thread::spawn(move || after_destroy(&e2));
+    let mine = after_destroy(&e);
+    let theirs = other.join().unwrap();
+    assert!(mine ^ theirs, "exactly one destroy succeeds: {mine} {theirs}");
+    let mut buf = [0u8; 512];
+    assert_eq!(e.image_read(D0, 0, &mut buf).unwrap_err().errno, Errno::ENODEV);
+}
