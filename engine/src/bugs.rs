@@ -43,4 +43,8 @@ pub enum Bug {
     /// a second destroy answers ENODEV, and an image read started after that answer still
     /// succeeds — not linearizable.
     DestroyClosesImagesLate,
+    /// Not upstream: the same race's other half (2026-12). Nothing waits for a destroy's
+    /// teardown to release the snapshot's members: after a second destroy answered ENODEV, the
+    /// device is still reported in the snapshot (member_of; add to a new snapshot EBUSY).
+    DestroyReleasesMembersLate,
 }

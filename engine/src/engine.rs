@@ -4,7 +4,11 @@
 //!
 //! # Lock order (outermost first)
 //! 0. `appends` — serialises storage appends across snapshots.
-//! 1. `snapshots` (global list) — held only to look up, insert or remove; never nested.
+//! 1. `snapshots` (global list) — held only to look up, insert or remove; destroy nests the
+//!    two below in it (push to `retiring`; the destroyed snapshot's `state`, see
+//!    `snapshot_destroy`).
+//!    1a. `retiring` — destroyed snapshots whose teardown runs; held only to push, look up,
+//!    remove.
 //! 2. `disks` (registry) — likewise.
 //! 3. a snapshot's `state` — add, take, destroy.
 //! 4. device gates, write side, in ascending device order — attach, detach, take switch,
@@ -82,6 +86,8 @@ pub struct Engine {
     shared: Arc<Shared>,
     disks: RwLock<BTreeMap<DeviceId, Arc<Disk>>>,
     snapshots: RwLock<Vec<Kref<Snapshot>>>,
+    /// Snapshots gone from the list whose teardown has not finished (see [`Engine::settle`]).
+    retiring: Mutex<Vec<Kref<Snapshot>>>,
     /// Serialises storage appends (see `snapshot_append_storage`). Outermost.
     appends: Mutex<()>,
 }
@@ -119,6 +125,7 @@ impl Engine {
             shared: Arc::new(shared),
             disks: RwLock::new(LockRank::Disks, BTreeMap::new()),
             snapshots: RwLock::new(LockRank::Snapshots, Vec::new()),
+            retiring: Mutex::new(LockRank::Retiring, Vec::new()),
             appends: Mutex::new(LockRank::Appends, ()),
         })
     }
@@ -194,6 +201,7 @@ impl Engine {
     /// Unregister a disk (its block device is going away): EBUSY while it is in a snapshot;
     /// its tracker, if any, goes with it. ENODEV if not registered.
     pub fn remove_disk(&self, dev: DeviceId) -> Result<()> {
+        self.settle(dev);
         let disk = self.disk(dev)?;
         let mut gate = disk.gate_write()?;
         if gate.tracker.as_ref().is_some_and(|t| t.owner.lock().is_some()) {
@@ -210,6 +218,7 @@ impl Engine {
     /// The snapshot whose member `dev` is (created or taken), if any. ENODEV if not registered,
     /// ENOENT without a tracker.
     pub fn member_of(&self, dev: DeviceId) -> Result<Option<SnapshotId>> {
+        self.settle(dev);
         let (_disk, tracker) = self.tracker(dev)?;
         let owner = *tracker.owner.lock();
         Ok(owner)
@@ -218,6 +227,31 @@ impl Engine {
     /// Capacity of a registered disk in bytes.
     pub fn disk_capacity_bytes(&self, dev: DeviceId) -> Result<u64> {
         Ok(self.disk(dev)?.capacity_bytes)
+    }
+
+    /// Waits, if `dev`'s owner is a snapshot already gone from the list, until that snapshot's
+    /// teardown has released its members. Whoever saw the destroy (its success, a second
+    /// destroy's ENODEV, a collect without it) must then see the device in no snapshot: add,
+    /// detach, remove_disk and member_of call this first, holding no lock. The teardown holds
+    /// the snapshot's state lock from before the snapshot left the list until its members are
+    /// released, so taking that lock once is the wait. An owner that becomes retiring after
+    /// the look here belongs to a destroy concurrent with the caller: either answer is one of
+    /// a sequential order's.
+    fn settle(&self, dev: DeviceId) {
+        #[cfg(blksnap_bugs)]
+        if self.shared.injected(crate::bugs::Bug::DestroyReleasesMembersLate) {
+            return;
+        }
+        let owner = self.disk(dev).ok().and_then(|disk| {
+            let gate = disk.gate_read().ok()?;
+            let owner = gate.tracker.as_ref().and_then(|t| *t.owner.lock());
+            owner
+        });
+        let Some(id) = owner else { return };
+        let retiring = self.retiring.lock().iter().find(|s| s.id == id).cloned();
+        if let Some(snapshot) = retiring {
+            drop(snapshot.state.lock());
+        }
     }
 
     fn disk(&self, dev: DeviceId) -> Result<Arc<Disk>> {
@@ -270,6 +304,7 @@ impl Engine {
 
     /// BLKFILTER_DETACH: stop tracking. EBUSY while the device is in a snapshot.
     pub fn detach(&self, dev: DeviceId) -> Result<()> {
+        self.settle(dev);
         let disk = self.disk(dev)?;
         let mut gate = disk.gate_write()?;
         let Some(tracker) = &gate.tracker else {
@@ -322,6 +357,7 @@ impl Engine {
 
     /// ctl snapshotadd.
     pub fn snapshot_add(&self, id: SnapshotId, dev: DeviceId) -> Result<()> {
+        self.settle(dev);
         let (disk, tracker) = self.tracker(dev)?;
         let snapshot = self.snapshot(id)?;
         #[cfg(blksnap_bugs)]
@@ -394,23 +430,36 @@ impl Engine {
 
     /// SNAPSHOT_DESTROY.
     pub fn snapshot_destroy(&self, id: SnapshotId) -> Result<()> {
-        let snapshot = {
-            let mut list = self.snapshots.write();
-            let pos = list.iter().position(|s| s.id == id);
-            let pos = pos.ok_or(Error::new(Errno::ENODEV, "no such snapshot"))?;
-            let snapshot = list.remove(pos);
-            // Gone from the list and its images closed in one step (the teardown that
-            // unpublishes them follows): whoever sees it gone sees no image either.
-            #[cfg(blksnap_bugs)]
-            let close_now = !self.shared.injected(crate::bugs::Bug::DestroyClosesImagesLate);
-            #[cfg(not(blksnap_bugs))]
-            let close_now = true;
-            if close_now {
-                snapshot.storage.mark_destroyed();
-            }
-            snapshot
-        };
-        snapshot.teardown();
+        let mut list = self.snapshots.write();
+        let pos = list.iter().position(|s| s.id == id);
+        let pos = pos.ok_or(Error::new(Errno::ENODEV, "no such snapshot"))?;
+        let snapshot = list.remove(pos);
+        // Gone from the list and its images closed in one step (the teardown that unpublishes
+        // them follows): whoever sees it gone sees no image either.
+        #[cfg(blksnap_bugs)]
+        let close_now = !self.shared.injected(crate::bugs::Bug::DestroyClosesImagesLate);
+        #[cfg(not(blksnap_bugs))]
+        let close_now = true;
+        if close_now {
+            snapshot.storage.mark_destroyed();
+        }
+        // Its members are released only by the teardown: listed as retiring, with the state
+        // lock the teardown runs under taken before the list lock goes, so `settle` can wait
+        // for the release. (Under the list lock, the state lock waits at most for a take or an
+        // add of this snapshot in progress; neither takes the list lock.)
+        self.retiring.lock().push(snapshot.clone());
+        #[cfg(blksnap_bugs)]
+        if !close_now {
+            // as it was: the list let go first, the teardown then takes the snapshot lock
+            drop(list);
+            snapshot.teardown(snapshot.state.lock());
+            self.retiring.lock().retain(|s| s.id != id);
+            return Ok(());
+        }
+        let state = snapshot.state.lock();
+        drop(list);
+        snapshot.teardown(state);
+        self.retiring.lock().retain(|s| s.id != id);
         Ok(())
     }
 

@@ -14,7 +14,7 @@ use blksnap_model::{Errno, Error, Result, SnapshotId};
 use crate::diff_area::DiffArea;
 use crate::diff_storage::DiffStorage;
 use crate::kref::Kref;
-use crate::sync::{Arc, Mutex};
+use crate::sync::{Arc, Mutex, MutexGuard};
 use crate::tracker::{Disk, Tracker};
 use crate::Shared;
 
@@ -176,9 +176,9 @@ impl Snapshot {
         st.taken = false;
     }
 
-    /// DESTROY's teardown (the caller already removed the snapshot from the list).
-    pub fn teardown(&self) {
-        let mut st = self.state.lock();
+    /// DESTROY's teardown, under the snapshot lock `st` (the caller took it, and removed the
+    /// snapshot from the list, before).
+    pub fn teardown(&self, mut st: MutexGuard<'_, SnapState>) {
         assert!(!st.destroyed, "a snapshot is torn down once");
         st.destroyed = true;
         for m in &st.members {

@@ -231,6 +231,9 @@ mod order {
         Appends,
         /// The global snapshot list (held only to look up, insert or remove).
         Snapshots,
+        /// `Engine::retiring`: snapshots gone from the list whose teardown runs (pushed under
+        /// the list lock, looked up or removed alone).
+        Retiring,
         /// The disk registry (likewise).
         Disks,
         /// A snapshot's state (add, take, destroy).

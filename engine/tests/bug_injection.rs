@@ -270,11 +270,7 @@ fn image_read_ignores_corruption() {
         "image read ignores corruption",
         "an image read returned data written after the take",
         Bug::ReadIgnoresCorruption,
-        |bug| {
-            let mut config = common::config();
-            config.bug = bug;
-            common::image_read_racing_corruption(config)
-        },
+        |bug| common::image_read_racing_corruption(bugged(bug)),
     );
 }
 
@@ -286,11 +282,7 @@ fn take_ignores_write_tickets() {
         "take ignores write tickets",
         "the image changed after the take",
         Bug::TakeIgnoresWriteTickets,
-        |bug| {
-            let mut config = common::config();
-            config.bug = bug;
-            common::write_ticket_racing_take(config)
-        },
+        |bug| common::write_ticket_racing_take(bugged(bug)),
     );
 }
 
@@ -302,12 +294,27 @@ fn destroy_closes_images_late() {
         "destroy closes images late",
         "an image read after a destroy answered ENODEV",
         Bug::DestroyClosesImagesLate,
-        |bug| {
-            let mut config = common::config();
-            config.bug = bug;
-            common::destroy_racing_destroy(config)
-        },
+        |bug| common::destroy_racing_destroy(bugged(bug)),
     );
+}
+
+/// Nothing waiting for a destroy's teardown to release the members: after a second destroy
+/// answered ENODEV the device is still in the snapshot. Both checkers must catch it.
+#[test]
+fn destroy_releases_members_late() {
+    expect_caught(
+        "destroy releases members late",
+        "a member after a destroy answered ENODEV",
+        Bug::DestroyReleasesMembersLate,
+        |bug| common::destroy_racing_destroy(bugged(bug)),
+    );
+}
+
+/// The shared scenarios' engine configuration with `bug` restored (or none).
+fn bugged(bug: Option<Bug>) -> blksnap_engine::EngineConfig {
+    let mut config = common::config();
+    config.bug = bug;
+    config
 }
 
 fn lost_wakeup_scenario(bug: Option<Bug>) {

@@ -154,9 +154,10 @@ pub fn write_ticket_racing_take(config: EngineConfig) {
 }
 
 /// Two destroys of one taken snapshot race. The one that answers ENODEV has seen the snapshot
-/// gone, so an image read it starts after that answer must fail with ENODEV too: leaving the
-/// list and closing the images are one step of the winning destroy (its teardown, which
-/// unpublishes the images and frees the members, may still be running).
+/// gone, so an image read it starts after that answer must fail with ENODEV too (leaving the
+/// list and closing the images are one step of the winning destroy), and the device must be in
+/// no snapshot (the winner's teardown, which releases the members, may still be running: the
+/// engine waits for it).
 pub fn destroy_racing_destroy(config: EngineConfig) {
     let (e, id, _plan) = created_snapshot(config, CHUNK);
     e.snapshot_take(id).unwrap();
@@ -170,6 +171,7 @@ pub fn destroy_racing_destroy(config: EngineConfig) {
                 matches!(&read, Err(err) if err.errno == Errno::ENODEV),
                 "an image read after a destroy answered ENODEV: {read:?}"
             );
+            assert_eq!(e.member_of(D0).unwrap(), None, "a member after a destroy answered ENODEV");
             false
         }
     };
