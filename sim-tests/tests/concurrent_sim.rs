@@ -4,6 +4,9 @@
 //! In an ordinary build the threads are real (whatever interleaving the machine gives); with
 //! `RUSTFLAGS="--cfg blksnap_shuttle"` (CI stage `concurrent-sim`) each seed runs under shuttle's
 //! random and PCT schedulers, `BLKSNAP_SHUTTLE_SIM_ITERATIONS` schedules each (default 60).
+//! `BLKSNAP_SIM_EXTRA_SEEDS` (comma-separated) adds seeds to the fixed ones: CI derives two from
+//! the commit, so each change also meets workloads no earlier run has (a failure names its seed;
+//! the same variable replays it).
 
 use blksnap_sim_tests::concurrent::{run, ConcurrentConfig, ConcurrentReport};
 
@@ -17,6 +20,15 @@ fn config(seed: u64) -> ConcurrentConfig {
     }
 }
 
+/// The fixed seeds `1..=fixed`, then those of `BLKSNAP_SIM_EXTRA_SEEDS`.
+fn seeds(fixed: u64) -> Vec<u64> {
+    let extra = std::env::var("BLKSNAP_SIM_EXTRA_SEEDS").unwrap_or_default();
+    let extra = extra.split(',').filter(|s| !s.trim().is_empty()).map(|s| {
+        s.trim().parse::<u64>().unwrap_or_else(|_| panic!("BLKSNAP_SIM_EXTRA_SEEDS: {s:?}"))
+    });
+    (1..=fixed).chain(extra).collect()
+}
+
 fn check(report: &ConcurrentReport, seed: u64) {
     assert!(report.rounds_run > 0, "seed {seed}: no round ran: {report:?}");
     assert!(report.ops >= 4 * u64::from(report.rounds_run), "seed {seed}: {report:?}");
@@ -26,7 +38,8 @@ fn check(report: &ConcurrentReport, seed: u64) {
 #[test]
 fn seeds_with_real_threads() {
     let (mut rounds, mut skipped, mut ops, mut steps) = (0, 0, 0, 0);
-    for seed in 1..=24 {
+    let seeds = seeds(24);
+    for &seed in &seeds {
         let report = run(&config(seed)).unwrap_or_else(|e| panic!("{e}"));
         check(&report, seed);
         rounds += report.rounds_run;
@@ -35,7 +48,7 @@ fn seeds_with_real_threads() {
         steps += report.search_steps;
     }
     eprintln!(
-        "concurrent simulation, real threads: 24 seeds, {rounds} rounds ({skipped} began by withdrawing \
+        "concurrent simulation, real threads: seeds {seeds:?}, {rounds} rounds ({skipped} began by withdrawing \
          a pending fault), {ops} concurrent operations, {steps} model steps searched"
     );
 }
@@ -49,10 +62,11 @@ fn seeds_under_shuttle() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(60);
-    let seeds = 1..=8u64;
+    let seeds = seeds(8);
     let executions = Arc::new(AtomicU64::new(0));
     let rounds = Arc::new(AtomicU64::new(0));
-    for seed in seeds.clone() {
+    for &seed in &seeds {
+        eprintln!("concurrent simulation under shuttle: seed {seed}");
         let body = {
             let (executions, rounds) = (executions.clone(), rounds.clone());
             move || {
