@@ -350,6 +350,19 @@ fn verify_files(dir: &Path, files: &BTreeMap<String, u64>) -> R {
     Ok(())
 }
 
+/// Fails unless the ublk device `node` (`/dev/ublkbN`) moves its data by zero copy exactly
+/// when `zero_copy`.
+pub(crate) fn expect_mode(node: &str, zero_copy: bool) -> R {
+    let id = node.strip_prefix("/dev/ublkb").and_then(|n| n.parse::<u32>().ok());
+    let got = id
+        .and_then(blksnap_service::ublk::zero_copy_of)
+        .ok_or(format!("{node}: not a ublk device"))?;
+    if got != zero_copy {
+        return Err(format!("{node}: zero copy {got}, expected {zero_copy}"));
+    }
+    Ok(())
+}
+
 /// A page-aligned 4 KiB buffer for O_DIRECT.
 #[repr(C, align(4096))]
 struct Page([u8; 4096]);

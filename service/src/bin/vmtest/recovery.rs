@@ -7,6 +7,10 @@ pub(crate) fn recovery(env: &Env) -> R {
     sparse_file(&backing, 64 * MIB)?;
     let mut d = DaemonProc::start(env, &backing, 2)?;
     let (node, dev) = d.origin()?;
+    // the device keeps the data mode it was added with across the recovery (zero copy where
+    // the kernel offers it: the daemon's default)
+    let zero_copy = blksnap_service::ublk::zero_copy_available();
+    expect_mode(&node, zero_copy)?;
     mkfs(&node)?;
     let om = env.path("origin");
     mount(&node, &om, "rw")?;
@@ -23,6 +27,7 @@ pub(crate) fn recovery(env: &Env) -> R {
     let recovered_ms = t.elapsed().as_millis();
     let (node2, dev2) = d.origin()?;
     ensure!(node2 == node && dev2 == dev, "not recovered: {node}/{dev:?} -> {node2}/{dev2:?}");
+    expect_mode(&node2, zero_copy)?;
     let (info2, _) = d.cbt(dev)?;
     ensure!(info2.generation_id != info1.generation_id, "CBT generation kept after kill -9");
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -45,7 +50,8 @@ pub(crate) fn recovery(env: &Env) -> R {
     umount(&om)?;
     d.finish()?;
     println!(
-        "    writer at {at_kill} rounds at kill -9, {} files in all; recovery took {recovered_ms} ms",
+        "    writer at {at_kill} rounds at kill -9, {} files in all; recovery took {recovered_ms} ms; \
+         zero copy {zero_copy} before and after",
         written.len()
     );
     Ok(())
