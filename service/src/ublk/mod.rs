@@ -33,13 +33,11 @@
 
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::ptr::{null, null_mut};
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use blksnap_engine::WriteTicket;
 use blksnap_model::{DeviceId, Errno, Error};
 use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
 use libublk::io::{BufDescList, UblkDev, UblkIOCtx, UblkQueue};
@@ -47,6 +45,14 @@ use libublk::{sys, BufDesc, UblkFlags, UblkIORes};
 
 use crate::daemon::serve::{serve, DataOp, DataRequest};
 use crate::daemon::{Frontend, Served, Target};
+
+mod uring_io;
+mod zero_copy;
+
+pub use uring_io::io_served_again;
+use uring_io::{RingBuf, UringIo, READ_OP, WRITE_OP};
+use zero_copy::{handle_copied, zero_copy_offered, DataMode, UserCopy, ZERO_COPY_FLAGS};
+pub use zero_copy::{zero_copy_available, zero_copy_of};
 
 /// Whether this host has the ublk driver.
 pub fn available() -> bool {
@@ -87,95 +93,6 @@ impl UblkFrontend {
     }
 }
 
-/// How a device's request data moves between the kernel's pages and the backing, fixed when
-/// the device is added (its flags) and followed by every daemon that serves it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum DataMode {
-    /// The driver copies each request's data into (write) or out of (read) a buffer per tag
-    /// that the daemon owns: one memory copy per request in the kernel, `depth` buffers of
-    /// `io_buf_bytes` per queue.
-    Copy,
-    /// `UBLK_F_AUTO_BUF_REG | UBLK_F_USER_COPY` (kernel 6.16+): the driver registers each
-    /// request's own pages in the queue thread's io_uring at buffer index = tag before handing
-    /// the request over; the queue's io_uring I/O ([`UringIo`]) reads and writes the backing
-    /// with them in place (`READ_FIXED`/`WRITE_FIXED`, no copy at all), and everything else
-    /// (workers: copy-on-write, images, FUA, discard) copies the data with `pread`/`pwrite` on
-    /// `/dev/ublkcN` ([`UserCopy`]) into a buffer per worker. A request the driver could not
-    /// register (`UBLK_IO_F_NEED_REG_BUF`) takes the worker path. Every commit carries the
-    /// tag's registration (index, fallback), since the driver reads the next request's from it.
-    ZeroCopy,
-}
-
-/// The device flags zero copy needs (both: the registration, and the fallback's copy).
-const ZERO_COPY_FLAGS: u64 = (sys::UBLK_F_AUTO_BUF_REG | sys::UBLK_F_USER_COPY) as u64;
-
-impl DataMode {
-    fn of_flags(flags: u64) -> DataMode {
-        if flags & ZERO_COPY_FLAGS == ZERO_COPY_FLAGS {
-            DataMode::ZeroCopy
-        } else {
-            DataMode::Copy
-        }
-    }
-}
-
-/// User copy (`UBLK_F_USER_COPY`): between a request's dispatch and its commit, any thread may
-/// read a write request's data (`pread`) or fill a read request's pages (`pwrite`) on the
-/// device's `/dev/ublkcN`, at a position that names the queue, the tag and the byte offset.
-#[derive(Clone, Copy)]
-struct UserCopy {
-    /// `/dev/ublkcN` (the one descriptor libublk opened: a second open is refused).
-    cdev: i32,
-    qid: u16,
-}
-
-/// Largest request a user-copy position can address (its offset field, 25 bits).
-const USER_COPY_MAX_BYTES: usize = 1 << 25;
-
-impl UserCopy {
-    /// A write request's data into `buf` (its length: the request's).
-    fn read_request(&self, tag: u16, buf: &mut [u8]) -> Result<(), Errno> {
-        self.copy(tag, buf.as_mut_ptr(), buf.len(), false)
-    }
-
-    /// `buf` (the request's length) into a read request's pages.
-    fn fill_request(&self, tag: u16, buf: &[u8]) -> Result<(), Errno> {
-        self.copy(tag, buf.as_ptr().cast_mut(), buf.len(), true)
-    }
-
-    fn copy(&self, tag: u16, buf: *mut u8, len: usize, into_request: bool) -> Result<(), Errno> {
-        if len > USER_COPY_MAX_BYTES {
-            return Err(Errno::EINVAL);
-        }
-        let mut done = 0usize;
-        while done < len {
-            let pos = UblkIOCtx::ublk_user_copy_pos(self.qid, tag, done as u32) as libc::off_t;
-            // SAFETY: `buf` is valid for `len` bytes (a slice the callers hold); `into_request`
-            // only reads it (pwrite), else it is written (pread, from a `&mut` slice).
-            let n = unsafe {
-                if into_request {
-                    libc::pwrite(self.cdev, buf.add(done).cast(), len - done, pos)
-                } else {
-                    libc::pread(self.cdev, buf.add(done).cast(), len - done, pos)
-                }
-            };
-            if n < 0 {
-                let code = std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO);
-                if code == libc::EINTR {
-                    continue;
-                }
-                return Err(Errno::from_code(code).unwrap_or(Errno::EIO));
-            }
-            if n == 0 {
-                // the request is shorter than its descriptor said: never expected
-                return Err(Errno::EIO);
-            }
-            done += n as usize;
-        }
-        Ok(())
-    }
-}
-
 fn neg(e: Errno) -> i32 {
     -e.code()
 }
@@ -209,38 +126,6 @@ fn handle(t: &Target, req: Result<DataRequest, Errno>, buf: &mut [u8]) -> i32 {
         Ok(len) => len.min(i32::MAX as u64) as i32,
         Err(e) => neg(e),
     }
-}
-
-/// Serves one request of a zero-copy device through `buf` (a buffer of this thread's, at least
-/// the request's length): a write's data is copied in from the request first, a read's out to
-/// it after ([`UserCopy`]).
-fn handle_copied(
-    t: &Target,
-    uc: UserCopy,
-    tag: u16,
-    req: Result<DataRequest, Errno>,
-    buf: &mut [u8],
-) -> i32 {
-    let r = match req {
-        Ok(r) => r,
-        Err(e) => return neg(e),
-    };
-    if r.op == DataOp::Write {
-        let Some(data) = usize::try_from(r.len_bytes).ok().and_then(|n| buf.get_mut(..n)) else {
-            return neg(Errno::EINVAL);
-        };
-        if let Err(e) = uc.read_request(tag, data) {
-            return neg(e);
-        }
-    }
-    let res = handle(t, Ok(r), buf);
-    if r.op == DataOp::Read && res > 0 {
-        // `serve` checked that the length fits `buf`
-        if let Err(e) = uc.fill_request(tag, &buf[..res as usize]) {
-            return neg(e);
-        }
-    }
-    res
 }
 
 /// Serves one request on this thread with `buf`: the tag's buffer (copy mode, `uc` None) or
@@ -386,244 +271,6 @@ fn tag_slice<'b>(tag_bufs: &[(usize, usize)], tag: u16) -> &'b mut [u8] {
     // SAFETY: a live buffer of the queue's `bufs` (kept until `queue_fn` returns, after every
     // use) of `len` bytes, used by one party at a time (see `TagBuf`).
     unsafe { std::slice::from_raw_parts_mut(p as *mut u8, len) }
-}
-
-/// Origin reads and writes issued on the queue's own io_uring, with no hand-off to a worker:
-/// * a read needs nothing of the engine (it checks the range and reads the backing);
-/// * a write whose chunks need no copy-on-write gets a [`WriteTicket`] from
-///   `Engine::try_write_begin` (CBT marked; the engine never blocks the queue thread: a busy
-///   gate or a chunk to copy means no ticket), and the ticket is dropped when the backing write
-///   has completed — a take waits for it, as the kernel's queue freeze waits for requests in
-///   flight. FUA writes, discards and write-zeroes go to the workers.
-///
-/// Either goes this way only when it would go direct to the backing anyway
-/// ([`BackingDev::direct_fd`]: aligned range, page-aligned tag buffer). On a zero-copy device
-/// the I/O uses the request's own pages, registered at buffer index = tag
-/// (`READ_FIXED`/`WRITE_FIXED`, [`RingBuf::Registered`]); whether they suit direct I/O the kernel
-/// decides, and one it refuses fails here and is served the other way. A read that comes back
-/// short or failed is served again through the engine; a write is retried once synchronously
-/// on the backing under its ticket (their answer is the request's).
-///
-/// Invariants: a tag's buffer is used by its I/O until that I/O's completion is reaped; the
-/// queue does not return (and free the buffers) before every submitted I/O is reaped
-/// ([`UringIo::drain`]); a ticket is dropped only after its write completed, or at the drain
-/// when the ring failed (a take must not wait for a queue that is gone). While any I/O of this
-/// queue is in flight, the queue thread serves nothing synchronously through the engine (a
-/// write there could wait on a gate whose take waits for this queue's tickets).
-///
-/// [`BackingDev::direct_fd`]: crate::daemon::backing_io::BackingDev::direct_fd
-struct UringIo {
-    /// Submitted and not reaped.
-    in_flight: std::cell::Cell<u32>,
-    /// The ticket of each tag's write in flight.
-    tickets: std::cell::RefCell<Vec<Option<WriteTicket>>>,
-    /// Zero copy: how a request failed here gets its data for serving it the other way.
-    uc: Option<UserCopy>,
-    /// I/Os that failed or came back short and were served again the other way (said when the
-    /// queue ends: a steady count means the backing refuses what this path sends it).
-    served_again: std::cell::Cell<u64>,
-}
-
-/// [`UringIo`]'s I/Os served again, over every queue of the process (see [`io_served_again`]).
-static SERVED_AGAIN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-
-/// How many I/Os on the queues' io_urings of this process failed or came back short and were
-/// served again the other way (the engine, with user copy on zero-copy devices): a fallback a
-/// test can see taken.
-pub fn io_served_again() -> u64 {
-    SERVED_AGAIN.load(std::sync::atomic::Ordering::Relaxed)
-}
-
-/// A request's data for the queue's io_uring.
-enum RingBuf<'b> {
-    /// The tag's buffer (copy mode).
-    Slice(&'b mut [u8]),
-    /// The request's own pages, registered by the driver at buffer index = tag (zero copy).
-    Registered,
-}
-
-/// The target-I/O op codes in the user data (any values but the wake poll's 0).
-const READ_OP: u32 = 1;
-const WRITE_OP: u32 = 2;
-
-impl UringIo {
-    fn new(depth: usize, uc: Option<UserCopy>) -> UringIo {
-        UringIo {
-            in_flight: std::cell::Cell::new(0),
-            tickets: std::cell::RefCell::new((0..depth).map(|_| None).collect()),
-            uc,
-            served_again: std::cell::Cell::new(0),
-        }
-    }
-
-    /// Submits `req` on the queue's io_uring if it may go that way; false: serve it otherwise
-    /// (nothing was done).
-    fn try_submit(
-        &self,
-        q: &UblkQueue,
-        t: &Target,
-        tag: u16,
-        req: &DataRequest,
-        buf: RingBuf<'_>,
-    ) -> bool {
-        use std::sync::atomic::Ordering;
-        let write = match req.op {
-            DataOp::Read => false,
-            DataOp::Write if !req.fua => true,
-            _ => return false,
-        };
-        if t.image_of.is_some() || t.failed.load(Ordering::Acquire) {
-            return false;
-        }
-        let Some(backing) = &t.direct_backing else { return false };
-        let Ok(len) = u32::try_from(req.len_bytes) else { return false };
-        // a registered buffer's address is an offset into the request (0); whether its pages
-        // suit direct I/O the kernel checks (EINVAL: served again the other way)
-        let (addr, cap) = match &buf {
-            RingBuf::Slice(b) => (b.as_ptr() as usize, b.len()),
-            RingBuf::Registered => (0, USER_COPY_MAX_BYTES),
-        };
-        if len == 0 || len as usize > cap || tag as usize >= self.tickets.borrow().len() {
-            return false;
-        }
-        let Some(fd) = backing.direct_fd(req.offset_bytes, len as usize, addr) else {
-            return false;
-        };
-        let fd = io_uring::types::Fd(fd);
-        let sqe = if write {
-            let id = *t.origin.read().unwrap_or_else(|p| p.into_inner());
-            let Some(id) = id else { return false };
-            // a panic here fails the target as one in `serve` does (every request EIO from
-            // now on) instead of ending the queue thread with its requests hanging
-            let begun = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                t.engine.try_write_begin(id, req.offset_bytes, req.len_bytes)
-            }));
-            let ticket = match begun {
-                Ok(Ok(Some(ticket))) => ticket,
-                // a copy to make, a busy gate, or an error the engine reports on the other way
-                Ok(_) => return false,
-                Err(_) => {
-                    t.failed.store(true, Ordering::Release);
-                    eprintln!("blksnapd: an origin write panicked: the device fails every request from now on");
-                    return false;
-                }
-            };
-            self.tickets.borrow_mut()[tag as usize] = Some(ticket);
-            let at = req.offset_bytes;
-            match buf {
-                RingBuf::Slice(b) => {
-                    io_uring::opcode::Write::new(fd, b.as_ptr(), len).offset(at).build()
-                }
-                RingBuf::Registered => {
-                    io_uring::opcode::WriteFixed::new(fd, null(), len, tag).offset(at).build()
-                }
-            }
-        } else {
-            let at = req.offset_bytes;
-            match buf {
-                RingBuf::Slice(b) => {
-                    io_uring::opcode::Read::new(fd, b.as_mut_ptr(), len).offset(at).build()
-                }
-                RingBuf::Registered => {
-                    io_uring::opcode::ReadFixed::new(fd, null_mut(), len, tag).offset(at).build()
-                }
-            }
-        };
-        let op = if write { WRITE_OP } else { READ_OP };
-        let sqe = sqe.user_data(UblkIOCtx::build_user_data(tag, op, 0, true));
-        if q.ublk_submit_sqe_sync(sqe).is_err() {
-            // not submitted: nothing was written; the ticket ends and the request takes the
-            // other way (the engine marks the CBT again: the same marks)
-            self.tickets.borrow_mut()[tag as usize] = None;
-            return false;
-        }
-        self.in_flight.set(self.in_flight.get() + 1);
-        true
-    }
-
-    /// An I/O's completion (`op` from its user data): the request's result.
-    fn reaped(
-        &self,
-        t: &Target,
-        tag: u16,
-        op: u32,
-        req: Result<DataRequest, Errno>,
-        res: i32,
-        buf: &mut [u8],
-    ) -> i32 {
-        let uc = self.uc;
-        debug_assert!(self.in_flight.get() > 0, "an I/O reaped that was never submitted");
-        self.in_flight.set(self.in_flight.get().saturating_sub(1));
-        let done = matches!(&req, Ok(r) if res >= 0 && res as u64 == r.len_bytes);
-        if !done {
-            self.served_again.set(self.served_again.get() + 1);
-            SERVED_AGAIN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        }
-        if op == WRITE_OP {
-            let ticket = self.tickets.borrow_mut().get_mut(tag as usize).and_then(Option::take);
-            debug_assert!(ticket.is_some(), "a write reaped without its ticket");
-            match (done, req) {
-                (true, _) => res,
-                (false, Ok(r)) => {
-                    let n = r.len_bytes as usize;
-                    if n > buf.len() {
-                        return neg(Errno::EINVAL);
-                    }
-                    // zero copy: the data is still in the request's pages; take a copy
-                    if let Some(Err(e)) = uc.map(|uc| uc.read_request(tag, &mut buf[..n])) {
-                        return neg(e);
-                    }
-                    let retry = ticket.map(|k| k.backend().write_at(&buf[..n], r.offset_bytes));
-                    match retry {
-                        Some(Ok(())) => n as i32,
-                        Some(Err(e)) => neg(e.errno),
-                        None => neg(Errno::EIO),
-                    }
-                }
-                (false, Err(e)) => neg(e),
-            }
-            // the ticket ends here, after its write (or the retry) completed
-        } else if done {
-            res
-        } else {
-            handle_in(t, uc, tag, req, buf)
-        }
-    }
-
-    /// After the queue loop ended: waits for the I/O still in flight, so that none fills or
-    /// reads a buffer after the queue freed it (their requests are gone with the queue), then
-    /// ends every ticket.
-    fn drain(&self) {
-        while self.in_flight.get() > 0 {
-            let reaped = libublk::io::with_task_io_ring_mut(|ring| {
-                if let Err(e) = ring.submit_and_wait(1) {
-                    if e.raw_os_error() != Some(libc::EINTR) {
-                        return Err(e);
-                    }
-                }
-                let mut n = 0;
-                for cqe in ring.completion() {
-                    let data = cqe.user_data();
-                    let tgt = data & libublk::UblkUringData::Target as u64 != 0;
-                    let op = UblkIOCtx::user_data_to_op(data);
-                    if tgt && (op == READ_OP || op == WRITE_OP) {
-                        n += 1;
-                    }
-                }
-                Ok(n)
-            });
-            match reaped {
-                Ok(n) => self.in_flight.set(self.in_flight.get().saturating_sub(n)),
-                Err(e) => {
-                    // the ring is unusable: the kernel tears it down with the buffers' pages
-                    // still pinned by the I/O; the buffers are leaked rather than freed
-                    eprintln!("blksnapd: waiting for a ublk queue's I/O: {e}");
-                    break;
-                }
-            }
-        }
-        self.tickets.borrow_mut().iter_mut().for_each(|k| drop(k.take()));
-    }
 }
 
 fn queue_fn(qid: u16, dev: &UblkDev, target: &Arc<Target>, workers: u16, uring: bool) {
@@ -809,16 +456,6 @@ fn existing(dev_id: u32) -> Option<(sys::ublksrv_ctrl_dev_info, u64)> {
     Some((ctrl.dev_info(), sectors * 512))
 }
 
-/// Whether this host's ublk driver offers zero copy (both flags [`DataMode::ZeroCopy`] needs).
-pub fn zero_copy_available() -> bool {
-    zero_copy_offered() != 0
-}
-
-/// Whether ublk device `dev_id` moves its data by zero copy (None: no such device).
-pub fn zero_copy_of(dev_id: u32) -> Option<bool> {
-    existing(dev_id).map(|(info, _)| DataMode::of_flags(info.flags) == DataMode::ZeroCopy)
-}
-
 /// A running ublk device.
 pub struct UblkServed {
     dev_id: u32,
@@ -939,30 +576,6 @@ impl Frontend for UblkFrontend {
     }
 }
 
-/// [`ZERO_COPY_FLAGS`] if the driver offers both (once per process: the driver does not change
-/// under a running daemon), else 0. Privilege is not checked here: without CAP_SYS_ADMIN the
-/// driver refuses these flags and the device fails to add, said in the log.
-fn zero_copy_offered() -> u64 {
-    static OFFERED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    *OFFERED.get_or_init(|| {
-        let features = UblkCtrl::get_features().unwrap_or(0);
-        let offered = features & ZERO_COPY_FLAGS == ZERO_COPY_FLAGS;
-        eprintln!(
-            "blksnapd: ublk driver features {features:#x}: zero copy {}",
-            if offered {
-                "on (auto buffer registration + user copy)"
-            } else {
-                "not offered: copying"
-            }
-        );
-        if offered {
-            ZERO_COPY_FLAGS
-        } else {
-            0
-        }
-    })
-}
-
 fn ublk_error(e: &libublk::UblkError) -> Error {
     eprintln!("blksnapd: ublk: {e}");
     Error::new(Errno::EIO, "ublk control command failed")
@@ -1072,43 +685,5 @@ fn run_device(
     // DEL_DEV_ASYNC: an image may still be mounted; the kernel frees the device at last close.
     if ctrl.del_dev_async().is_err() {
         let _ = ctrl.del_dev();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn zero_copy_needs_both_flags() {
-        let (auto, user) = (u64::from(sys::UBLK_F_AUTO_BUF_REG), u64::from(sys::UBLK_F_USER_COPY));
-        assert_eq!(DataMode::of_flags(0), DataMode::Copy);
-        assert_eq!(DataMode::of_flags(auto), DataMode::Copy);
-        assert_eq!(DataMode::of_flags(user), DataMode::Copy);
-        let recovery = u64::from(sys::UBLK_F_USER_RECOVERY);
-        assert_eq!(DataMode::of_flags(auto | user | recovery), DataMode::ZeroCopy);
-    }
-
-    /// The copy loop against a regular file standing in for `/dev/ublkcN` (same positions):
-    /// both directions land at the request's position, byte for byte; an end of file (a
-    /// request shorter than its descriptor) is EIO, not a hang or a short success; a request
-    /// past the position's offset field is refused.
-    #[test]
-    fn user_copy_moves_whole_requests_at_their_positions() {
-        let file = tempfile::tempfile().unwrap();
-        let uc = UserCopy { cdev: file.as_raw_fd(), qid: 0 };
-        let data: Vec<u8> = (0..8192u32).map(|i| (i * 7 % 251) as u8).collect();
-        uc.fill_request(3, &data).unwrap();
-        let mut back = vec![0u8; data.len()];
-        uc.read_request(3, &mut back).unwrap();
-        assert_eq!(back, data);
-        let mut at = vec![0u8; 16];
-        let pos = UblkIOCtx::ublk_user_copy_pos(0, 3, 4096);
-        std::os::unix::fs::FileExt::read_exact_at(&file, &mut at, pos).unwrap();
-        assert_eq!(at, data[4096..4112]);
-        // tag 4 starts right after tag 3's 32 MiB window: nothing there (end of file)
-        assert_eq!(uc.read_request(4, &mut back), Err(Errno::EIO));
-        let mut huge = vec![0u8; USER_COPY_MAX_BYTES + 1];
-        assert_eq!(uc.read_request(0, &mut huge), Err(Errno::EINVAL));
     }
 }
