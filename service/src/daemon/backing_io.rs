@@ -512,7 +512,8 @@ mod tests {
             let chunk = pattern(256 * 1024 + 4096, 22);
             dev.write_at(&chunk, 2 * MIB).unwrap(); // aligned range, bounce
             dev.write_at(&pattern(1536, 23), 3 * MIB + 512).unwrap(); // unaligned: buffered
-                                                                      // a write past the end is refused until the storage grows
+
+            // a write past the end is refused until the storage grows
             assert_eq!(dev.write_at(&[1u8; 4096], 4 * MIB).unwrap_err().errno, Errno::EIO);
             dev.set_len(8 * MIB).unwrap();
             dev.write_at(&pattern(8192, 24), 6 * MIB).unwrap();

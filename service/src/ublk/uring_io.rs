@@ -6,6 +6,7 @@ use std::ptr::{null, null_mut};
 
 use blksnap_engine::WriteTicket;
 use blksnap_model::Errno;
+use io_uring::opcode::{Read, ReadFixed, Write, WriteFixed};
 use libublk::io::{UblkIOCtx, UblkQueue};
 
 use super::zero_copy::{UserCopy, USER_COPY_MAX_BYTES};
@@ -115,7 +116,7 @@ impl UringIo {
             return false;
         };
         let fd = io_uring::types::Fd(fd);
-        let sqe = if write {
+        if write {
             let id = *t.origin.read().unwrap_or_else(|p| p.into_inner());
             let Some(id) = id else { return false };
             // a panic here fails the target as one in `serve` does (every request EIO from
@@ -134,24 +135,14 @@ impl UringIo {
                 }
             };
             self.tickets.borrow_mut()[tag as usize] = Some(ticket);
-            let at = req.offset_bytes;
-            match buf {
-                RingBuf::Slice(b) => {
-                    io_uring::opcode::Write::new(fd, b.as_ptr(), len).offset(at).build()
-                }
-                RingBuf::Registered => {
-                    io_uring::opcode::WriteFixed::new(fd, null(), len, tag).offset(at).build()
-                }
-            }
-        } else {
-            let at = req.offset_bytes;
-            match buf {
-                RingBuf::Slice(b) => {
-                    io_uring::opcode::Read::new(fd, b.as_mut_ptr(), len).offset(at).build()
-                }
-                RingBuf::Registered => {
-                    io_uring::opcode::ReadFixed::new(fd, null_mut(), len, tag).offset(at).build()
-                }
+        }
+        let at = req.offset_bytes;
+        let sqe = match (write, buf) {
+            (true, RingBuf::Slice(b)) => Write::new(fd, b.as_ptr(), len).offset(at).build(),
+            (true, RingBuf::Registered) => WriteFixed::new(fd, null(), len, tag).offset(at).build(),
+            (false, RingBuf::Slice(b)) => Read::new(fd, b.as_mut_ptr(), len).offset(at).build(),
+            (false, RingBuf::Registered) => {
+                ReadFixed::new(fd, null_mut(), len, tag).offset(at).build()
             }
         };
         let op = if write { WRITE_OP } else { READ_OP };
